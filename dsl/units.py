@@ -1,0 +1,29 @@
+"""What compiling one policy file yields, for the CLI and for mesh analysis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dsl.diagnostics import Diagnostic, Span
+from dsl.plan import Plan
+
+
+@dataclass(frozen=True)
+class CompiledUnit:
+    """One file's compile result.
+
+    `plan` is None when the file had errors. `service_spans` locates each `service`
+    statement and `app_span` the `app` statement (or line 1 when the app is the file's
+    stem), so mesh findings can point at the line that causes them.
+    """
+
+    path: str
+    source: str
+    plan: Plan | None
+    diagnostics: tuple[Diagnostic, ...] = ()
+    app_span: Span | None = None
+    service_spans: dict[str, Span] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.plan is not None and not any(d.is_error for d in self.diagnostics)
