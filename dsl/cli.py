@@ -1,0 +1,288 @@
+"""`riprap`: check | compile | fmt | explain | graph | run | demo (contract section 8).
+
+Exit codes: 0 clean or warnings only, 1 any error in a file, 2 a usage or I/O error
+(a missing path, a directory with no `.riprap` files, an unreadable file). Diagnostics
+go to stderr as text, or to stdout as a JSON list with `--format json`. No input ever
+ends in a traceback: an unexpected exception is reported in one line with exit 2.
+
+`graph`, `run` and `demo` belong to other layers and are imported only when called
+(the one place where `dsl` reaches into `sidecar`: the front door).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from dsl.diagnostics import Diagnostic, render_json, render_text, sort_key
+from dsl.units import CompiledUnit
+
+IO_CODES = frozenset({"RP001", "RP002", "RP003"})
+DELEGATED = {
+    "graph": ("dsl.graph", "the dependency graph of several policy files (mermaid or dot)"),
+    "run": ("sidecar.cli", "run the sidecar, hot-reloading FILE (a .riprap or a compiled .json)"),
+    "demo": ("sidecar.demo", "the end-to-end demonstration"),
+}
+
+
+class _Usage(Exception):
+    """A usage error: message to stderr, exit 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="riprap",
+        description="Fault tolerance written down once: check, compile and run riprap policy files.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("check", help="compile files or directories of *.riprap and report problems")
+    c.add_argument("paths", nargs="+", metavar="PATH")
+    c.add_argument("--format", choices=("text", "json"), default="text")
+    c.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    c.add_argument(
+        "--max-amplification",
+        type=float,
+        default=10.0,
+        metavar="N",
+        help="warn when retries along a call path multiply beyond N (default 10)",
+    )
+    k = sub.add_parser("compile", help="print (or write) the compiled plan as JSON")
+    k.add_argument("file", metavar="FILE")
+    k.add_argument("-o", "--output", metavar="PATH")
+    k.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
+    f = sub.add_parser("fmt", help="rewrite files in canonical form")
+    f.add_argument("files", nargs="+", metavar="FILE")
+    f.add_argument("--check", action="store_true", help="only report; exit 1 when a file is not canonical")
+    e = sub.add_parser("explain", help="each service's resolved policy in plain words")
+    e.add_argument("file", metavar="FILE")
+    e.add_argument("rest", nargs="*", metavar="SERVICE | FILE", help="one service to explain, or more files (a mesh)")
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script. Returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args_list and args_list[0] in DELEGATED:
+            return _delegate(args_list[0], args_list[1:])
+        parser = _parser()
+        try:
+            args = parser.parse_args(args_list)
+        except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+            return int(exc.code) if isinstance(exc.code, int) else 2
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        handler = {"check": _check, "compile": _compile, "fmt": _fmt, "explain": _explain}[args.command]
+        return handler(args)
+    except _Usage as exc:
+        print(f"riprap: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # the last line of defence: a message, never a traceback
+        print(f"riprap: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    module_name = DELEGATED[command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            print(f"riprap: '{command}' is not available in this installation ({module_name} is missing)", file=sys.stderr)
+            return 2
+        raise
+    entry = getattr(module, "main", None)
+    if entry is None:
+        print(f"riprap: '{command}' is not available ({module_name} has no main)", file=sys.stderr)
+        return 2
+    result = entry(argv)
+    return int(result) if isinstance(result, int) else 0
+
+
+# ---- check ----------------------------------------------------------------------------
+
+
+def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[Diagnostic]]:
+    """Files to compile: each file as given, each directory's *.riprap (recursive, sorted)."""
+    files: list[str] = []
+    problems: list[Diagnostic] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*.riprap") if p.is_file())
+            if not found:
+                problems.append(Diagnostic("RP003", "error", None, f"{raw}: directory has no .riprap files"))
+            files += [f for f in found if f not in files]
+        elif path.exists():
+            if raw not in files:
+                files.append(raw)
+        else:
+            problems.append(Diagnostic("RP001", "error", None, f"{raw}: no such file or directory"))
+    return files, problems
+
+
+def _emit(diags: Sequence[Diagnostic], units: Sequence[CompiledUnit], fmt: str, out: TextIO) -> None:
+    ordered = sorted(diags, key=sort_key)
+    if fmt == "json":
+        out.write(render_json(ordered) + "\n")
+        return
+    sources = {u.path: u.source for u in units}
+    for d in ordered:
+        print(render_text(d, sources), file=sys.stderr)
+
+
+def _summary(n_files: int, diags: Sequence[Diagnostic]) -> str:
+    errors = sum(1 for d in diags if d.is_error)
+    warnings = len(diags) - errors
+    files = "file" if n_files == 1 else "files"
+    return (
+        f"checked {n_files} {files}: {errors} error{'s' if errors != 1 else ''}, "
+        f"{warnings} warning{'s' if warnings != 1 else ''}"
+    )
+
+
+def _exit_code(diags: Sequence[Diagnostic]) -> int:
+    if any(d.code in IO_CODES for d in diags):
+        return 2
+    return 1 if any(d.is_error for d in diags) else 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from dsl.analysis import analyse
+    from dsl.compiler import compile_file
+
+    if args.max_amplification <= 0:
+        raise _Usage("--max-amplification must be greater than 0")
+    files, diags = expand_paths(args.paths)
+    units = [compile_file(f) for f in files]
+    for unit in units:
+        diags += unit.diagnostics
+    diags += analyse(units, max_amplification=args.max_amplification)
+    if args.strict:
+        diags = [d.as_error() for d in diags]
+    _emit(diags, units, args.format, sys.stdout)
+    print(_summary(len(files), diags), file=sys.stderr)
+    return _exit_code(diags)
+
+
+# ---- compile --------------------------------------------------------------------------
+
+
+def plan_json(unit: CompiledUnit) -> str:
+    """The plan as the CLI prints it: indent 2, keys in the plan's own stable order."""
+    assert unit.plan is not None
+    return json.dumps(unit.plan.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from dsl.compiler import compile_file
+
+    files, diags = expand_paths([args.file])
+    if diags:
+        _emit(diags, [], args.format, sys.stderr)
+        return 2
+    if os.path.isdir(args.file):
+        raise _Usage(f"compile takes one file, not a directory: {args.file}")
+    unit = compile_file(args.file)
+    _emit(unit.diagnostics, [unit], args.format, sys.stderr)
+    code = _exit_code(unit.diagnostics)
+    if unit.plan is None:
+        return code or 1
+    text = plan_json(unit)
+    if args.output:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(f"riprap: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    else:
+        sys.stdout.write(text)
+    return code
+
+
+# ---- fmt ------------------------------------------------------------------------------
+
+
+def _fmt(args: argparse.Namespace) -> int:
+    from dsl.fmt import format_file
+
+    worst = 0
+    for path in args.files:
+        result = format_file(path)
+        if result.diagnostics:
+            sources = {path: result.original or ""}
+            for d in sorted(result.diagnostics, key=sort_key):
+                print(render_text(d, sources), file=sys.stderr)
+            worst = max(worst, _exit_code(result.diagnostics) or 1)
+            continue
+        assert result.formatted is not None
+        if result.formatted == result.original:
+            continue
+        if args.check:
+            print(f"{path}: not in canonical form (run `riprap fmt {path}`)", file=sys.stderr)
+            worst = max(worst, 1)
+        else:
+            try:
+                Path(path).write_text(result.formatted, encoding="utf-8")
+            except OSError as exc:
+                print(f"riprap: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+                worst = 2
+                continue
+            print(f"formatted {path}", file=sys.stderr)
+    return worst
+
+
+# ---- explain --------------------------------------------------------------------------
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from dsl.compiler import compile_file
+    from dsl.explain import explain_unit
+
+    rest = list(args.rest)
+    mesh = bool(rest) and (len(rest) > 1 or os.path.exists(rest[0]))
+    service = None if mesh or not rest else rest[0]
+    paths = [args.file] + (rest if mesh else [])
+    files, diags = expand_paths(paths)
+    if diags:
+        _emit(diags, [], "text", sys.stderr)
+        return 2
+    units = [compile_file(f) for f in files]
+    failed = False
+    for unit in units:
+        errors = [d for d in unit.diagnostics if d.is_error]
+        if errors or unit.plan is None:
+            _emit(unit.diagnostics, [unit], "text", sys.stderr)
+            failed = True
+    if failed:
+        return _exit_code([d for u in units for d in u.diagnostics]) or 1
+    if service is not None:
+        assert units[0].plan is not None
+        if service not in units[0].plan.services:
+            known = ", ".join(units[0].plan.services) or "none"
+            raise _Usage(f"no service '{service}' in {args.file} (services: {known})")
+    parts = [explain_unit(u, service) for u in units]
+    if mesh:
+        from dsl.analysis import explain_mesh
+
+        mesh_text = explain_mesh(units)
+        if mesh_text:
+            parts.append(mesh_text)
+    sys.stdout.write("\n".join(p.rstrip("\n") + "\n" for p in parts))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""AST -> Plan: precedence applied, defaults filled, units converted, schema-validated.
+
+Precedence (section 4): `defaults`, then each `use`d policy in order, then the service's
+own lines; a later statement of a directive replaces an earlier one, except `fallback`
+and `chaos`, which accumulate. A shard starts from its service's resolved policy and
+puts its own lines on top. Every number in the plan is in seconds, fractions or per
+second (dsl/transformer.py converted the literals).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from dsl.ast import File, Lit, Stmt
+from dsl.checker import check_file, check_plan
+from dsl.diagnostics import Diagnostic, Span
+from dsl.plan import (
+    DEFAULT_ADMIN,
+    DEFAULT_LISTEN,
+    DEFAULT_ORDER,
+    DEFAULT_RETRY_ON,
+    IDEMPOTENT_METHODS,
+    AppHealthSpec,
+    BackoffSpec,
+    BreakerSpec,
+    BudgetSpec,
+    ChaosSpec,
+    ConcurrencySpec,
+    EndpointSpec,
+    FallbackSpec,
+    HealthSpec,
+    HedgeSpec,
+    LimitSpec,
+    OutlierSpec,
+    Plan,
+    RetrySpec,
+    ServicePlan,
+    ShardingSpec,
+    ShardPlan,
+    SuperviseSpec,
+)
+from dsl.units import CompiledUnit
+
+MAX_FALLBACK_FILE = 1024 * 1024
+REPLACED = ("timeout", "retry", "hedge", "breaker", "limit", "concurrency")
+
+
+@dataclass
+class _Layer:
+    """The policy in force while resolving: the last statement of each directive."""
+
+    last: dict[str, Stmt] = field(default_factory=dict)
+    fallbacks: list[Stmt] = field(default_factory=list)
+    chaos: list[Stmt] = field(default_factory=list)
+
+    def apply(self, stmts: Iterable[Stmt]) -> None:
+        for s in stmts:
+            if s.kind in REPLACED or s.kind in ("balance", "health", "outlier"):
+                self.last[s.kind] = s
+            elif s.kind == "fallback":
+                self.fallbacks.append(s)
+            elif s.kind == "chaos":
+                self.chaos.append(s)
+
+    def copy(self) -> "_Layer":
+        return _Layer(dict(self.last), list(self.fallbacks), list(self.chaos))
+
+
+class _Builder:
+    def __init__(self, file: File, base_dir: Path) -> None:
+        self.file = file
+        self.base_dir = base_dir
+        self.diags: list[Diagnostic] = []
+        self.watch: list[str] = []
+        self.retry_spans: dict[str, Span] = {}
+        self.timeout_spans: dict[str, Span] = {}
+        self.fallback_cache: dict[str, FallbackSpec | None] = {}
+
+    # ---- specs from statements -------------------------------------------------------
+    def fallback(self, s: Stmt) -> FallbackSpec | None:
+        if s.form == "service":
+            return FallbackSpec(kind="service", service=str(s.args[0].value))
+        if s.form == "stale":
+            return FallbackSpec(kind="stale", max_age=s.args[0].value)
+        status = int(s.args[0].value)
+        body = s.args[1]
+        if s.form == "json":
+            return FallbackSpec(kind="static", status=status, body=body.text, content_type="application/json")
+        if s.form == "text":
+            return FallbackSpec(
+                kind="static", status=status, body=body.value, content_type="text/plain; charset=utf-8"
+            )
+        return self.fallback_file(status, body)
+
+    def fallback_file(self, status: int, lit: Lit) -> FallbackSpec | None:
+        path = (self.base_dir / str(lit.value)).resolve()
+        key = f"{status}:{path}"
+        if key in self.fallback_cache:
+            return self.fallback_cache[key]
+        spec = None
+        try:
+            size = path.stat().st_size
+            if size > MAX_FALLBACK_FILE:
+                raise ValueError(f"it is {size} bytes; the limit is {MAX_FALLBACK_FILE}")
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            self.error("RP226", lit.span, f"fallback file not found: {path}", "the path is relative to the policy file")
+        except IsADirectoryError:
+            self.error("RP226", lit.span, f"fallback file is a directory: {path}")
+        except UnicodeDecodeError as exc:
+            self.error("RP226", lit.span, f"fallback file is not UTF-8 (byte {exc.start}): {path}")
+        except (OSError, ValueError) as exc:
+            self.error("RP226", lit.span, f"cannot read fallback file {path}: {exc}")
+        else:
+            ext = path.suffix.lower()
+            ctype = {
+                ".json": "application/json",
+                ".html": "text/html; charset=utf-8",
+                ".htm": "text/html; charset=utf-8",
+            }.get(ext, "text/plain; charset=utf-8")
+            spec = FallbackSpec(kind="static", status=status, body=text, content_type=ctype, file=str(path))
+            if str(path) not in self.watch:
+                self.watch.append(str(path))
+        self.fallback_cache[key] = spec
+        return spec
+
+    def error(self, code: str, span: Span, message: str, hint: str | None = None) -> None:
+        self.diags.append(Diagnostic(code, "error", span, message, hint))
+
+    @staticmethod
+    def retry(s: Stmt) -> RetrySpec | None:
+        retries = int(s.args[0].value)
+        if retries == 0:
+            return None
+        on = s.opt("on")
+        backoff = None
+        rng = s.opt("backoff")
+        jitter = s.opt("jitter")
+        jitter_kind = str(jitter.args[0].value) if jitter else "full"
+        if rng is not None:
+            base = rng.args[0].value
+            if len(rng.args) == 2:
+                backoff = BackoffSpec("exponential", base, rng.args[1].value, jitter_kind)  # type: ignore[arg-type]
+            else:
+                backoff = BackoffSpec("constant", base, base, jitter_kind)  # type: ignore[arg-type]
+        per_try = s.opt("per-try")
+        budget_opt = s.opt("budget")
+        budget = None
+        if budget_opt is not None:
+            floor = budget_opt.args[1].value if len(budget_opt.args) > 1 else 10.0
+            budget = BudgetSpec(ratio=budget_opt.args[0].value, min_per_second=floor)
+        methods = list(IDEMPOTENT_METHODS)
+        extra = s.opt("methods")
+        for m in extra.args if extra else ():
+            if m.text not in methods:
+                methods.append(m.text)
+        return RetrySpec(
+            retries=retries,
+            on=tuple(c.text for c in on.args) if on else DEFAULT_RETRY_ON,
+            backoff=backoff,
+            per_try_timeout=per_try.args[0].value if per_try else None,
+            budget=budget,
+            methods=tuple(methods),
+        )
+
+    @staticmethod
+    def hedge(s: Stmt) -> HedgeSpec:
+        mn = s.opt("min")
+        mx = s.opt("max")
+        max_extra = int(mx.args[0].value) if mx else 1
+        if s.form == "after":
+            return HedgeSpec(delay=s.args[0].value, max_extra=max_extra)
+        return HedgeSpec(
+            percentile=s.args[0].value,
+            min_delay=mn.args[0].value if mn else 0.010,
+            max_extra=max_extra,
+        )
+
+    @staticmethod
+    def breaker(s: Stmt) -> BreakerSpec:
+        def opt(key: str, default: object) -> object:
+            o = s.opt(key)
+            return o.args[0].value if o else default
+
+        open_for = float(opt("open", 30.0))  # type: ignore[arg-type]
+        common = dict(open=open_for, max_open=open_for * 10, probes=int(opt("probes", 1)))  # type: ignore[call-overload]
+        if s.form == "failures":
+            return BreakerSpec(kind="consecutive", failures=int(s.args[0].value), **common)  # type: ignore[arg-type]
+        return BreakerSpec(
+            kind="rate",
+            rate=s.args[0].value,
+            window=int(opt("window", 20)),  # type: ignore[call-overload]
+            min_calls=int(opt("min", 10)),  # type: ignore[call-overload]
+            slow=opt("slow", None),  # type: ignore[arg-type]
+            **common,  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def limit(s: Stmt) -> LimitSpec:
+        rate = float(s.args[0].value)
+        burst = s.opt("burst")
+        per = s.opt("per-header")
+        return LimitSpec(
+            rate=rate,
+            burst=float(burst.args[0].value) if burst else max(1.0, rate),
+            per_header=str(per.args[0].value) if per else None,
+        )
+
+    @staticmethod
+    def concurrency(s: Stmt) -> ConcurrencySpec:
+        q = s.opt("queue")
+        qt = s.opt("queue-timeout")
+        return ConcurrencySpec(
+            max=int(s.args[0].value),
+            queue=int(q.args[0].value) if q else 0,
+            queue_timeout=qt.args[0].value if qt else 1.0,
+        )
+
+    @staticmethod
+    def chaos(s: Stmt) -> ChaosSpec:
+        if s.form == "abort":
+            st = s.opt("status")
+            return ChaosSpec(kind="abort", probability=s.args[0].value, status=int(st.args[0].value) if st else 503)
+        return ChaosSpec(kind="delay", probability=s.args[0].value, delay=s.args[1].value)
+
+    @staticmethod
+    def health(s: Stmt) -> HealthSpec:
+        def opt(key: str, default: object) -> object:
+            o = s.opt(key)
+            return o.args[0].value if o else default
+
+        expect = s.opt("expect")
+        return HealthSpec(
+            path=str(s.args[0].value),
+            method=str(opt("method", "GET")),
+            interval=float(opt("every", 5.0)),  # type: ignore[arg-type]
+            timeout=float(opt("timeout", 1.0)),  # type: ignore[arg-type]
+            fall=int(opt("fall", 3)),  # type: ignore[call-overload]
+            rise=int(opt("rise", 2)),  # type: ignore[call-overload]
+            expect=tuple(l.text for l in expect.args) if expect else ("2xx",),
+        )
+
+    @staticmethod
+    def outlier(s: Stmt) -> OutlierSpec:
+        ej = s.opt("eject")
+        mx = s.opt("max")
+        return OutlierSpec(
+            failures=int(s.args[0].value),
+            eject=ej.args[0].value if ej else 30.0,
+            max_fraction=mx.args[0].value if mx else 0.5,
+        )
+
+    @staticmethod
+    def endpoints(stmts: Iterable[Stmt]) -> tuple[EndpointSpec, ...]:
+        out = []
+        for s in stmts:
+            if s.kind not in ("endpoint", "failover"):
+                continue
+            w = s.opt("weight")
+            t = s.opt("tier")
+            tier = 0 if s.kind == "endpoint" else (int(t.args[0].value) if t else 1)
+            out.append(EndpointSpec(url=str(s.args[0].value), weight=int(w.args[0].value) if w else 1, tier=tier))
+        return tuple(out)
+
+    # ---- resolution -----------------------------------------------------------------
+    def policy_fields(self, layer: _Layer) -> dict[str, object]:
+        last = layer.last
+        fallbacks = tuple(f for f in (self.fallback(s) for s in layer.fallbacks) if f is not None)
+        return {
+            "timeout": last["timeout"].args[0].value if "timeout" in last else 15.0,
+            "retry": self.retry(last["retry"]) if "retry" in last else None,
+            "hedge": self.hedge(last["hedge"]) if "hedge" in last else None,
+            "breaker": self.breaker(last["breaker"]) if "breaker" in last else None,
+            "limit": self.limit(last["limit"]) if "limit" in last else None,
+            "concurrency": self.concurrency(last["concurrency"]) if "concurrency" in last else None,
+            "fallbacks": fallbacks,
+            "chaos": tuple(self.chaos(s) for s in layer.chaos),
+            "balance": str(last["balance"].args[0].value) if "balance" in last else "least-request",
+            "health": self.health(last["health"]) if "health" in last else None,
+            "outlier": self.outlier(last["outlier"]) if "outlier" in last else None,
+        }
+
+    def service(self, svc: Stmt, defaults: list[Stmt], policies: dict[str, Stmt]) -> ServicePlan:
+        name = svc.name or ""
+        body = svc.body or ()
+        layer = _Layer()
+        layer.apply(defaults)
+        for use in (s for s in body if s.kind == "use"):
+            policy = policies.get(str(use.args[0].value))
+            if policy is not None:
+                layer.apply(policy.body or ())
+        layer.apply(body)
+        self.note_spans(name, layer, svc)
+        fields = self.policy_fields(layer)
+        shards = []
+        sharding = None
+        for s in body:
+            if s.kind == "shard-by":
+                sharding = ShardingSpec(by=s.form, key=str(s.args[0].value))  # type: ignore[arg-type]
+        for s in body:
+            if s.kind == "shard-default" and sharding is not None:
+                sharding = ShardingSpec(by=sharding.by, key=sharding.key, default=str(s.args[0].value))
+        for shard in (s for s in body if s.kind == "shard"):
+            shard_layer = layer.copy()
+            shard_layer.apply(shard.body or ())
+            self.note_spans(f"{name}/{shard.name}", shard_layer, None)
+            shards.append(
+                ShardPlan(
+                    name=shard.name or "",
+                    endpoints=self.endpoints(shard.body or ()),
+                    **self.policy_fields(shard_layer),  # type: ignore[arg-type]
+                )
+            )
+        hosts: list[str] = []
+        for s in body:
+            if s.kind == "host":
+                hosts += [str(l.value) for l in s.args if str(l.value) not in hosts]
+        return ServicePlan(
+            name=name,
+            hosts=tuple(hosts),
+            endpoints=self.endpoints(body),
+            sharding=sharding,
+            shards=tuple(shards),
+            order=DEFAULT_ORDER,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def note_spans(self, key: str, layer: _Layer, svc: Stmt | None) -> None:
+        if "retry" in layer.last:
+            self.retry_spans[key] = layer.last["retry"].span
+        if svc is not None:
+            timeout = layer.last.get("timeout")
+            self.timeout_spans[key] = timeout.span if timeout else svc.args[0].span
+
+    def supervise(self, app: Stmt) -> SuperviseSpec | None:
+        if app.body is None:
+            return None
+        run = next((s for s in app.body if s.kind == "run"), None)
+        if run is None:
+            return None
+        health = None
+        restart_base, restart_max = 1.0, 30.0
+        for s in app.body:
+            if s.kind == "health":
+                h = self.health(s)
+                health = AppHealthSpec(url=h.path, method=h.method, interval=h.interval, timeout=h.timeout, fall=h.fall)
+            elif s.kind == "restart":
+                restart_base = s.args[0].value
+                restart_max = s.args[-1].value
+        return SuperviseSpec(run=str(run.args[0].value), health=health, restart_base=restart_base, restart_max=restart_max)
+
+    def plan(self, source: str) -> Plan:
+        top = self.file.stmts
+        app_name = Path(source).stem
+        listen, admin = DEFAULT_LISTEN, DEFAULT_ADMIN
+        supervise = None
+        defaults: list[Stmt] = []
+        policies: dict[str, Stmt] = {}
+        for s in top:
+            if s.kind == "app":
+                app_name = s.name or app_name
+                supervise = self.supervise(s)
+            elif s.kind == "listen":
+                listen = s.args[0].text
+            elif s.kind == "admin":
+                admin = s.args[0].text
+            elif s.kind == "defaults":
+                defaults = list(s.body or ())
+            elif s.kind == "policy" and s.name is not None:
+                policies.setdefault(s.name, s)
+        services: dict[str, ServicePlan] = {}
+        for s in top:
+            if s.kind == "service" and s.name is not None and s.name not in services:
+                services[s.name] = self.service(s, defaults, policies)
+        return Plan(
+            app=app_name,
+            listen=listen,
+            admin=admin,
+            services=services,
+            supervise=supervise,
+            source=source,
+            watch=tuple([source] + self.watch),
+        )
+
+
+def _spans(file: File) -> tuple[Span, dict[str, Span]]:
+    app_span = Span(file.path, 1, 1)
+    services: dict[str, Span] = {}
+    for s in file.stmts:
+        if s.kind == "app":
+            app_span = s.span
+        elif s.kind == "service" and s.name is not None:
+            services.setdefault(s.name, s.span)
+    return app_span, services
+
+
+def compile_ast(file: File, source_path: str) -> tuple[Plan | None, list[Diagnostic]]:
+    """Check a parsed file and, when it has no error, build and validate its plan."""
+    from dsl.schema import validate_plan_dict
+
+    if not file.stmts and not file.recovered:
+        return None, [
+            Diagnostic("RP007", "error", Span(file.path, 1, 1), "the file is empty: no statements", "a policy file declares at least one service")
+        ]
+    diags = check_file(file)
+    builder = _Builder(file, Path(source_path).parent)
+    # fallback files are read even when there are other errors, so all are reported
+    for stmt in _walk(file.stmts):
+        if stmt.kind == "fallback" and stmt.form == "file" and stmt.args[1].value is not None:
+            builder.fallback_file(int(stmt.args[0].value), stmt.args[1])
+    diags += builder.diags
+    if any(d.is_error for d in diags) or file.recovered:
+        return None, diags
+    builder.diags = []
+    plan = builder.plan(source_path)
+    diags += builder.diags
+    diags += check_plan(plan, builder.retry_spans, builder.timeout_spans)
+    problems = validate_plan_dict(plan.to_dict())
+    for problem in problems:
+        diags.append(
+            Diagnostic("RP299", "error", Span(file.path, 1, 1), f"internal error: the compiled plan fails its schema: {problem}")
+        )
+    if any(d.is_error for d in diags):
+        return None, diags
+    return plan, diags
+
+
+def _walk(stmts: Iterable[Stmt]) -> Iterable[Stmt]:
+    for s in stmts:
+        yield s
+        if s.body:
+            yield from _walk(s.body)
+
+
+def compile_source(text: str, path: str) -> CompiledUnit:
+    """Compile policy text; `path` names the file in diagnostics and resolves fallback files."""
+    from dsl.parser import parse_text
+    from dsl.loader import check_text
+    from dsl.transformer import to_ast
+
+    source_path = os.path.abspath(path)
+    early = check_text(text, path)
+    if any(d.is_error for d in early):
+        return CompiledUnit(path, text, None, tuple(early))
+    parsed = parse_text(text, path)
+    diags = list(early) + list(parsed.diagnostics)
+    if parsed.tree is None:
+        return CompiledUnit(path, text, None, tuple(_sorted(diags)))
+    file = to_ast(parsed.tree, path, parsed.comments, parsed.recovered)
+    plan, more = compile_ast(file, source_path)
+    diags += more
+    app_span, service_spans = _spans(file)
+    return CompiledUnit(path, text, plan, tuple(_sorted(diags)), app_span, service_spans)
+
+
+def compile_file(path: str) -> CompiledUnit:
+    """Read and compile a policy file; unreadable, binary or non-UTF-8 files are diagnostics."""
+    from dsl.loader import read_source
+
+    text, diags = read_source(path)
+    if text is None:
+        return CompiledUnit(path, "", None, tuple(diags))
+    return compile_source(text, path)
+
+
+def _sorted(diags: list[Diagnostic]) -> list[Diagnostic]:
+    return sorted(diags, key=lambda d: (d.span.line, d.span.col) if d.span else (0, 0))

@@ -1,0 +1,286 @@
+"""Text -> Lark tree, reporting every syntax error in the file, not just the first.
+
+One LALR parser with a contextual lexer is built once per process (`get_parser`).
+A small postlexer makes the grammar newline-sensitive without pain: it collapses blank
+lines, drops the newlines inside an inline JSON value (so JSON may span lines), bounds
+JSON nesting, and remembers where the current statement began.
+
+Error recovery is by re-parsing: on a syntax error the statement that holds it is
+replaced by a placeholder (`RECOVERED`, keeping its braces so the block structure
+survives) with line and column of everything else unchanged, and the file is parsed
+again. Each round finds the next error; rounds stop at `MAX_ERRORS` or `RECOVERY_SECONDS`.
+The placeholder parses as a `recovered` statement that the checker knows to skip.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from dsl.ast import Comment
+from dsl.diagnostics import Diagnostic, Span
+from dsl.syntax_errors import describe_error
+
+SENTINEL = "\ue000"
+MAX_ERRORS = 50
+RECOVERY_SECONDS = 2.0
+MAX_JSON_DEPTH = 64
+
+
+class TooDeep(Exception):
+    """Inline JSON nested deeper than MAX_JSON_DEPTH (keeps later tree walks shallow)."""
+
+    def __init__(self, token: Token) -> None:
+        super().__init__("JSON nested too deep")
+        self.token = token
+
+
+class _PostLexer:
+    """Newline handling for the grammar; records statement starts and open braces."""
+
+    always_accept = ("NAME", "_NL")
+
+    def __init__(self) -> None:
+        self.stmt_start = 0
+        self.new_stmt = True  # the next token starts a statement
+        self.open_blocks: list[Token] = []
+        self.comments: list[Token] = []
+
+    def current_stmt_start(self, error_pos: int) -> int:
+        """Where the statement holding an error at `error_pos` began."""
+        return error_pos if self.new_stmt else min(self.stmt_start, error_pos)
+
+    def process(self, stream: Iterator[Token]) -> Iterator[Token]:
+        self.stmt_start = 0
+        self.open_blocks = []
+        self.new_stmt = True
+        last_nl = True  # at the start of the file: drop leading newlines
+        json_depth = -1  # -1: not in JSON; 0: a JSON value is expected next
+        for tok in stream:
+            kind = tok.type
+            if kind == "_NL":
+                if json_depth >= 0 or last_nl:
+                    continue
+                last_nl = True
+                yield tok
+                self.new_stmt = True  # only once the parser took the newline
+                continue
+            last_nl = False
+            if self.new_stmt:
+                self.stmt_start = tok.start_pos or 0
+                self.new_stmt = False
+            if json_depth >= 0:
+                if kind in ("LBRACE", "LSQB"):
+                    json_depth += 1
+                    if json_depth > MAX_JSON_DEPTH:
+                        raise TooDeep(tok)
+                elif kind in ("RBRACE", "RSQB"):
+                    json_depth -= 1
+                if json_depth == 0 and kind not in ("COLON", "COMMA"):
+                    json_depth = -1
+            elif kind == "JSON":
+                json_depth = 0
+            elif kind == "LBRACE":
+                self.open_blocks.append(tok)
+                yield tok
+                self.new_stmt = True
+                continue
+            elif kind == "RBRACE":
+                if self.open_blocks:
+                    self.open_blocks.pop()
+            yield tok
+
+
+@dataclass
+class _Built:
+    lark: Lark
+    postlex: _PostLexer
+
+
+@lru_cache(maxsize=1)
+def _build() -> _Built:
+    postlex = _PostLexer()
+    lark = Lark.open(
+        "grammar.lark",
+        rel_to=__file__,
+        parser="lalr",
+        lexer="contextual",
+        propagate_positions=True,
+        maybe_placeholders=False,
+        postlex=postlex,
+        lexer_callbacks={"COMMENT": postlex.comments.append},
+    )
+    return _Built(lark, postlex)
+
+
+def get_parser() -> Lark:
+    """The process-wide parser (built on first use, then cached)."""
+    return _build().lark
+
+
+@dataclass(frozen=True)
+class ParseResult:
+    tree: Tree | None
+    diagnostics: tuple[Diagnostic, ...]
+    comments: tuple[Comment, ...]
+    recovered: bool
+
+
+def parse_text(text: str, path: str) -> ParseResult:
+    """Parse `text`; on syntax errors, recover and keep going (see the module docstring)."""
+    built = _build()
+    diags: list[Diagnostic] = []
+    work = text
+    if SENTINEL in work:
+        for i, ch in enumerate(work):
+            if ch == SENTINEL:
+                line = work.count("\n", 0, i) + 1
+                col = i - (work.rfind("\n", 0, i) + 1) + 1
+                diags.append(
+                    Diagnostic("RP103", "error", Span(path, line, col), "unexpected character U+E000")
+                )
+        work = work.replace(SENTINEL, " ")
+    deadline = time.monotonic() + RECOVERY_SECONDS
+    last_pos = -1
+    while True:
+        built.postlex.comments.clear()
+        try:
+            tree = built.lark.parse(work)
+        except TooDeep as exc:
+            tok = exc.token
+            diags.append(
+                Diagnostic(
+                    "RP107",
+                    "error",
+                    Span(path, tok.line or 1, tok.column or 1),
+                    f"inline JSON nested more than {MAX_JSON_DEPTH} deep",
+                    "flatten the value, or serve it from a file with `fallback status CODE file \"PATH\"`",
+                )
+            )
+            pos = tok.start_pos or 0
+            work = _blank(work, built.postlex.current_stmt_start(pos), pos)
+        except UnexpectedInput as exc:
+            diag, pos = _diagnose(exc, work, path, built.postlex)
+            diags.append(diag)
+            if isinstance(exc, UnexpectedEOF) or (
+                isinstance(exc, UnexpectedToken) and exc.token.type == "$END"
+            ):
+                if built.postlex.open_blocks:
+                    work = work + "\n}"
+                    last_pos = -1
+                else:
+                    break
+            else:
+                if pos <= last_pos:
+                    break
+                last_pos = pos
+                work = _blank(work, built.postlex.current_stmt_start(pos), pos)
+        else:
+            comments = tuple(
+                Comment(c.line or 1, c.column or 1, str(c)) for c in built.postlex.comments
+            )
+            return ParseResult(tree, tuple(diags), comments, bool(diags))
+        if len(diags) >= MAX_ERRORS or time.monotonic() > deadline:
+            diags.append(
+                Diagnostic(
+                    "RP108",
+                    "error",
+                    diags[-1].span,
+                    f"too many syntax errors; stopped after {len(diags)}",
+                    "fix the errors above and check again",
+                )
+            )
+            break
+    return ParseResult(None, tuple(diags), (), True)
+
+
+def _diagnose(exc: UnexpectedInput, text: str, path: str, postlex: _PostLexer) -> tuple[Diagnostic, int]:
+    """The diagnostic for one Lark error, and the offset it points at."""
+    if isinstance(exc, UnexpectedToken) and exc.token.type == "$END" and postlex.open_blocks:
+        opener = postlex.open_blocks[-1]
+        line = text.count("\n") + 1
+        col = len(text) - (text.rfind("\n") + 1) + 1
+        diag = Diagnostic(
+            "RP104",
+            "error",
+            Span(path, opener.line or line, opener.column or col),
+            "this block is never closed: missing '}'",
+            "add a '}' on a line of its own after the block's last statement",
+        )
+        return diag, len(text)
+    pos = _offset(exc, text)
+    return describe_error(exc, text, path, postlex.current_stmt_start(pos)), pos
+
+
+def _offset(exc: UnexpectedInput, text: str) -> int:
+    if isinstance(exc, UnexpectedToken):
+        pos = exc.token.start_pos
+        if pos is not None:
+            return pos
+    pos = getattr(exc, "pos_in_stream", None)
+    return pos if pos is not None else len(text)
+
+
+def _blank(text: str, start: int, error_pos: int) -> str:
+    """Replace the statement from `start` to the end of the error's line by the placeholder.
+
+    Newlines are kept (line numbers stay right); a net opening or closing brace is kept so
+    that the block structure around the statement survives.
+    """
+    start = min(start, error_pos)
+    end = text.find("\n", error_pos)
+    if end == -1:
+        end = len(text)
+    region = text[start:end]
+    if not region.strip():
+        # the error is at a newline of its own: blank just the character there
+        end = min(len(text), error_pos + 1)
+        region = text[start:end]
+    net = _net_braces(region)
+    chars = ["\n" if ch == "\n" else " " for ch in region]
+    if chars:
+        chars[0] = SENTINEL
+        if net != 0:
+            last = max(i for i, ch in enumerate(chars) if ch != "\n")
+            if last == 0:
+                pass  # a stray brace alone: drop it
+            elif net > 0:
+                chars[last] = "{" if net == 1 else " "
+            else:
+                chars[last] = "}" if net == -1 else " "
+    return text[:start] + "".join(chars) + text[end:]
+
+
+def _net_braces(region: str) -> int:
+    """Opening minus closing braces outside strings and comments."""
+    net = 0
+    in_str = False
+    esc = False
+    comment = False
+    for ch in region:
+        if comment:
+            if ch == "\n":
+                comment = False
+            continue
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"' or ch == "\n":
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch == "#":
+            comment = True
+        elif ch == "{":
+            net += 1
+        elif ch == "}":
+            net -= 1
+    return net

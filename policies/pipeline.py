@@ -1,0 +1,1497 @@
+"""ServicePlan -> live policies: the runtime of one plan, built in the order the plan states.
+
+A plan becomes a `PlanRuntime`: one `ServiceRuntime` per service, and in it one
+`ShardRuntime` per shard (an unsharded service has a single, unnamed one). A shard
+runtime owns the live primitives built from its spec (breaker, limiter, bulkhead,
+budget, latency window, endpoints, balancer, health, chaos, fallbacks) and a *chain*:
+one async stage per entry of `ServicePlan.order`, outermost first, ending in the
+`balance` stage that picks an endpoint and sends the attempt through the inner
+transport. Each stage is `async (ctx) -> httpx.Response` and calls the next one; a
+policy that is not configured is left out of the chain entirely (no cost).
+
+Failures travel as exceptions of `policies.errors` (an attempt's own failure carries
+`.failure` = connect-failure | reset | timeout); the service edge turns them into
+riprap's answers. Responses travel unbuffered: the upstream's stream is wrapped once in
+a `CallStream` that runs release callbacks (endpoint in-flight count, concurrency slot)
+when it is closed, and can tee the body into the stale cache.
+
+Reload (`build_runtime(plan, ..., previous=old)`) carries over the live state of
+whatever did not change, piece by piece: an endpoint whose spec is the same keeps its
+health and ejection state; a breaker, limiter, bulkhead or budget whose spec is the
+same is the very same object; latency windows and balancers carry over while the
+endpoint list is the same; the stale cache carries over while the service keeps a
+stale fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+
+import httpx
+
+from dsl.plan import (
+    IDEMPOTENT_METHODS,
+    EndpointSpec,
+    FallbackSpec,
+    Plan,
+    ServicePlan,
+    ShardPlan,
+)
+from policies.balancer import Balancer, make_balancer
+from policies.breaker import CircuitBreaker
+from policies.budget import RetryBudget
+from policies.bulkhead import Bulkhead
+from policies.chaos import ChaosInjector
+from policies.clock import Clock, SystemClock
+from policies.errors import (
+    ATTEMPTS_HEADER,
+    DEADLINE_HEADER,
+    FALLBACK_HEADER,
+    REASON_HEADER,
+    BadRequest,
+    BreakerOpen,
+    DeadlineExceeded,
+    NoHealthyEndpoint,
+    Overloaded,
+    RateLimited,
+    ResilienceError,
+    UpstreamFailed,
+)
+from policies.fallback import StaleCache, StaticAnswer, cache_key
+from policies.health import ActiveHealth, EndpointState, OutlierDetector, select_tier
+from policies.hedge import HedgeDelay
+from policies.latency import LatencyWindow
+from policies.limiter import KeyedLimiter
+from policies.observer import NullObserver, Observer
+from policies.retry import RetryPolicy, parse_retry_after, retry_fits
+from policies.sharding import extract_key, shard_for
+
+log = logging.getLogger("riprap.policies")
+
+STAGES = ("fallback", "limit", "concurrency", "timeout", "retry", "hedge", "breaker",
+          "chaos", "balance")
+
+# Request headers never forwarded as they are: hop-by-hop ones (RFC 9110 7.6.1), and the
+# ones riprap sets per attempt (Host, framing, the remaining deadline).
+_HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+_PER_ATTEMPT = frozenset({b"host", b"content-length", DEADLINE_HEADER.encode()})
+# Response headers not replayed from the stale cache (framing is recomputed).
+_NOT_CACHED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
+                         "trailer", "upgrade", REASON_HEADER, ATTEMPTS_HEADER,
+                         FALLBACK_HEADER})
+_MAX_FALLBACK_DEPTH = 8
+
+Handler = Callable[["CallContext"], Awaitable[httpx.Response]]
+
+
+# --------------------------------------------------------------------------- observer
+
+
+class SafeObserver:
+    """Forwards to an Observer and swallows its errors: metrics never break a call."""
+
+    __slots__ = ("_o",)
+
+    def __init__(self, observer: Observer | None) -> None:
+        self._o = observer if observer is not None else NullObserver()
+
+    def _fail(self, exc: Exception) -> None:
+        log.warning("observer failed: %r", exc)
+
+    def call_finished(self, service: str, outcome: str, status: int, attempts: int,
+                      duration: float, fallback: str | None) -> None:
+        try:
+            self._o.call_finished(service, outcome, status, attempts, duration, fallback)
+        except Exception as exc:  # noqa: BLE001 - the observer must never break a call
+            self._fail(exc)
+
+    def attempt_finished(self, service: str, endpoint: str, outcome: str,
+                         latency: float) -> None:
+        try:
+            self._o.attempt_finished(service, endpoint, outcome, latency)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def retried(self, service: str) -> None:
+        try:
+            self._o.retried(service)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def retry_refused(self, service: str, why: str) -> None:
+        try:
+            self._o.retry_refused(service, why)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def hedged(self, service: str) -> None:
+        try:
+            self._o.hedged(service)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def breaker_changed(self, service: str, shard: str | None, state: str) -> None:
+        try:
+            self._o.breaker_changed(service, shard, state)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def ejected(self, service: str, endpoint: str) -> None:
+        try:
+            self._o.ejected(service, endpoint)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def rejected(self, service: str, by: str) -> None:
+        try:
+            self._o.rejected(service, by)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def health_changed(self, service: str, endpoint: str, healthy: bool) -> None:
+        try:
+            self._o.health_changed(service, endpoint, healthy)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+
+class Env:
+    """What every runtime shares: clock, randomness, observer, inner transport, chaos switch."""
+
+    __slots__ = ("clock", "rng", "observer", "inner", "chaos", "system_clock")
+
+    def __init__(self, clock: Clock, rng: random.Random, observer: SafeObserver,
+                 inner: httpx.AsyncBaseTransport, chaos: bool) -> None:
+        self.clock = clock
+        self.rng = rng
+        self.observer = observer
+        self.inner = inner
+        self.chaos = chaos
+        # The system clock is the loop's clock: deadlines can use asyncio's own timers.
+        self.system_clock = type(clock) is SystemClock
+
+
+# --------------------------------------------------------------------------- timers
+
+
+class LoopTimeout:
+    """A lighter `asyncio.timeout` on the loop's own clock (one timer handle, no rescheduling).
+
+    Cancels the task it guards when the time is up and turns that cancellation into
+    `TimeoutError` on the way out; a cancellation from elsewhere passes through.
+    """
+
+    __slots__ = ("_delay", "_task", "_timer", "_cancelling", "fired")
+
+    def __init__(self, delay: float) -> None:
+        self._delay = delay
+        self._task: asyncio.Task[Any] | None = None
+        self._timer: Any = None
+        self._cancelling = 0
+        self.fired = False
+
+    async def __aenter__(self) -> "LoopTimeout":
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._arm(task)
+        return self
+
+    def _arm(self, task: asyncio.Task[Any]) -> None:
+        self._timer = task.get_loop().call_later(self._delay, self._expire)
+
+    def _expire(self) -> None:
+        self.fired = True
+        assert self._task is not None
+        self._task.cancel()
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._timer.cancel()
+        if self.fired:
+            assert self._task is not None
+            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                raise TimeoutError from exc
+        return False
+
+
+class ClockTimeout(LoopTimeout):
+    """`LoopTimeout` driven by `clock.sleep`, so a virtual clock in tests drives it."""
+
+    __slots__ = ("_clock",)
+
+    def __init__(self, clock: Clock, delay: float) -> None:
+        super().__init__(delay)
+        self._clock = clock
+
+    def _arm(self, task: asyncio.Task[Any]) -> None:
+        self._timer = task.get_loop().create_task(self._sleep())
+
+    async def _sleep(self) -> None:
+        await self._clock.sleep(self._delay)
+        self._expire()
+
+
+def deadline_scope(env: Env, delay: float) -> LoopTimeout:
+    """A timeout scope of `delay` seconds on the env's clock (the loop's, when it is real)."""
+    if env.system_clock:
+        return LoopTimeout(delay)
+    return ClockTimeout(env.clock, delay)
+
+
+def _timer(env: Env, delay: float) -> asyncio.Future[Any]:
+    """A future that completes after `delay` on the env's clock (cheap on the real clock)."""
+    loop = asyncio.get_running_loop()
+    if env.system_clock:
+        fut: asyncio.Future[Any] = loop.create_future()
+        handle = loop.call_later(max(0.0, delay), _set_if_pending, fut)
+        fut.add_done_callback(lambda _f: handle.cancel())
+        return fut
+    return loop.create_task(env.clock.sleep(delay))
+
+
+def _set_if_pending(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class StaleTee:
+    """Copies a good GET answer's body as it streams, and stores it once complete."""
+
+    __slots__ = ("cache", "key", "status", "headers", "limit", "clock", "chunks", "size")
+
+    def __init__(self, cache: StaleCache, key: str, status: int,
+                 headers: list[tuple[str, str]], clock: Clock) -> None:
+        self.cache = cache
+        self.key = key
+        self.status = status
+        self.headers = headers
+        self.limit = cache.max_entry_bytes
+        self.clock = clock
+        self.chunks: list[bytes] | None = []
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self.chunks is None:
+            return
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.chunks = None  # over the entry bound: not kept
+        else:
+            self.chunks.append(chunk)
+
+    def complete(self) -> None:
+        if self.chunks is not None:
+            self.cache.put(self.key, self.status, self.headers, b"".join(self.chunks),
+                           self.clock.now())
+            self.chunks = None
+
+
+class CallStream(httpx.AsyncByteStream):
+    """The upstream's body, passed through unbuffered; releases what the call held on close.
+
+    `on_close` callbacks (endpoint in-flight count, concurrency slot) run exactly once,
+    whether the body was read to the end, abandoned, or the call was cancelled.
+    """
+
+    __slots__ = ("_inner", "_on_close", "tee", "_closed")
+
+    def __init__(self, inner: httpx.AsyncByteStream) -> None:
+        self._inner = inner
+        self._on_close: list[Callable[[], None]] = []
+        self.tee: StaleTee | None = None
+        self._closed = False
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        if self._closed:
+            callback()
+        else:
+            self._on_close.append(callback)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        tee = self.tee
+        inner = self._inner
+        if isinstance(inner, httpx.AsyncByteStream):
+            async for chunk in inner:
+                if tee is not None:
+                    tee.feed(chunk)
+                yield chunk
+        else:  # a sync stream from a sync-minded inner transport
+            for chunk in inner:  # type: ignore[attr-defined]
+                if tee is not None:
+                    tee.feed(chunk)
+                yield chunk
+        if tee is not None:
+            tee.complete()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._inner, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            callbacks, self._on_close = self._on_close, []
+            for cb in callbacks:
+                try:
+                    cb()
+                except Exception as exc:  # noqa: BLE001 - a release must not stop the others
+                    log.warning("release callback failed: %r", exc)
+
+
+def call_stream(resp: httpx.Response) -> CallStream:
+    """The response's CallStream, wrapping its stream the first time."""
+    stream = resp.stream
+    if isinstance(stream, CallStream):
+        return stream
+    wrapped = CallStream(stream)  # type: ignore[arg-type]
+    resp.stream = wrapped
+    return wrapped
+
+
+class _PrefixedStream(httpx.AsyncByteStream):
+    """A request body larger than the replay bound: the chunks read so far, then the rest."""
+
+    def __init__(self, head: list[bytes], rest: AsyncIterator[bytes]) -> None:
+        self._head = head
+        self._rest = rest
+        self._used = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._used:
+            raise httpx.StreamConsumed()
+        self._used = True
+        for chunk in self._head:
+            yield chunk
+        async for chunk in self._rest:
+            yield chunk
+
+
+async def _aiter(stream: Any) -> AsyncIterator[bytes]:
+    if isinstance(stream, httpx.AsyncByteStream):
+        async for chunk in stream:
+            yield chunk
+    else:
+        for chunk in stream:
+            yield chunk
+
+
+# --------------------------------------------------------------------------- the call
+
+
+class CallContext:
+    """Everything one call carries through the chain (shared by its retries and hedges)."""
+
+    __slots__ = (
+        "runtime", "service", "shard", "request", "method", "raw_path", "headers",
+        "body", "stream", "replayable", "body_bound", "deadline", "incoming_deadline",
+        "attempts", "tried", "losers", "fallback_depth", "start", "fallback_used",
+        "fallback_reason",
+    )
+
+    def __init__(self, runtime: "PlanRuntime", service: "ServiceRuntime",
+                 shard: "ShardRuntime", request: httpx.Request,
+                 incoming_deadline: float | None, start: float, depth: int = 0) -> None:
+        self.runtime = runtime
+        self.service = service
+        self.shard = shard
+        self.request = request
+        self.method = request.method
+        url = request.url
+        self.raw_path = url.raw_path
+        self.headers = _forward_headers(request.headers.raw)
+        self.body: bytes | None = None
+        self.stream: httpx.AsyncByteStream | None = None
+        self.replayable = True
+        self.body_bound = service.spec.max_body_buffer
+        self.deadline = incoming_deadline
+        self.incoming_deadline = incoming_deadline
+        self.attempts = 0
+        self.tried: set[str] = set()
+        self.losers: set[asyncio.Task[Any]] | None = None
+        self.fallback_depth = depth
+        self.start = start
+        self.fallback_used: str | None = None
+        self.fallback_reason: str | None = None
+
+    async def prepare_body(self) -> None:
+        """Read the request body once, up to the replay bound (bigger: stream it, once)."""
+        if self.body is not None or self.stream is not None:
+            return
+        request = self.request
+        try:
+            self.body = request.content
+            return
+        except httpx.RequestNotRead:
+            pass
+        bound = self.body_bound
+        chunks: list[bytes] = []
+        size = 0
+        it = _aiter(request.stream).__aiter__()
+        while True:
+            try:
+                chunk = await it.__anext__()
+            except StopAsyncIteration:
+                break
+            if not chunk:
+                continue
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > bound:
+                self.stream = _PrefixedStream(chunks, it)
+                self.replayable = False
+                return
+        self.body = b"".join(chunks)
+
+    def remaining(self, now: float) -> float | None:
+        return None if self.deadline is None else self.deadline - now
+
+
+def _forward_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The caller's headers minus hop-by-hop and per-attempt ones (and those `Connection` names)."""
+    out: list[tuple[bytes, bytes]] = []
+    extra: set[bytes] | None = None
+    for name, value in raw:
+        low = name.lower()
+        if low in _HOP_BY_HOP:
+            if low == b"connection":
+                extra = extra or set()
+                extra.update(v.strip().lower() for v in value.split(b","))
+            continue
+        if low in _PER_ATTEMPT:
+            continue
+        out.append((name, value))
+    if extra:
+        out = [(n, v) for n, v in out if n.lower() not in extra]
+    return out
+
+
+def parse_deadline_header(value: str | None, now: float) -> float | None:
+    """An incoming `x-riprap-deadline-ms` as an absolute clock time (None if absent or bad)."""
+    if value is None:
+        return None
+    try:
+        ms = float(value.strip())
+    except ValueError:
+        return None
+    if ms != ms or ms < 0 or ms == float("inf"):
+        return None
+    return now + ms / 1000.0
+
+
+def _failure_of(exc: BaseException) -> str | None:
+    return getattr(exc, "failure", None)
+
+
+def _idempotent(ctx: CallContext, methods: Sequence[str]) -> bool:
+    if ctx.method in methods:
+        return True
+    return "idempotency-key" in ctx.request.headers
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+class EndpointRuntime:
+    """An endpoint's live state plus what is needed to address it (URL prefix, Host)."""
+
+    __slots__ = ("spec", "state", "prefix", "authority", "_urls")
+
+    def __init__(self, spec: EndpointSpec, state: EndpointState) -> None:
+        self.spec = spec
+        self.state = state
+        url = httpx.URL(spec.url)
+        port = f":{url.port}" if url.port is not None else ""
+        host = url.raw_host.decode("ascii")
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        self.authority = f"{host}{port}".encode("ascii")
+        base = url.raw_path.decode("ascii").split("?", 1)[0].rstrip("/")
+        self.prefix = f"{url.scheme}://{host}{port}{base}"
+        self._urls: dict[bytes, httpx.URL] = {}
+
+    def url_for(self, raw_path: bytes) -> httpx.URL:
+        """The upstream URL for a request path+query (parsed once per distinct path)."""
+        url = self._urls.get(raw_path)
+        if url is None:
+            path = raw_path.decode("ascii")
+            if not path.startswith("/"):
+                path = "/" + path
+            url = httpx.URL(self.prefix + path)
+            if len(self._urls) >= 512:
+                self._urls.clear()
+            self._urls[raw_path] = url
+        return url
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _carry(prev_spec: Any, prev_obj: Any, spec: Any, build: Callable[[], Any]) -> Any:
+    """The previous live object when its spec did not change, else a new one."""
+    if prev_obj is not None and prev_spec == spec:
+        return prev_obj
+    return build()
+
+
+class ShardRuntime:
+    """The live policies of one shard (or of an unsharded service) and its call chain."""
+
+    def __init__(self, service: "ServiceRuntime", name: str | None,
+                 spec: ServicePlan | ShardPlan, env: Env, order: Sequence[str],
+                 shared: "ServiceRuntime | None", previous: "ShardRuntime | None") -> None:
+        self.service = service
+        self.service_name = service.name
+        self.name = name
+        self.spec = spec
+        self.env = env
+        prev = previous
+        clock = env.clock
+        obs = env.observer
+
+        # endpoints: carried one by one when their spec is unchanged
+        prev_eps = {e.spec.url: e for e in prev.endpoints} if prev else {}
+        self.endpoints: list[EndpointRuntime] = []
+        for ep_spec in spec.endpoints:
+            old = prev_eps.get(ep_spec.url)
+            state = old.state if old is not None and old.spec == ep_spec else EndpointState.from_spec(ep_spec)
+            self.endpoints.append(EndpointRuntime(ep_spec, state))
+        self.states = [e.state for e in self.endpoints]
+        self._by_state = {id(e.state): e for e in self.endpoints}
+        same_eps = prev is not None and prev.spec.endpoints == spec.endpoints
+
+        self.latency: LatencyWindow = prev.latency if same_eps and prev else LatencyWindow()
+        self.balancer: Balancer = (
+            prev.balancer if same_eps and prev and prev.spec.balance == spec.balance
+            else make_balancer(spec.balance, env.rng))
+        self.outlier = OutlierDetector(spec.outlier, clock) if spec.outlier else None
+        self.active = ActiveHealth(spec.health) if spec.health else None
+
+        def on_breaker(state: str, _s: str = service.name, _n: str | None = name) -> None:
+            obs.breaker_changed(_s, _n, state)
+
+        self.breaker: CircuitBreaker | None = (
+            _carry(prev.spec.breaker if prev else None, prev.breaker if prev else None,
+                   spec.breaker, lambda: CircuitBreaker(spec.breaker, clock, on_breaker))
+            if spec.breaker else None)
+
+        # limit / concurrency / budget: a shard whose spec is the service's shares the
+        # service's object (the contract scopes these to "calls to the service").
+        def shared_or_own(kind: str, build: Callable[[], Any]) -> Any:
+            mine = getattr(spec, kind) if kind != "budget" else _budget_spec(spec)
+            if mine is None:
+                return None
+            if shared is not None:
+                theirs = getattr(shared.spec, kind) if kind != "budget" else _budget_spec(shared.spec)
+                if theirs == mine:
+                    return shared.shared_objects[kind]
+            prev_obj = prev.objects.get(kind) if prev else None
+            prev_spec = (getattr(prev.spec, kind) if kind != "budget" else _budget_spec(prev.spec)) if prev else None
+            return _carry(prev_spec, prev_obj, mine, build)
+
+        self.limiter: KeyedLimiter | None = shared_or_own(
+            "limit", lambda: KeyedLimiter(spec.limit, clock))
+        self.bulkhead: Bulkhead | None = shared_or_own(
+            "concurrency", lambda: Bulkhead(spec.concurrency, clock))
+        self.budget: RetryBudget | None = shared_or_own(
+            "budget", lambda: RetryBudget(_budget_spec(spec), clock))
+        self.objects: dict[str, Any] = {
+            "limit": self.limiter, "concurrency": self.bulkhead, "budget": self.budget}
+
+        self.retry = RetryPolicy(spec.retry) if spec.retry and spec.retry.retries > 0 else None
+        self.hedge = HedgeDelay(spec.hedge, self.latency) if spec.hedge else None
+        self.chaos = ChaosInjector(spec.chaos, env.rng) if spec.chaos and env.chaos else None
+        self.fallbacks: list[tuple[FallbackSpec, StaticAnswer | None]] = [
+            (f, StaticAnswer.from_spec(f) if f.kind == "static" else None) for f in spec.fallbacks]
+        self.has_fallback = bool(self.fallbacks)
+        self.stale_ages = [f.max_age for f in spec.fallbacks if f.kind == "stale"]
+        self.chain: Handler = self._build_chain(order)
+
+    # -- building ------------------------------------------------------------------
+
+    def _build_chain(self, order: Sequence[str]) -> Handler:
+        names = list(order)
+        unknown = [n for n in names if n not in STAGES]
+        if unknown:
+            raise ValueError(
+                f"service '{self.service_name}': unknown polic{'ies' if len(unknown) > 1 else 'y'} "
+                f"{', '.join(map(repr, unknown))} in order (expected {', '.join(STAGES)})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"service '{self.service_name}': a policy appears twice in order {names}")
+        if "balance" in names and names[-1] != "balance":
+            raise ValueError(f"service '{self.service_name}': 'balance' must come last in order {names}")
+        handler: Handler = self._send
+        builders: dict[str, Callable[[Handler], Handler | None]] = {
+            "fallback": self._fallback_stage,
+            "limit": self._limit_stage,
+            "concurrency": self._concurrency_stage,
+            "timeout": self._timeout_stage,
+            "retry": self._retry_stage,
+            "hedge": self._hedge_stage,
+            "breaker": self._breaker_stage,
+            "chaos": self._chaos_stage,
+        }
+        for name in reversed(names):
+            if name == "balance":
+                continue
+            wrapped = builders[name](handler)
+            if wrapped is not None:
+                handler = wrapped
+        return handler
+
+    # -- stages (each returns None when its policy is off) ----------------------------
+
+    def _fallback_stage(self, inner: Handler) -> Handler | None:
+        if not self.fallbacks:
+            return None
+        shard = self
+
+        async def fallback(ctx: CallContext) -> httpx.Response:
+            try:
+                resp = await inner(ctx)
+            except (RateLimited, BadRequest):
+                raise  # refusals of the caller's own request are not failures to cover
+            except ResilienceError as exc:
+                answer = await shard.fallback_answer(ctx, exc.reason)
+                if answer is None:
+                    raise
+                return answer
+            if resp.status_code >= 500:
+                answer = await shard.fallback_answer(ctx, "upstream-failed")
+                if answer is not None:
+                    await resp.aclose()
+                    return answer
+            return resp
+
+        return fallback
+
+    def _limit_stage(self, inner: Handler) -> Handler | None:
+        limiter = self.limiter
+        if limiter is None:
+            return None
+        per_header = limiter.per_header
+        obs = self.env.observer
+        name = self.service_name
+
+        async def limit(ctx: CallContext) -> httpx.Response:
+            key = ctx.request.headers.get(per_header) if per_header else None
+            wait = limiter.try_take(key)
+            if wait:
+                obs.rejected(name, "limit")
+                raise RateLimited(f"rate limit of service '{name}' reached", retry_after=wait)
+            return await inner(ctx)
+
+        return limit
+
+    def _concurrency_stage(self, inner: Handler) -> Handler | None:
+        bulkhead = self.bulkhead
+        if bulkhead is None:
+            return None
+        obs = self.env.observer
+        name = self.service_name
+
+        async def concurrency(ctx: CallContext) -> httpx.Response:
+            if not await bulkhead.acquire():
+                obs.rejected(name, "concurrency")
+                raise Overloaded(f"service '{name}' has no free concurrency slot")
+            try:
+                resp = await inner(ctx)
+            except BaseException:
+                bulkhead.release()
+                raise
+            call_stream(resp).on_close(bulkhead.release)
+            return resp
+
+        return concurrency
+
+    def _timeout_stage(self, inner: Handler) -> Handler | None:
+        timeout = self.spec.timeout
+        env = self.env
+        clock = env.clock
+        name = self.service_name
+
+        async def deadline(ctx: CallContext) -> httpx.Response:
+            now = clock.now()
+            end = now + timeout
+            if ctx.deadline is not None and ctx.deadline < end:
+                end = ctx.deadline
+            ctx.deadline = end
+            left = end - now
+            if left <= 0:
+                raise DeadlineExceeded(f"no time left for service '{name}'")
+            try:
+                async with deadline_scope(env, left):
+                    return await inner(ctx)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"service '{name}' did not answer within {_fmt_s(left)}") from None
+
+        return deadline
+
+    def _retry_stage(self, inner: Handler) -> Handler | None:
+        policy = self.retry
+        if policy is None:
+            return None
+        budget = self.budget
+        env = self.env
+        clock = env.clock
+        rng = env.rng
+        obs = env.observer
+        name = self.service_name
+        latency = self.latency
+        methods = policy.spec.methods
+
+        async def retry(ctx: CallContext) -> httpx.Response:
+            if budget is not None:
+                budget.record_call()
+            retries = 0
+            previous: float | None = None
+            while True:
+                resp: httpx.Response | None = None
+                error: ResilienceError | None = None
+                try:
+                    resp = await inner(ctx)
+                except ResilienceError as exc:
+                    if exc.failure is None:
+                        raise  # riprap's own refusal (breaker open, no endpoint): not retried
+                    error = exc
+                status = resp.status_code if resp is not None else None
+                failure = error.failure if error is not None else None
+                if (retries >= policy.retries
+                        or not policy.retryable(ctx.method, ctx.request.headers, failure, status)):
+                    return _result(resp, error)
+                if not ctx.replayable:
+                    obs.retry_refused(name, "body")
+                    return _result(resp, error)
+                wait = policy.backoff_delay(retries + 1, rng, previous)
+                retry_after = None
+                if resp is not None:
+                    ra = resp.headers.get("retry-after")
+                    if ra is not None:
+                        retry_after = parse_retry_after(ra, time.time())
+                if ctx.deadline is not None:
+                    left = ctx.deadline - clock.now()
+                    median = latency.median()
+                    if retry_after is not None and retry_after > wait and not retry_fits(left, retry_after, median):
+                        # The upstream asked for more time than the deadline leaves: its
+                        # own answer (with its Retry-After) is the most useful one to pass on.
+                        obs.retry_refused(name, "deadline")
+                        return _result(resp, error)
+                    if retry_after is not None and retry_after > wait:
+                        wait = retry_after
+                    if not retry_fits(left, wait, median):
+                        obs.retry_refused(name, "deadline")
+                        if resp is not None:
+                            await resp.aclose()
+                        raise DeadlineExceeded(
+                            f"service '{name}': {_fmt_s(max(left, 0.0))} left, too little for a retry")
+                elif retry_after is not None and retry_after > wait:
+                    wait = retry_after
+                if budget is not None and not budget.try_spend():
+                    obs.retry_refused(name, "budget")
+                    return _result(resp, error)
+                if resp is not None:
+                    await resp.aclose()
+                obs.retried(name)
+                retries += 1
+                previous = wait
+                if wait > 0:
+                    await clock.sleep(wait)
+
+        return retry
+
+    def _hedge_stage(self, inner: Handler) -> Handler | None:
+        hedge = self.hedge
+        if hedge is None:
+            return None
+        methods = self.spec.retry.methods if self.spec.retry else IDEMPOTENT_METHODS
+        shard = self
+
+        async def hedged(ctx: CallContext) -> httpx.Response:
+            if not _idempotent(ctx, methods):
+                return await inner(ctx)
+            await ctx.prepare_body()
+            if not ctx.replayable:
+                return await inner(ctx)
+            return await _HedgeRun(shard, hedge, inner, ctx).run()
+
+        return hedged
+
+    def _breaker_stage(self, inner: Handler) -> Handler | None:
+        breaker = self.breaker
+        if breaker is None:
+            return None
+        clock = self.env.clock
+        name = self.service_name
+        shard = self.name
+
+        async def guarded(ctx: CallContext) -> httpx.Response:
+            if not breaker.allow():
+                where = f"service '{name}'" + (f" shard '{shard}'" if shard else "")
+                raise BreakerOpen(f"the breaker of {where} is open",
+                                  retry_in=breaker.retry_in())
+            t0 = clock.now()
+            try:
+                resp = await inner(ctx)
+            except ResilienceError as exc:
+                if exc.failure is not None:
+                    breaker.record(False, clock.now() - t0)
+                else:
+                    breaker.cancel()
+                raise
+            except asyncio.CancelledError:
+                now = clock.now()
+                losers = ctx.losers
+                if losers is not None and asyncio.current_task() in losers:
+                    breaker.cancel()  # a losing hedge: its call was answered by another copy
+                elif ctx.deadline is not None and now >= ctx.deadline:
+                    breaker.record(False, now - t0)  # cut by the deadline: a timeout
+                else:
+                    breaker.cancel()  # the caller went away: no outcome
+                raise
+            except BaseException:
+                breaker.cancel()
+                raise
+            breaker.record(resp.status_code < 500, clock.now() - t0)
+            return resp
+
+        return guarded
+
+    def _chaos_stage(self, inner: Handler) -> Handler | None:
+        chaos = self.chaos
+        if chaos is None:
+            return None
+        clock = self.env.clock
+
+        async def inject(ctx: CallContext) -> httpx.Response:
+            action = chaos.decide()
+            if action is None:
+                return await inner(ctx)
+            if action.delay > 0:
+                await clock.sleep(action.delay)
+            if action.kind == "abort":
+                status = action.status or 503
+                return httpx.Response(
+                    status,
+                    headers=[("content-type", "application/json"), ("x-riprap-chaos", "abort")],
+                    content=b'{"error":"injected by riprap chaos"}',
+                )
+            return await inner(ctx)
+
+        return inject
+
+    # -- the terminal stage: balance and send -------------------------------------
+
+    async def _send(self, ctx: CallContext) -> httpx.Response:
+        env = self.env
+        clock = env.clock
+        now = clock.now()
+        candidates, panic = select_tier(self.states, now)
+        if panic and self.has_fallback:
+            raise NoHealthyEndpoint(f"no healthy endpoint for service '{self.service_name}'")
+        if not candidates:
+            raise NoHealthyEndpoint(f"service '{self.service_name}' has no endpoint")
+        state = self.balancer.pick(candidates, ctx.tried)
+        ep = self._by_state[id(state)]
+        url = state.url
+        ctx.tried.add(url)
+        await ctx.prepare_body()
+        request = self._upstream_request(ctx, ep, now)
+        state.in_flight += 1
+        ctx.attempts += 1
+        t0 = clock.now()
+        retry = self.spec.retry
+        per_try = retry.per_try_timeout if retry is not None else None
+        try:
+            if per_try is not None:
+                try:
+                    async with deadline_scope(env, per_try):
+                        resp = await env.inner.handle_async_request(request)
+                except TimeoutError:
+                    raise httpx.ReadTimeout(f"per-try timeout {_fmt_s(per_try)}", request=request) from None
+            else:
+                resp = await env.inner.handle_async_request(request)
+        except httpx.HTTPError as exc:
+            state.in_flight -= 1
+            failure, error = _classify(exc, url)
+            self._record(state, False, "error-" + failure, clock.now() - t0, latency=False)
+            raise error from exc
+        except BaseException:
+            state.in_flight -= 1
+            raise
+        elapsed = clock.now() - t0
+        ok = resp.status_code < 500
+        self._record(state, ok, str(resp.status_code), elapsed, latency=True)
+        call_stream(resp).on_close(_decrement(state))
+        return resp
+
+    def _upstream_request(self, ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx.Request:
+        headers = list(ctx.headers)
+        headers.append((b"host", ep.authority))
+        if ctx.deadline is not None:
+            ms = int((ctx.deadline - now) * 1000)
+            headers.append((DEADLINE_HEADER.encode(), str(ms if ms > 1 else 1).encode()))
+        body = ctx.body
+        if body is not None:
+            if body or ctx.method in ("POST", "PUT", "PATCH"):
+                headers.append((b"content-length", str(len(body)).encode()))
+            req = httpx.Request(ctx.method, ep.url_for(ctx.raw_path), headers=headers,
+                                stream=httpx.ByteStream(body))
+            req.read()
+            return req
+        # A body too big to replay: sent once, framed as the caller framed it.
+        length = ctx.request.headers.get("content-length")
+        if length is not None:
+            headers.append((b"content-length", length.encode()))
+        else:
+            headers.append((b"transfer-encoding", b"chunked"))
+        stream = ctx.stream
+        ctx.stream = _SPENT
+        if stream is _SPENT or stream is None:
+            raise UpstreamFailed("the request body was already sent and cannot be replayed",
+                                 failure=None)
+        return httpx.Request(ctx.method, ep.url_for(ctx.raw_path), headers=headers,
+                             stream=stream)
+
+    def _record(self, state: EndpointState, ok: bool, outcome: str, elapsed: float,
+                *, latency: bool) -> None:
+        env = self.env
+        if latency:
+            self.latency.record(elapsed)
+        outlier = self.outlier
+        if outlier is not None and outlier.record(state, ok, self.states):
+            env.observer.ejected(self.service_name, state.url)
+        env.observer.attempt_finished(self.service_name, state.url, outcome, elapsed)
+
+    # -- fallbacks ----------------------------------------------------------------
+
+    async def fallback_answer(self, ctx: CallContext, reason: str) -> httpx.Response | None:
+        """The first link of the fallback chain that has an answer, or None."""
+        answer = await self._fallback_chain(ctx, reason)
+        if answer is not None:
+            ctx.fallback_used = answer.headers[FALLBACK_HEADER]
+            ctx.fallback_reason = reason
+        return answer
+
+    async def _fallback_chain(self, ctx: CallContext, reason: str) -> httpx.Response | None:
+        env = self.env
+        for spec, static in self.fallbacks:
+            if spec.kind == "static" and static is not None:
+                return _answer(static.status, list(static.headers), static.body, "static", reason)
+            if spec.kind == "stale":
+                cache = self.service.stale_cache
+                if cache is None or ctx.method not in ("GET", "HEAD"):
+                    continue
+                entry = cache.get(cache_key("GET", str(ctx.request.url)), spec.max_age or 0.0,
+                                  env.clock.now())
+                if entry is None:
+                    continue
+                body = entry.body if ctx.method == "GET" else b""
+                return _answer(entry.status, list(entry.headers), body, "stale", reason)
+            if spec.kind == "service" and spec.service:
+                answer = await self._service_fallback(ctx, spec.service)
+                if answer is not None:
+                    answer.headers[FALLBACK_HEADER] = "service"
+                    if REASON_HEADER not in answer.headers:
+                        answer.headers[REASON_HEADER] = reason
+                    return answer
+        return None
+
+    async def _service_fallback(self, ctx: CallContext, target: str) -> httpx.Response | None:
+        other = ctx.runtime.services.get(target)
+        if other is None or ctx.fallback_depth >= _MAX_FALLBACK_DEPTH:
+            return None
+        if not ctx.replayable or ctx.stream is _SPENT:
+            return None  # the body went to the failed call and cannot be sent again
+        await ctx.prepare_body()
+        request = ctx.request
+        if ctx.body is not None:
+            request = httpx.Request(ctx.method, request.url, headers=request.headers.raw,
+                                    stream=httpx.ByteStream(ctx.body),
+                                    extensions=request.extensions)
+            request.read()
+        resp, attempts, _outcome, _kind = await other.call(
+            ctx.runtime, request, ctx.incoming_deadline, depth=ctx.fallback_depth + 1)
+        ctx.attempts += attempts
+        if resp.status_code >= 500 or (REASON_HEADER in resp.headers
+                                       and FALLBACK_HEADER not in resp.headers):
+            await resp.aclose()
+            return None
+        return resp
+
+    # -- health checks ------------------------------------------------------------
+
+    async def health_loop(self) -> None:
+        """Check every endpoint every `interval`; flip health on `fall`/`rise` in a row."""
+        active = self.active
+        assert active is not None and self.spec.health is not None
+        spec = self.spec.health
+        clock = self.env.clock
+        while True:
+            await asyncio.gather(*(self._check(ep, active, spec.timeout) for ep in self.endpoints))
+            await clock.sleep(spec.interval)
+
+    async def _check(self, ep: EndpointRuntime, active: ActiveHealth, timeout: float) -> None:
+        spec = self.spec.health
+        assert spec is not None
+        env = self.env
+        raw = spec.path if spec.path.startswith("/") else "/" + spec.path
+        request = httpx.Request(spec.method, ep.url_for(raw.encode("ascii")),
+                                headers=[(b"host", ep.authority),
+                                         (b"user-agent", b"riprap-health")])
+        ok = False
+        try:
+            async with deadline_scope(env, timeout):
+                resp = await env.inner.handle_async_request(request)
+                try:
+                    ok = active.expects(resp.status_code)
+                finally:
+                    await resp.aclose()
+        except (httpx.HTTPError, TimeoutError, OSError):
+            ok = False
+        except Exception as exc:  # noqa: BLE001 - a broken check is a failed check, not a dead loop
+            log.warning("health check of %s failed: %r", ep.state.url, exc)
+            ok = False
+        if active.observe(ep.state, ok, env.clock.now()):
+            env.observer.health_changed(self.service_name, ep.state.url, ep.state.healthy)
+
+    # -- state --------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {
+            "endpoints": [e.state.snapshot(now) for e in self.endpoints],
+            "breaker": self.breaker.snapshot() if self.breaker else None,
+            "limiter": self.limiter.snapshot() if self.limiter else None,
+            "bulkhead": self.bulkhead.snapshot() if self.bulkhead else None,
+            "budget": self.budget.snapshot() if self.budget else None,
+            "latency": self.latency.snapshot(),
+        }
+
+
+class _HedgeRun:
+    """One hedged attempt. The first copy runs inline in the caller's task (no task, no
+    extra loop turn on the common path where it answers before the hedge delay); a
+    timer launches extra copies as tasks. The first good answer wins: a winning extra
+    copy cancels the inline one (like a timeout would), every loser is cancelled and
+    its response, if it had one, closed.
+    """
+
+    __slots__ = ("shard", "hedge", "inner", "ctx", "env", "owner", "loop", "copies",
+                 "extra", "timer", "winner", "settled", "inline")
+
+    def __init__(self, shard: "ShardRuntime", hedge: HedgeDelay, inner: Handler,
+                 ctx: CallContext) -> None:
+        self.shard = shard
+        self.hedge = hedge
+        self.inner = inner
+        self.ctx = ctx
+        self.env = shard.env
+        self.owner = asyncio.current_task()
+        self.loop = asyncio.get_running_loop()
+        self.copies: list[asyncio.Task[httpx.Response]] = []
+        self.extra = 0
+        self.timer: Any = None
+        self.winner: asyncio.Task[httpx.Response] | None = None
+        self.settled = False
+        self.inline = False
+
+    # -- the timer and the extra copies ---------------------------------------------
+
+    def _arm(self) -> None:
+        delay = self.hedge.delay()
+        if self.env.system_clock:
+            self.timer = self.loop.call_later(delay, self._fire)
+        else:
+            self.timer = self.loop.create_task(self._sleep_then_fire(delay))
+
+    async def _sleep_then_fire(self, delay: float) -> None:
+        await self.env.clock.sleep(delay)
+        self._fire()
+
+    def _stop_timer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _fire(self) -> None:
+        self.timer = None
+        if self.settled:
+            return
+        shard = self.shard
+        obs = self.env.observer
+        budget = shard.budget
+        if budget is not None and not budget.try_spend():
+            obs.retry_refused(shard.service_name, "budget")
+            return
+        self.extra += 1
+        obs.hedged(shard.service_name)
+        task = self.loop.create_task(self.inner(self.ctx))
+        self.copies.append(task)
+        task.add_done_callback(self._copy_done)
+        if self.extra < self.hedge.max_extra:
+            self._arm()
+
+    def _copy_done(self, task: asyncio.Task[httpx.Response]) -> None:
+        if self.settled or not self.inline or not _good(task):
+            return  # the owner is waiting on the copies itself, or a loser finished
+        self.settled = True
+        self.winner = task
+        owner = self.owner
+        assert owner is not None
+        self._losers().add(owner)
+        owner.cancel()  # stop the inline copy; `run` turns this into the winner's answer
+
+    def _losers(self) -> set[asyncio.Task[Any]]:
+        if self.ctx.losers is None:
+            self.ctx.losers = set()
+        return self.ctx.losers
+
+    async def _cleanup(self, keep: asyncio.Task[Any] | None) -> None:
+        """Cancel every copy but `keep`, close what they answered, wait for them to end."""
+        self._stop_timer()
+        self.settled = True
+        waiting = []
+        for task in self.copies:
+            if task is keep:
+                continue
+            self._losers().add(task)
+            if not task.done():
+                task.cancel()
+                waiting.append(task)
+            task.add_done_callback(_close_result)
+        if waiting:
+            await asyncio.wait(waiting)
+
+    # -- the hedged attempt ---------------------------------------------------------
+
+    async def run(self) -> httpx.Response:
+        ctx = self.ctx
+        owner = self.owner
+        self._arm()
+        self.inline = True
+        resp: httpx.Response | None = None
+        error: ResilienceError | None = None
+        try:
+            resp = await self.inner(ctx)
+        except ResilienceError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            self.inline = False
+            winner = self.winner
+            if winner is None or owner is None:
+                await self._cleanup(None)
+                raise
+            self._losers().discard(owner)
+            if owner.uncancel() > 0:  # cancelled from outside as well: give up
+                await self._cleanup(None)
+                await winner.result().aclose()
+                raise
+            return await self._finish(winner)
+        self.inline = False
+        if resp is not None and resp.status_code < 500:
+            await self._cleanup(None)
+            return resp
+        # The inline copy failed: wait for extra copies in flight, if any.
+        self._stop_timer()
+        pending = {t for t in self.copies if not t.done()}
+        done_bad = [t for t in self.copies if t.done()]
+        for t in done_bad:
+            if _good(t):
+                if resp is not None:
+                    await resp.aclose()
+                return await self._finish(t)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if _good(t):
+                        if resp is not None:
+                            await resp.aclose()
+                        return await self._finish(t)
+        except asyncio.CancelledError:
+            if resp is not None:
+                await resp.aclose()
+            await self._cleanup(None)
+            raise
+        await self._cleanup(None)  # every copy failed: the inline copy's outcome stands
+        return _result(resp, error)
+
+    async def _finish(self, winner: asyncio.Task[httpx.Response]) -> httpx.Response:
+        resp = winner.result()
+        try:
+            await self._cleanup(winner)
+        except asyncio.CancelledError:
+            await resp.aclose()
+            raise
+        return resp
+
+
+_SPENT: Any = object()
+
+
+def _budget_spec(spec: ServicePlan | ShardPlan) -> Any:
+    return spec.retry.budget if spec.retry is not None else None
+
+
+def _decrement(state: EndpointState) -> Callable[[], None]:
+    def done() -> None:
+        if state.in_flight > 0:
+            state.in_flight -= 1
+    return done
+
+
+def _classify(exc: httpx.HTTPError, url: str) -> tuple[str, ResilienceError]:
+    """An inner transport's exception as a failure class and riprap's error for it."""
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)):
+        failure = "connect-failure"
+    elif isinstance(exc, httpx.TimeoutException):
+        failure = "timeout"
+    else:
+        failure = "reset"
+    text = f"{url}: {failure} ({exc.__class__.__name__}: {exc})"
+    if failure == "timeout":
+        return failure, DeadlineExceeded(text, failure=failure)
+    return failure, UpstreamFailed(text, failure=failure)
+
+
+def _result(resp: httpx.Response | None, error: ResilienceError | None) -> httpx.Response:
+    if resp is not None:
+        return resp
+    assert error is not None
+    raise error
+
+
+def _good(task: asyncio.Future[Any]) -> bool:
+    if task.cancelled() or task.exception() is not None:
+        return False
+    return task.result().status_code < 500
+
+
+def _close_result(task: asyncio.Future[Any]) -> None:
+    """Close the response of a finished loser (a hedge that answered too late)."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    resp = task.result()
+    asyncio.get_running_loop().create_task(resp.aclose())
+
+
+def _discard(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        asyncio.get_running_loop().create_task(task.result().aclose())
+
+
+def _answer(status: int, headers: list[tuple[str, str]], body: bytes, kind: str,
+            reason: str) -> httpx.Response:
+    out = [(k, v) for k, v in headers if k.lower() not in _NOT_CACHED]
+    out.append(("content-length", str(len(body))))
+    out.append((FALLBACK_HEADER, kind))
+    out.append((REASON_HEADER, reason))
+    return httpx.Response(status, headers=out, stream=httpx.ByteStream(body))
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def error_response(exc: ResilienceError) -> httpx.Response:
+    """riprap's own answer for a failure: status, reason header, JSON body."""
+    return httpx.Response(exc.status, headers=exc.headers(),
+                          stream=httpx.ByteStream(exc.body_bytes()))
+
+
+# --------------------------------------------------------------------------- services
+
+
+class ServiceRuntime:
+    """A service: its shards (or single unnamed shard), shared objects and stale cache."""
+
+    def __init__(self, spec: ServicePlan, env: Env, previous: "ServiceRuntime | None") -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.env = env
+        prev = previous
+        clock = env.clock
+        # Objects a sharded service's shards share when their spec equals the service's.
+        self.shared_objects: dict[str, Any] = {}
+        if spec.shards:
+            prev_shared = prev.shared_objects if prev and prev.spec.shards else {}
+
+            def keep(kind: str, mine: Any, theirs: Any, build: Callable[[], Any]) -> Any:
+                if mine is None:
+                    return None
+                return _carry(theirs, prev_shared.get(kind), mine, build)
+
+            self.shared_objects = {
+                "limit": keep("limit", spec.limit, prev.spec.limit if prev else None,
+                              lambda: KeyedLimiter(spec.limit, clock)),
+                "concurrency": keep("concurrency", spec.concurrency,
+                                    prev.spec.concurrency if prev else None,
+                                    lambda: Bulkhead(spec.concurrency, clock)),
+                "budget": keep("budget", _budget_spec(spec),
+                               _budget_spec(prev.spec) if prev else None,
+                               lambda: RetryBudget(_budget_spec(spec), clock)),
+            }
+        has_stale = any(f.kind == "stale" for f in spec.fallbacks) or any(
+            f.kind == "stale" for s in spec.shards for f in s.fallbacks)
+        self.stale_cache: StaleCache | None = None
+        if has_stale:
+            self.stale_cache = prev.stale_cache if prev and prev.stale_cache else StaleCache()
+
+        prev_shards = prev.shards if prev else {}
+        self.shards: dict[str | None, ShardRuntime] = {}
+        if spec.shards:
+            for shard in spec.shards:
+                self.shards[shard.name] = ShardRuntime(
+                    self, shard.name, shard, env, spec.order, self, prev_shards.get(shard.name))
+            self.shard_names = tuple(s.name for s in spec.shards)
+        else:
+            self.shards[None] = ShardRuntime(self, None, spec, env, spec.order, None,
+                                             prev_shards.get(None))
+            self.shard_names = ()
+        self.sharding = spec.sharding
+        self.single = self.shards.get(None)
+
+    def pick_shard(self, request: httpx.Request) -> ShardRuntime:
+        single = self.single
+        if single is not None:
+            return single
+        sharding = self.sharding
+        assert sharding is not None
+        url = request.url
+        key = extract_key(sharding, url.path, url.query.decode("latin-1"), request.headers)
+        if key is None:
+            if sharding.default is None:
+                raise BadRequest(
+                    f"service '{self.name}' is sharded by {sharding.by} {sharding.key} "
+                    "and the request has no key (and there is no default shard)",
+                    service=self.name)
+            return self.shards[sharding.default]
+        return self.shards[shard_for(key, self.shard_names)]
+
+    async def call(self, runtime: "PlanRuntime", request: httpx.Request,
+                   incoming_deadline: float | None, depth: int = 0
+                   ) -> tuple[httpx.Response, int, str, str | None]:
+        """One call through the service's chain: (answer, attempts, outcome, fallback kind)."""
+        env = self.env
+        clock = env.clock
+        start = clock.now()
+        try:
+            shard = self.pick_shard(request)
+        except ResilienceError as exc:
+            return error_response(exc), 0, exc.reason, None
+        ctx = CallContext(runtime, self, shard, request, incoming_deadline, start, depth)
+        try:
+            resp = await shard.chain(ctx)
+        except ResilienceError as exc:
+            exc.attempts = ctx.attempts
+            exc.service = self.name
+            return error_response(exc), ctx.attempts, exc.reason, None
+        fallback = ctx.fallback_used
+        status = resp.status_code
+        if fallback is not None:
+            outcome = ctx.fallback_reason or "upstream-failed"
+        elif status >= 500:
+            outcome = "upstream-5xx"
+        elif status >= 400:
+            outcome = "upstream-4xx"
+        else:
+            outcome = "ok"
+            if (shard.stale_ages and self.stale_cache is not None and ctx.method == "GET"
+                    and 200 <= status < 300 and status != 206):
+                self._tee(resp, request)
+        return resp, ctx.attempts, outcome, fallback
+
+    def _tee(self, resp: httpx.Response, request: httpx.Request) -> None:
+        cache = self.stale_cache
+        assert cache is not None
+        key = cache_key("GET", str(request.url))
+        headers = [(k, v) for k, v in resp.headers.multi_items() if k not in _NOT_CACHED]
+        content = getattr(resp, "_content", None)
+        if content is not None:  # already read (an in-memory inner transport)
+            cache.put(key, resp.status_code, headers, content, self.env.clock.now())
+            return
+        call_stream(resp).tee = StaleTee(cache, key, resp.status_code, headers, self.env.clock)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        data: dict[str, Any] = {"hosts": list(self.spec.hosts)}
+        if self.single is not None:
+            data.update(self.single.snapshot(now))
+        else:
+            data["limiter"] = _snap(self.shared_objects.get("limit"))
+            data["bulkhead"] = _snap(self.shared_objects.get("concurrency"))
+            data["budget"] = _snap(self.shared_objects.get("budget"))
+            data["shards"] = {name: s.snapshot(now) for name, s in self.shards.items()}
+        data["stale_cache"] = self.stale_cache.snapshot() if self.stale_cache else None
+        return data
+
+
+def _snap(obj: Any) -> Any:
+    return obj.snapshot() if obj is not None else None
+
+
+class PlanRuntime:
+    """A whole plan, live: services by name and by host. Immutable once built."""
+
+    def __init__(self, plan: Plan, env: Env, previous: "PlanRuntime | None" = None) -> None:
+        self.plan = plan
+        self.env = env
+        prev_services = previous.services if previous else {}
+        self.services: dict[str, ServiceRuntime] = {}
+        for name, spec in plan.services.items():
+            if spec.name != name:
+                spec = _renamed(spec, name)
+            self.services[name] = ServiceRuntime(spec, env, prev_services.get(name))
+        self.hosts: dict[str, str] = {}
+        for name, spec in plan.services.items():
+            self.hosts.setdefault(name.lower(), name)
+            for host in spec.hosts:
+                self.hosts.setdefault(host.lower(), name)
+
+    def service_for_host(self, host: str) -> str | None:
+        """The service a Host names (its name or a `host` alias; case and port ignored)."""
+        h = host.strip().lower()
+        if h.startswith("["):
+            h = h[: h.find("]") + 1]
+        elif h.count(":") == 1:
+            h = h.split(":", 1)[0]
+        return self.hosts.get(h.rstrip("."))
+
+    def health_shards(self) -> list[ShardRuntime]:
+        return [s for svc in self.services.values() for s in svc.shards.values()
+                if s.active is not None and s.endpoints]
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.env.clock.now()
+        return {"services": {name: svc.snapshot(now) for name, svc in self.services.items()}}
+
+
+def _renamed(spec: ServicePlan, name: str) -> ServicePlan:
+    from dataclasses import replace
+    return replace(spec, name=name)
+
+
+__all__ = [
+    "STAGES",
+    "CallContext",
+    "CallStream",
+    "ClockTimeout",
+    "Env",
+    "PlanRuntime",
+    "SafeObserver",
+    "ServiceRuntime",
+    "ShardRuntime",
+    "error_response",
+    "parse_deadline_header",
+]

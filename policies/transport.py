@@ -1,0 +1,185 @@
+"""ResilientTransport: a whole riprap plan, enforced inside any httpx client.
+
+    client = httpx.AsyncClient(transport=ResilientTransport(plan))
+    await client.get("http://payments/charges/42")   # host "payments" = service payments
+
+A transport that wraps a transport (httpx's `AsyncBaseTransport`, like failsafe-go's
+`RoundTripper` wrapper): it picks the service (the `riprap.service` request extension,
+else the URL's host), runs the service's policy chain (`policies.pipeline`) and sends
+each attempt through the inner transport — by default `AiohttpTransport`, much cheaper
+per request than httpx's own pool. The sidecar is a thin HTTP adapter around this class.
+
+Hot reload is one reference swap: `update` builds the new `PlanRuntime` off the hot
+path, carrying the state of what did not change, then replaces `self._runtime`; calls in
+flight hold the runtime they started with and finish on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import httpx
+
+from dsl.plan import Plan
+from policies.clock import Clock, SystemClock
+from policies.errors import ATTEMPTS_HEADER, DEADLINE_HEADER, UnknownService
+from policies.observer import Observer
+from policies.pipeline import (
+    Env,
+    PlanRuntime,
+    SafeObserver,
+    ShardRuntime,
+    error_response,
+    parse_deadline_header,
+)
+
+log = logging.getLogger("riprap.transport")
+
+SERVICE_EXTENSION = "riprap.service"
+
+
+class ResilientTransport(httpx.AsyncBaseTransport):
+    """Enforces `plan` on every request; answers riprap's own failures as HTTP responses.
+
+    `inner` sends the attempts (default: a new `AiohttpTransport`, closed by `aclose`).
+    `clock` and `rng` drive every decision (tests pass a virtual clock and a seeded
+    random source). `observer` is told about calls, attempts, retries, hedges, breaker
+    and health changes, ejections and rejections; its errors are swallowed. Chaos
+    statements run only when `chaos` is True.
+    """
+
+    def __init__(self, plan: Plan, inner: httpx.AsyncBaseTransport | None = None, *,
+                 clock: Clock | None = None, rng: random.Random | None = None,
+                 observer: Observer | None = None, chaos: bool = False) -> None:
+        if inner is None:
+            from policies.aiohttp_transport import AiohttpTransport
+
+            inner = AiohttpTransport()
+        self._env = Env(
+            clock=clock if clock is not None else SystemClock(),
+            rng=rng if rng is not None else random.Random(),
+            observer=SafeObserver(observer),
+            inner=inner,
+            chaos=chaos,
+        )
+        self._runtime = PlanRuntime(plan, self._env)
+        self._started = False
+        self._closed = False
+        self._health: dict[int, tuple[ShardRuntime, asyncio.Task[None]]] = {}
+
+    # -- the hot path ---------------------------------------------------------------
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        runtime = self._runtime  # one read: the whole call runs on this runtime
+        if not self._started:
+            self._start_health(runtime)
+        name = request.extensions.get(SERVICE_EXTENSION)
+        if name is None:
+            name = runtime.service_for_host(request.url.host)
+        service = runtime.services.get(name) if name is not None else None
+        if service is None:
+            shown = name if name is not None else request.url.host
+            return error_response(UnknownService(shown, runtime.services))
+        env = self._env
+        start = env.clock.now()
+        header = request.headers.get(DEADLINE_HEADER)
+        incoming = parse_deadline_header(header, start) if header is not None else None
+        resp, attempts, outcome, fallback = await service.call(runtime, request, incoming)
+        resp.headers[ATTEMPTS_HEADER] = str(attempts)
+        env.observer.call_finished(service.name, outcome, resp.status_code, attempts,
+                                   env.clock.now() - start, fallback)
+        return resp
+
+    # -- the plan -------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Plan:
+        """The plan currently enforced."""
+        return self._runtime.plan
+
+    def service_for_host(self, host: str) -> str | None:
+        """The service of the current plan a host names (name or `host` alias; case, port ignored)."""
+        return self._runtime.service_for_host(host)
+
+    async def update(self, plan: Plan) -> None:
+        """Hot reload: build the new runtime (carrying unchanged state), then swap it in.
+
+        A plan that cannot be built raises (ValueError with the reason) and leaves the
+        running plan in force.
+        """
+        new = PlanRuntime(plan, self._env, previous=self._runtime)
+        old = self._runtime
+        self._runtime = new
+        if self._started and not self._closed:
+            await self._restart_health(old, new)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able live state for `GET /state`.
+
+        `{"services": {NAME: {...}}}` where each service has `hosts`, `stale_cache`, and
+        either the fields of one shard (unsharded) or `limiter`/`bulkhead`/`budget`
+        shared by its shards and `shards: {SHARD: {...}}`. A shard's fields:
+        `endpoints` (url, weight, tier, in_flight, healthy, ejected, ejections,
+        ejected_for, consecutive_failures), `breaker`, `limiter`, `bulkhead`, `budget`
+        (each null when the policy is off) and `latency` (count, p50, p95, p99).
+        """
+        return self._runtime.snapshot()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the active health checks (otherwise started by the first request)."""
+        if not self._started:
+            self._start_health(self._runtime)
+
+    async def aclose(self) -> None:
+        """Stop the health checks and close the inner transport."""
+        self._closed = True
+        self._started = True  # no lazy restart after close
+        await self._stop_health(list(self._health.keys()))
+        await self._env.inner.aclose()
+
+    def _start_health(self, runtime: PlanRuntime) -> None:
+        self._started = True
+        if self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in a loop yet: the first request starts them
+            self._started = False
+            return
+        for shard in runtime.health_shards():
+            task = loop.create_task(self._run_health(shard),
+                                    name=f"riprap-health-{shard.service_name}-{shard.name or ''}")
+            self._health[id(shard)] = (shard, task)
+
+    async def _run_health(self, shard: ShardRuntime) -> None:
+        while True:
+            try:
+                await shard.health_loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep checking; a bug here must not stop health
+                log.error("health checks of service %r stopped: %r; restarting",
+                          shard.service_name, exc)
+                await self._env.clock.sleep(1.0)
+
+    async def _restart_health(self, old: PlanRuntime, new: PlanRuntime) -> None:
+        await self._stop_health(list(self._health.keys()))
+        self._start_health(new)
+
+    async def _stop_health(self, keys: list[int]) -> None:
+        tasks = []
+        for key in keys:
+            entry = self._health.pop(key, None)
+            if entry is not None:
+                entry[1].cancel()
+                tasks.append(entry[1])
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+__all__ = ["SERVICE_EXTENSION", "ResilientTransport"]

@@ -1,0 +1,67 @@
+"""The admin listener (contract section 9): /healthz /readyz /metrics /plan /state.
+
+Starlette is fine here: these routes are not on the hot path. `/state` is the engine's
+own snapshot (`ResilientTransport.snapshot()`: health, ejection, breaker, limiter, bulkhead
+and budget of every service, shard and endpoint) plus the sidecar's (draining, reloads,
+supervised app).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sidecar.metrics import SidecarMetrics
+from sidecar.reload import PlanHolder
+
+
+def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
+                     extra_state: Callable[[], dict[str, Any]] | None = None) -> Starlette:
+    """The admin ASGI app over one plan holder."""
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if holder.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ready", "hash": holder.digest})
+
+    async def metrics_route(request: Request) -> Response:
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
+    async def plan(request: Request) -> Response:
+        return JSONResponse(holder.plan_document())
+
+    async def state(request: Request) -> Response:
+        snap: Any = holder.transport.snapshot()  # type: ignore[attr-defined]
+        doc: dict[str, Any] = {
+            "services": snap.get("services", snap) if isinstance(snap, dict) else snap,
+            "sidecar": {
+                "draining": holder.draining,
+                "hash": holder.digest,
+                "reloads": holder.reloads,
+                "last_error": holder.last_error is not None,
+            },
+        }
+        if isinstance(snap, dict):
+            for key, value in snap.items():
+                if key != "services":
+                    doc.setdefault(key, value)
+        if extra_state is not None:
+            doc.update(extra_state())
+        return JSONResponse(doc)
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", readyz, methods=["GET", "HEAD"]),
+        Route("/metrics", metrics_route, methods=["GET", "HEAD"]),
+        Route("/plan", plan, methods=["GET", "HEAD"]),
+        Route("/state", state, methods=["GET", "HEAD"]),
+    ]
+    return Starlette(routes=routes)

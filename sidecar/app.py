@@ -1,0 +1,113 @@
+"""create_app: one sidecar = a plan holder, a transport, two ASGI apps and a supervisor.
+
+The proxy app (raw ASGI, hot path) and the admin app (Starlette) share one
+`ResilientTransport`, one `PlanHolder` and one metrics registry. `create_app` works without
+sockets too: tests drive `sidecar.proxy` with `httpx.ASGITransport` and pass an `inner`
+transport (`httpx.MockTransport`) to stand in for the network.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from dsl.diagnostics import Diagnostic
+from dsl.plan import Plan
+from sidecar.admin import create_admin_app
+from sidecar.logs import AccessLog, AccessObserver
+from sidecar.metrics import FanoutObserver, SidecarMetrics
+from sidecar.proxy import ProxyApp
+from sidecar.reload import PlanHolder, compile_source
+from sidecar.supervisor import Supervisor
+
+
+@dataclass
+class Sidecar:
+    """A running sidecar's parts. `start()` before serving, `aclose()` after."""
+
+    holder: PlanHolder
+    metrics: SidecarMetrics
+    proxy: ProxyApp
+    admin: Any  # Starlette
+    chaos: bool
+    watch: bool
+    supervise: bool
+    supervisor: Supervisor | None = None
+    warnings: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def transport(self) -> Any:
+        return self.holder.transport
+
+    async def start(self) -> None:
+        await self.holder.transport.start()
+        if self.watch:
+            self.holder.start_watching()
+        plan = self.holder.plan
+        if self.supervise and plan.supervise is not None:
+            self.supervisor = Supervisor(plan.app, plan.supervise, self.metrics)
+            self.supervisor.start()
+
+    def _supervise_changed(self, plan: Plan) -> None:
+        if not self.supervise:
+            return
+        if plan.supervise is None:
+            if self.supervisor is not None:
+                import asyncio
+
+                sup, self.supervisor = self.supervisor, None
+                asyncio.get_running_loop().create_task(sup.stop())
+            return
+        if self.supervisor is None:
+            self.supervisor = Supervisor(plan.app, plan.supervise, self.metrics)
+            self.supervisor.start()
+        else:
+            self.supervisor.update(plan.supervise)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"app": self.supervisor.snapshot() if self.supervisor else None}
+
+    async def aclose(self) -> None:
+        await self.holder.stop_watching()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        await self.holder.transport.aclose()
+
+
+def create_app(source: str | os.PathLike[str] | Plan, *, chaos: bool = False,
+               inner: httpx.AsyncBaseTransport | None = None, access_log: bool = False,
+               watch: bool = True, supervise: bool = True,
+               rng: random.Random | None = None) -> Sidecar:
+    """Build a sidecar from a policy file, a plan `.json`, or a `Plan` object.
+
+    Raises `sidecar.reload.PlanLoadError` (with diagnostics) when the file does not
+    compile. A `Plan` object is served as is and never reloaded.
+    """
+    from policies.transport import ResilientTransport
+
+    warnings: list[Diagnostic] = []
+    if isinstance(source, Plan):
+        plan, path = source, None
+    else:
+        path = os.path.abspath(os.fspath(source))
+        plan, warnings = compile_source(path)
+    metrics = SidecarMetrics()
+    access = AccessLog() if access_log else None
+    observer: Any = FanoutObserver(metrics, AccessObserver()) if access_log else metrics
+    if inner is None:
+        from policies.aiohttp_transport import AiohttpTransport
+
+        inner = AiohttpTransport()
+    transport = ResilientTransport(plan, inner, observer=observer, chaos=chaos, rng=rng)
+    holder = PlanHolder(plan, transport, metrics, source_path=path, warnings=warnings)
+    proxy = ProxyApp(holder, metrics, access)
+    sidecar = Sidecar(holder=holder, metrics=metrics, proxy=proxy, admin=None, chaos=chaos,
+                      watch=watch and path is not None, supervise=supervise,
+                      warnings=warnings)
+    holder.on_supervise_change = sidecar._supervise_changed
+    sidecar.admin = create_admin_app(holder, metrics, sidecar.extra_state)
+    return sidecar

@@ -1,0 +1,109 @@
+"""Logging: human-readable lines by default, an opt-in JSON access log (one line per call).
+
+The access log is assembled from what the engine already reports (the `Observer` calls):
+the last endpoint an attempt went to, the attempt count, the outcome and the duration.
+The proxy opens a `CallRecord` per call and the observer fills it through a contextvar,
+so nothing is parsed from headers and nothing is kept once the line is written.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+ACCESS_LOGGER = "riprap.access"
+_current: contextvars.ContextVar["CallRecord | None"] = contextvars.ContextVar(
+    "riprap_call", default=None)
+
+
+def setup_logging(level: str = "info") -> None:
+    """Human logs on stderr: `2026-01-01T10:00:00Z riprap INFO message`."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s",
+                            datefmt="%Y-%m-%dT%H:%M:%S")
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
+    # "Started server process" twice, and one line per file event: noise for an operator.
+    if numeric > logging.DEBUG:
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.propagate = False
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    access.handlers[:] = [out]
+    access.setLevel(logging.INFO)
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """What one call's access-log line says; filled while the call runs."""
+
+    method: str
+    path: str
+    service: str
+    start: float
+    endpoint: str | None = None
+    attempts: int = 0
+    outcome: str | None = None
+    status: int = 0
+    fallback: str | None = None
+
+
+class AccessLog:
+    """Writes one JSON line per call to the `riprap.access` logger (stdout)."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger(ACCESS_LOGGER)
+
+    def begin(self, method: str, path: str, service: str) -> tuple[CallRecord, contextvars.Token]:
+        rec = CallRecord(method, path, service, time.monotonic())
+        return rec, _current.set(rec)
+
+    def end(self, rec: CallRecord, token: contextvars.Token, status: int,
+            outcome: str | None = None, attempts: int | None = None) -> None:
+        _current.reset(token)
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "service": rec.service,
+            "method": rec.method,
+            "path": rec.path,
+            "status": status,
+            "endpoint": rec.endpoint,
+            "attempts": rec.attempts if attempts is None else attempts,
+            "outcome": outcome or rec.outcome or ("ok" if status < 500 else "error"),
+            "fallback": rec.fallback,
+            "duration_ms": round((time.monotonic() - rec.start) * 1000, 3),
+        }
+        self.logger.info(json.dumps(line, separators=(",", ":")))
+
+
+class AccessObserver:
+    """The Observer half of the access log: records endpoint/attempts/outcome per call."""
+
+    def attempt_finished(self, service: str, endpoint: str, outcome: str, latency: float) -> None:
+        rec = _current.get()
+        if rec is not None:
+            rec.endpoint = endpoint
+
+    def call_finished(self, service: str, outcome: str, status: int, attempts: int,
+                      duration: float, fallback: str | None) -> None:
+        rec = _current.get()
+        if rec is not None and rec.service == service:
+            rec.outcome = outcome
+            rec.attempts = attempts
+            rec.status = status
+            rec.fallback = fallback

@@ -1,0 +1,311 @@
+"""The proxy listener: a lean raw-ASGI adapter from an incoming call to `ResilientTransport`.
+
+Per call: route (two dict lookups), copy the headers minus hop-by-hop ones, wrap the ASGI
+body as a streaming `httpx.AsyncByteStream`, call `transport.handle_async_request`
+directly (no `httpx.AsyncClient` on the hot path), then stream the answer back chunk by
+chunk. Every policy decision (retries, breakers, fallbacks, deadlines, `x-riprap-*`
+headers) belongs to the transport; this module only moves bytes and notices clients that
+go away: a small watcher task waits for `http.disconnect` once the request body is read
+and cancels the call, which makes the transport cancel its attempts and free its slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable, Protocol
+
+import httpx
+
+from sidecar.logs import AccessLog
+from sidecar.metrics import UNKNOWN_SERVICE, SidecarMetrics
+from sidecar.routing import ABSOLUTE_TARGET_KEY, Refusal, Router
+
+log = logging.getLogger("riprap.proxy")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# RFC 9110 section 7.6.1, plus the proxy-only ones; also anything named in `Connection`.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+# Not hop-by-hop, but owned by this hop: the transport sets Host to the endpoint's
+# authority, and `Expect: 100-continue` was already answered by uvicorn.
+_DROP_REQUEST = HOP_BY_HOP | {b"host", b"expect"}
+SERVICE_EXTENSION = "riprap.service"
+
+
+class Runtime(Protocol):
+    """What the proxy needs from the plan holder: the current router and the transport."""
+
+    router: Router
+
+    @property
+    def transport(self) -> httpx.AsyncBaseTransport: ...
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request body was being read."""
+
+
+class UpstreamBodyBroken(Exception):
+    """The upstream's body broke after the answer's headers were sent to the client.
+
+    Raised out of the ASGI app on purpose: the only way to tell the client that the body
+    is incomplete is to close the connection, which uvicorn does for an app exception.
+    """
+
+
+class QuietBrokenBodies(logging.Filter):
+    """Drops uvicorn's traceback for `UpstreamBodyBroken` (already logged as one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, UpstreamBodyBroken)
+
+
+class _Call:
+    """Per-call state shared by the proxy, the request body stream and the watcher."""
+
+    __slots__ = ("receive", "task", "watcher", "gone", "finished")
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None) -> None:
+        self.receive = receive
+        self.task = task
+        self.watcher: asyncio.Task[None] | None = None
+        self.gone = False
+        self.finished = False
+
+    def body_read(self) -> None:
+        """The request body is fully read: from now on, watch for the client going away."""
+        if self.watcher is None and self.task is not None:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect":
+                if not self.finished and self.task is not None:
+                    self.gone = True
+                    self.task.cancel()
+                return
+
+    def client_gone(self) -> None:
+        self.gone = True
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    def close(self) -> None:
+        self.finished = True
+        if self.watcher is not None and not self.watcher.done():
+            self.watcher.cancel()
+
+
+class _RequestBody(httpx.AsyncByteStream):
+    """The ASGI request body as an httpx stream, read once, chunk by chunk."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
+
+    async def __aiter__(self) -> Any:
+        call = self.call
+        while True:
+            msg = await call.receive()
+            if msg["type"] == "http.request":
+                body = msg.get("body", b"")
+                if body:
+                    yield body
+                if not msg.get("more_body", False):
+                    call.body_read()
+                    return
+            else:
+                call.client_gone()
+                raise ClientDisconnected("client disconnected while sending the request body")
+
+
+# No body: an already-read empty body, so that transports send no body framing at all.
+_NO_BODY = httpx.ByteStream(b"")
+
+
+def _forward_headers(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]],
+                                                                   str | None, bool]:
+    """Request headers minus hop-by-hop ones; also the Host and whether a body follows."""
+    host: str | None = None
+    has_body = False
+    named: set[bytes] | None = None
+    out: list[tuple[bytes, bytes]] = []
+    for k, v in headers:
+        if k in _DROP_REQUEST:
+            if k == b"host":
+                host = v.decode("latin-1")
+            elif k == b"connection":
+                named = {t.strip().lower() for t in v.split(b",")}
+            elif k == b"transfer-encoding":
+                has_body = True
+            continue
+        if k == b"content-length" and v != b"0":
+            has_body = True
+        out.append((k, v))
+    if named:
+        out = [(k, v) for k, v in out if k not in named]
+    return out, host, has_body
+
+
+def _response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int]:
+    """Answer headers minus hop-by-hop ones (lower-cased), and the content-length or -1."""
+    named: set[bytes] | None = None
+    out: list[tuple[bytes, bytes]] = []
+    length = -1
+    for k, v in raw:
+        k = k.lower()
+        if k in HOP_BY_HOP:
+            if k == b"connection":
+                named = {t.strip().lower() for t in v.split(b",")}
+            continue
+        if k == b"content-length":
+            try:
+                length = int(v)
+            except ValueError:
+                continue
+        out.append((k, v))
+    if named:
+        out = [(k, v) for k, v in out if k not in named]
+    return out, length
+
+
+class ProxyApp:
+    """The ASGI app of the proxy listener."""
+
+    def __init__(self, runtime: Runtime, metrics: SidecarMetrics,
+                 access_log: AccessLog | None = None) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+        elif kind == "websocket":  # not proxied: riprap speaks plain HTTP calls
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        headers, host, has_body = _forward_headers(scope["headers"])
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        query: bytes = scope.get("query_string", b"")
+        decision = self.runtime.router.route(method, host, raw_path,
+                                             scope.get(ABSOLUTE_TARGET_KEY))
+        if isinstance(decision, Refusal):
+            await self._refuse(decision, method, raw_path, send)
+            return
+        service = decision.service
+        target = decision.raw_path + (b"?" + query if query else b"")
+        call = _Call(receive, asyncio.current_task())
+        request = httpx.Request(
+            method,
+            httpx.URL(scheme="http", host=service, raw_path=target),
+            headers=headers,
+            stream=_RequestBody(call) if has_body else _NO_BODY,
+            extensions={SERVICE_EXTENSION: service},
+        )
+        if not has_body:
+            request.read()  # marks the (empty) body as read: sent with no framing
+            call.body_read()  # the watcher takes the (empty) body message
+        access = self.access_log
+        rec = token = None
+        if access is not None:
+            rec, token = access.begin(method, target.decode("latin-1"), service)
+        metrics_in_flight = self.metrics.in_flight
+        metrics_in_flight.inc()
+        status = 499  # nginx's "client closed request", for the access log
+        response: httpx.Response | None = None
+        try:
+            response = await self.runtime.transport.handle_async_request(request)
+            status = response.status_code
+            await self._stream_back(response, send, call)
+        except asyncio.CancelledError:
+            if not call.gone:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.debug("client went away: cancelled the call to %s", service)
+            status = 499
+        except ClientDisconnected:
+            status = 499
+        finally:
+            call.close()
+            metrics_in_flight.dec()
+            if response is not None:
+                await _close_quietly(response)
+            if access is not None and rec is not None and token is not None:
+                access.end(rec, token, status, outcome="cancelled" if status == 499 else None)
+
+    async def _stream_back(self, response: httpx.Response, send: Send, call: _Call) -> None:
+        headers, length = _response_headers(response.headers.raw)
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": headers})
+        sent = 0
+        stream = response.stream
+        try:
+            async for chunk in stream:  # type: ignore[union-attr]
+                if not chunk:
+                    continue
+                sent += len(chunk)
+                if sent == length:  # known length reached: one message, no empty tail
+                    call.finished = True
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": False})
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except Exception as exc:  # noqa: BLE001 - any broken body (httpx, aiohttp, OS)
+            log.warning("upstream body broke after %d bytes (%s): closing the client "
+                        "connection", sent, type(exc).__name__)
+            raise UpstreamBodyBroken(str(exc)) from exc
+        call.finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _refuse(self, refusal: Refusal, method: str, raw_path: bytes, send: Send) -> None:
+        self.metrics.calls.get(UNKNOWN_SERVICE, refusal.reason).inc()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(refusal.body)).encode()),
+            (b"x-riprap-reason", refusal.reason.encode()),
+            (b"x-riprap-attempts", b"0"),
+        ]
+        if method == "CONNECT":  # no tunnel follows: the connection ends here
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+        await send({"type": "http.response.body", "body": refusal.body})
+        if self.access_log is not None:
+            rec, token = self.access_log.begin(method, raw_path.decode("latin-1"),
+                                               UNKNOWN_SERVICE)
+            self.access_log.end(rec, token, refusal.status, outcome=refusal.reason, attempts=0)
+
+
+async def _close_quietly(response: httpx.Response) -> None:
+    try:
+        await response.aclose()
+    except Exception:  # noqa: BLE001 - a broken stream is already reported
+        log.debug("closing an upstream answer failed", exc_info=True)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Accept lifespan events: startup and shutdown are driven by the sidecar server."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+

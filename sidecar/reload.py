@@ -1,0 +1,227 @@
+"""PlanHolder: the running plan, and how a new one replaces it (hot reload).
+
+A reload is: compile and validate the file in a worker thread (the event loop keeps
+serving), hand the new plan to `ResilientTransport.update` (which builds the new runtime
+off the hot path, carries over the state of unchanged services and endpoints and swaps one
+reference), then swap the routing table. Calls in flight finish on the runtime they
+started with. A file that does not compile changes nothing: the diagnostics are logged,
+shown at `/plan` as `last_error` and counted in `riprap_reloads_total{result="error"}`.
+
+Watching: the *directories* holding the plan's files are watched (watchfiles, inotify),
+not the files, because editors save by writing a temporary file and renaming it over the
+original, and Kubernetes swaps a ConfigMap by re-pointing the `..data` symlink: in both
+cases the watched file's inode changes and a file watch would go deaf. Any event in those
+directories leads to a cheap fingerprint (the bytes of every watched file, read through
+symlinks); only a changed fingerprint triggers a reload, so unrelated files in the same
+directory cost a few reads and nothing else. SIGHUP reloads unconditionally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import httpx
+import watchfiles
+
+from dsl.diagnostics import Diagnostic, render_all_text
+from dsl.plan import Plan
+from sidecar.routing import Router
+
+log = logging.getLogger("riprap.reload")
+
+LOAD_ERROR_CODE = "RP900"  # the plan could not be read or loaded at all (I/O, crash)
+
+
+class PlanLoadError(Exception):
+    """The plan source did not compile; `diagnostics` say why, `text` renders them."""
+
+    def __init__(self, diagnostics: list[Diagnostic], text: str) -> None:
+        super().__init__(text)
+        self.diagnostics = diagnostics
+        self.text = text
+
+
+def compile_source(path: str) -> tuple[Plan, list[Diagnostic]]:
+    """Compile a `.riprap` file or load a plan `.json`: the plan and its warnings.
+
+    Raises PlanLoadError with every diagnostic when there is any error. Runs in a worker
+    thread during reloads, so it may block.
+    """
+    try:
+        from dsl.loader import load_plan_source
+
+        unit = load_plan_source(path)
+    except Exception as exc:  # noqa: BLE001 - an unreadable plan is a diagnostic, not a crash
+        diag = Diagnostic(LOAD_ERROR_CODE, "error", None, f"cannot load plan {path}: {exc}")
+        raise PlanLoadError([diag], render_all_text([diag])) from exc
+    diags = list(unit.diagnostics)
+    if unit.plan is None or any(d.is_error for d in diags):
+        if not diags:
+            diags = [Diagnostic(LOAD_ERROR_CODE, "error", None, f"{path}: no plan produced")]
+        raise PlanLoadError(diags, render_all_text(diags, {unit.path: unit.source}))
+    return unit.plan, diags
+
+
+def fingerprint(paths: tuple[str, ...]) -> str:
+    """A hash of the bytes of every file (through symlinks); missing files count as such."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.encode() + b"\0")
+        try:
+            with open(p, "rb") as f:
+                h.update(f.read())
+        except OSError as exc:
+            h.update(f"<{type(exc).__name__}>".encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+TransportFactory = Callable[[Plan], Any]
+
+
+class PlanHolder:
+    """The running plan, its transport and routing table, and how they are replaced."""
+
+    def __init__(self, plan: Plan, transport: Any, metrics: Any, *,
+                 source_path: str | None = None, warnings: list[Diagnostic] | None = None,
+                 on_supervise_change: Callable[[Plan], None] | None = None) -> None:
+        self.plan = plan
+        self.digest = plan.digest()
+        self.router = Router(plan)
+        self._transport = transport
+        self.metrics = metrics
+        self.source_path = source_path
+        self.loaded_at = datetime.now(timezone.utc)
+        self.last_error: list[dict[str, Any]] | None = None
+        self.draining = False
+        self.reloads = 0
+        self.last_reload_seconds: float | None = None
+        self.on_supervise_change = on_supervise_change
+        self._lock = asyncio.Lock()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._stop_watch = asyncio.Event()
+        self._fingerprint = fingerprint(self.watch_paths())
+        metrics.plan_loaded_now(self.digest, plan.app)
+        for w in warnings or ():
+            log.warning("%s", w.message)
+
+    @property
+    def transport(self) -> httpx.AsyncBaseTransport:
+        return self._transport  # type: ignore[no-any-return]
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining
+
+    def watch_paths(self) -> tuple[str, ...]:
+        paths = list(self.plan.watch)
+        if self.source_path and self.source_path not in paths:
+            paths.insert(0, self.source_path)
+        return tuple(os.path.abspath(p) for p in paths)
+
+    def plan_document(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan.to_dict(),
+            "hash": self.digest,
+            "loaded_at": self.loaded_at.isoformat(),
+            "last_error": self.last_error,
+        }
+
+    # -- reloading ----------------------------------------------------------------------
+    async def reload(self, trigger: str = "manual") -> bool:
+        """Compile the source again and put it in force. True when the new plan runs."""
+        if self.source_path is None:
+            log.info("reload (%s) ignored: the plan was not loaded from a file", trigger)
+            return False
+        async with self._lock:
+            started = time.monotonic()
+            try:
+                plan, warnings = await asyncio.to_thread(compile_source, self.source_path)
+            except PlanLoadError as exc:
+                self.last_error = [d.to_dict() for d in exc.diagnostics]
+                self.metrics.reloaded("error")
+                log.error("reload (%s) failed; the running plan stays in force:\n%s",
+                          trigger, exc.text)
+                self._fingerprint = fingerprint(self.watch_paths())
+                return False
+            for w in warnings:
+                log.warning("%s", w.message)
+            self.last_error = None
+            digest = plan.digest()
+            old = self.plan
+            if digest == self.digest and plan.watch == old.watch:
+                self.metrics.reloaded("unchanged")
+                self._fingerprint = fingerprint(self.watch_paths())
+                log.info("reload (%s): plan unchanged (%s)", trigger, digest[:12])
+                return True
+            if (plan.listen, plan.admin) != (old.listen, old.admin):
+                log.warning("reload (%s): listen/admin addresses changed in the file; they "
+                            "take effect on restart", trigger)
+            try:
+                await self._transport.update(plan)
+            except Exception as exc:  # noqa: BLE001 - keep serving the old plan
+                diag = Diagnostic(LOAD_ERROR_CODE, "error", None,
+                                  f"the engine refused the new plan: {exc}")
+                self.last_error = [diag.to_dict()]
+                self.metrics.reloaded("error")
+                log.exception("reload (%s) failed while building the new plan", trigger)
+                return False
+            self.plan = plan
+            self.router = Router(plan)
+            self.digest = digest
+            self.loaded_at = datetime.now(timezone.utc)
+            self.reloads += 1
+            self.metrics.reloaded("ok")
+            self.metrics.plan_loaded_now(digest, plan.app)
+            self._fingerprint = fingerprint(self.watch_paths())
+            self.last_reload_seconds = time.monotonic() - started
+            log.info("reload (%s): plan %s in force (%.0f ms)", trigger, digest[:12],
+                     self.last_reload_seconds * 1000)
+            if plan.supervise != old.supervise and self.on_supervise_change is not None:
+                self.on_supervise_change(plan)
+            if plan.watch != old.watch:
+                self._stop_watch.set()  # the watcher restarts on the new directories
+            return True
+
+    def start_watching(self) -> None:
+        if self.source_path is not None and self._watch_task is None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            dirs = sorted({os.path.dirname(p) or "." for p in self.watch_paths()})
+            dirs = [d for d in dirs if os.path.isdir(d)]
+            self._stop_watch = asyncio.Event()
+            try:
+                async for _changes in watchfiles.awatch(
+                    *dirs, stop_event=self._stop_watch, debounce=400, step=25,
+                    recursive=False, rust_timeout=60_000, yield_on_timeout=False,
+                ):
+                    if fingerprint(self.watch_paths()) != self._fingerprint:
+                        await self.reload("file change")
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a watcher hiccup must not stop the sidecar
+                log.exception("file watcher failed; restarting it in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def stop_watching(self) -> None:
+        task, self._watch_task = self._watch_task, None
+        if task is not None:
+            self._stop_watch.set()
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    def with_addresses(self, listen: str | None, admin: str | None) -> tuple[str, str]:
+        """The effective listen and admin addresses (command-line overrides win)."""
+        return listen or self.plan.listen, admin or self.plan.admin
+

@@ -1,0 +1,35 @@
+"""Hop-by-hop filtering in both directions (RFC 9110 7.6.1)."""
+
+from __future__ import annotations
+
+from sidecar.proxy import _forward_headers, _response_headers
+
+
+def test_request_hop_by_hop_and_connection_named_headers_are_dropped() -> None:
+    headers = [
+        (b"host", b"payments:7400"), (b"connection", b"keep-alive, X-Secret"),
+        (b"keep-alive", b"timeout=5"), (b"te", b"trailers"), (b"upgrade", b"h2c"),
+        (b"proxy-authorization", b"Basic eA=="), (b"proxy-connection", b"keep-alive"),
+        (b"x-secret", b"1"), (b"x-keep", b"2"), (b"content-length", b"3"),
+        (b"expect", b"100-continue"),
+    ]
+    out, host, has_body = _forward_headers(headers)
+    assert out == [(b"x-keep", b"2"), (b"content-length", b"3")]
+    assert host == "payments:7400"
+    assert has_body
+
+
+def test_request_body_is_detected_from_chunked_framing_not_from_zero_length() -> None:
+    assert _forward_headers([(b"transfer-encoding", b"chunked")])[2] is True
+    assert _forward_headers([(b"content-length", b"0")])[2] is False
+    assert _forward_headers([(b"accept", b"*/*")])[2] is False
+
+
+def test_response_hop_by_hop_headers_are_dropped_and_names_lowercased() -> None:
+    raw = [(b"Content-Type", b"text/plain"), (b"Transfer-Encoding", b"chunked"),
+           (b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"x"),
+           (b"Content-Length", b"5"), (b"X-Riprap-Attempts", b"1")]
+    out, length = _response_headers(raw)
+    assert out == [(b"content-type", b"text/plain"), (b"content-length", b"5"),
+                   (b"x-riprap-attempts", b"1")]
+    assert length == 5
