@@ -16,7 +16,7 @@ with several files appends `explain_mesh`. Findings (codes in docs/analysis.md):
   conditions can never match (warnings, per file). A limit burst below one token cannot
   reach analysis: the language takes whole numbers of at least 1 (RP101, RP222) and the
   default burst is max(1, rate).
-- RP408 two files declare the same app (warning): the first file keeps the name.
+- RP407 two files declare the same app (warning): the first file keeps the name.
 
 Units without a plan (files with errors) are skipped.
 """
@@ -34,6 +34,7 @@ from dsl.worstcase import breakdown, fmt_seconds
 
 # A retry condition that can never match a failed attempt: a 1xx, 2xx or 3xx status.
 _NEVER_FAILS = re.compile(r"^[123](\d\d|xx)$")
+_EPSILON = 1e-9  # seconds: float sums of durations are compared with this slack
 
 
 def analyse(units: Sequence[CompiledUnit], max_amplification: float = 10.0) -> list[Diagnostic]:
@@ -63,7 +64,7 @@ def _duplicates(mesh: m.Mesh) -> list[Diagnostic]:
         assert dup.plan is not None
         out.append(
             Diagnostic(
-                "RP408",
+                "RP407",
                 "warning",
                 _app_span(dup),
                 f"app '{dup.plan.app}' is also declared in {first.path}; "
@@ -137,7 +138,7 @@ def inversions(mesh: m.Mesh) -> list[Diagnostic]:
             continue
         callee = m.node_name(e.target)
         worst, inner = m.callee_worst(mesh, callee)
-        if inner is None or e.limit >= worst:
+        if inner is None or e.limit + _EPSILON >= worst:  # 3 × 0.8 + 0.3 is 2.7000000000000006
             continue
         waits = "per-try timeout" if e.limit_kind == "per-try" else "timeout"
         extra = m.fallback_time(inner)
@@ -274,9 +275,11 @@ def explain_mesh(units: Sequence[CompiledUnit]) -> str:
         )
         t, slow = m.callee_worst(mesh, app)
         if slow is not None:
+            extra = m.fallback_time(slow)
+            then = f", then {fmt_seconds(extra)} of fallback service" if extra else ""
             lines.append(
                 f"  worst-case time for its dependencies: {fmt_seconds(t)} "
-                f"(on {slow.name}: {breakdown(slow.service).formula()})"
+                f"(on {slow.name}: {breakdown(slow.service).formula()}{then})"
             )
         reach = ", ".join(
             f"{m.node_name(n)} ×{r.amplification}" for n, r in paths.items()

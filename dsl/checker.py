@@ -12,12 +12,12 @@ not below the built-in default, retries without a budget) are in `check_plan`.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
-from collections import defaultdict
 from typing import Iterable, Mapping
 from urllib.parse import urlsplit
 
-from dsl.ast import File, Lit, Opt, Stmt
+from dsl.ast import File, Lit, Stmt
 from dsl.diagnostics import Diagnostic, Span, did_you_mean
 from dsl.plan import BUILTIN_TIMEOUT, Plan, ServicePlan, ShardPlan
 
@@ -369,6 +369,8 @@ class _Checker:
             self.status(stmt.args[0], allow_class=False)
             if stmt.form in ("text", "file"):
                 self.string(stmt.args[1])
+            elif not _finite(stmt.args[1].value):
+                self.error("RP109", stmt.args[1].span, "a number in this JSON value is too large", "JSON numbers must be finite")
         elif stmt.form == "stale":
             self.positive(stmt.args[0], "stale age")
         elif stmt.form == "service":
@@ -597,6 +599,17 @@ class _Checker:
                         owner[key] = svc.name
 
 
+def _finite(value: object) -> bool:
+    """Whether every number in a JSON value is finite (`1e999` is not)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def _word(kind: str) -> str:
     return {"shard-by": "shard by", "shard-default": "shard default"}.get(kind, kind)
 
@@ -715,15 +728,3 @@ def check_plan(
                         )
                     )
     return out
-
-
-def group_by_line(diags: Iterable[Diagnostic]) -> dict[int, list[Diagnostic]]:
-    """Diagnostics by line number (tests and tools)."""
-    out: dict[int, list[Diagnostic]] = defaultdict(list)
-    for d in diags:
-        if d.span is not None:
-            out[d.span.line].append(d)
-    return dict(out)
-
-
-__all__ = ["check_file", "check_plan", "address_problem", "url_problem", "Opt"]

@@ -182,8 +182,10 @@ def _check(args: argparse.Namespace) -> int:
 
 def plan_json(unit: CompiledUnit) -> str:
     """The plan as the CLI prints it: indent 2, keys in the plan's own stable order."""
+    from dsl.compiler import plan_dict
+
     assert unit.plan is not None
-    return json.dumps(unit.plan.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(plan_dict(unit.plan), indent=2, ensure_ascii=False) + "\n"
 
 
 def _compile(args: argparse.Namespace) -> int:

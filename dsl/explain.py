@@ -182,7 +182,7 @@ def explain_service(svc: ServicePlan) -> str:
     lines.append("  order (outermost first): " + " > ".join(_ORDER_WORDS.get(o, o) for o in svc.order))
     words = policy_lines(svc)
     for key in _SHOWN:
-        if key in words and not (svc.shards and key in ("endpoints", "balance", "health", "outlier")):
+        if key in words and not (svc.shards and key in ("endpoints", "balance")):
             lines.append(f"  {key}: {words[key]}")
     if svc.sharding is not None:
         sh = svc.sharding

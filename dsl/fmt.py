@@ -175,15 +175,14 @@ def format_source(text: str, path: str) -> FormatResult:
     """Format policy text; a file with syntax errors is left alone (its errors returned)."""
     from dsl.loader import check_text
     from dsl.parser import parse_text
-    from dsl.transformer import to_ast
 
     early = check_text(text, path)
     if early:
         return FormatResult(text, None, tuple(early))
     parsed = parse_text(text, path)
-    if parsed.tree is None or parsed.diagnostics:
+    if parsed.file is None or parsed.diagnostics:
         return FormatResult(text, None, parsed.diagnostics)
-    file = to_ast(parsed.tree, path, parsed.comments)
+    file = parsed.file
     return FormatResult(text, format_ast(file, text), ())
 
 

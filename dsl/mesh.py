@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 from dsl.diagnostics import Span
 from dsl.plan import BreakerSpec, ServicePlan
 from dsl.units import CompiledUnit
-from dsl.worstcase import attempts, breakdown, steady_attempts, worst_case_time
+from dsl.worstcase import attempts, breakdown, fmt_seconds, steady_attempts, worst_case_time
 
 
 def app_id(name: str) -> str:
@@ -391,8 +391,6 @@ def describe_breaker(svc: ServicePlan) -> str | None:
 
 
 def _breaker_text(b: BreakerSpec) -> str:
-    from dsl.worstcase import fmt_seconds
-
     if b.kind == "consecutive":
         return f"{b.failures} failures, open {fmt_seconds(b.open)}"
     rate = (b.rate or 0.0) * 100

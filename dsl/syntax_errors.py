@@ -173,7 +173,8 @@ def describe_error(exc: UnexpectedInput, text: str, path: str, stmt_start: int =
     else:
         pos = tok.start_pos or 0
         got = f"'{word_at(text, pos)}'"
-    span = Span(path, line, col)
+    width = len(got) - 2 if got.startswith("'") else 0
+    span = Span(path, line, col, line if width else None, col + width if width else None)
     stmt_keywords = {k for k in (_keyword(n) for n in expected) if k in DIRECTIVES}
     if len(stmt_keywords) >= 5:
         # where a statement should start

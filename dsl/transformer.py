@@ -10,10 +10,9 @@ import json
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from lark import Token, Transformer, Tree, v_args
-from lark.tree import Meta
+from lark import Token, Transformer, Tree
 
-from dsl.ast import Comment, File, Lit, Opt, Stmt
+from dsl.ast import Lit, Opt, Stmt
 from dsl.diagnostics import Span
 
 DURATION_UNITS = {
@@ -146,24 +145,55 @@ class _Json:
         self.span = span
 
 
-class ToAst(Transformer[Token, Any]):
-    """Builds the AST of one file; `path` goes into every Span."""
+def _start_of(child: Any) -> tuple[int, int]:
+    if isinstance(child, Token):
+        return child.line or 1, child.column or 1
+    if isinstance(child, tuple):
+        return _start_of(child[0])
+    span = child.span if not isinstance(child, _Block) else child.end
+    return span.line, span.col
 
-    def __init__(self, path: str) -> None:
+
+def _end_of(child: Any) -> tuple[int, int]:
+    if isinstance(child, Token):
+        return child.end_line or 1, child.end_column or 1
+    if isinstance(child, tuple):
+        return _end_of(child[-1])
+    if isinstance(child, _Block):
+        return child.end.line, child.end.col + 1
+    span = child.span
+    return span.end_line or span.line, span.end_col or span.col
+
+
+class ToAst(Transformer[Token, Any]):
+    """Builds AST nodes while the parser reduces (Lark's inline transformer mode).
+
+    The parser keeps every token (`keep_all_tokens`), so a node's span runs from its
+    first token to its last; `path` is set before each parse and goes into every Span.
+    """
+
+    def __init__(self, path: str = "<text>") -> None:
         super().__init__(visit_tokens=False)
         self.path = path
+        self._values: dict[tuple[str, str], tuple[str, Any]] = {}  # (type, text) -> (kind, value)
 
     # ---- helpers -------------------------------------------------------------------
-    def _span(self, meta: Meta) -> Span:
-        if getattr(meta, "empty", True):
+    def _span(self, children: list[Any]) -> Span:
+        if not children:
             return Span(self.path, 1, 1)
-        return Span(self.path, meta.line, meta.column, meta.end_line, meta.end_column)
+        line, col = _start_of(children[0])
+        end_line, end_col = _end_of(children[-1])
+        return Span(self.path, line, col, end_line, end_col)
 
     def lit(self, tok: Token) -> Lit:
-        kind, convert = _CONVERT[tok.type]
         text = str(tok)
+        key = (tok.type, text)
+        found = self._values.get(key)
+        if found is None:
+            kind, convert = _CONVERT[tok.type]
+            found = self._values[key] = (kind, convert(text))
         span = Span(self.path, tok.line or 1, tok.column or 1, tok.end_line, tok.end_column)
-        return Lit(span, kind, text, convert(text))  # type: ignore[arg-type]
+        return Lit(span, found[0], text, found[1])  # type: ignore[arg-type]
 
     def _split(self, children: list[Any]) -> tuple[tuple[Lit, ...], tuple[Opt, ...], _Block | None]:
         args: list[Lit] = []
@@ -171,7 +201,8 @@ class ToAst(Transformer[Token, Any]):
         block = None
         for child in children:
             if isinstance(child, Token):
-                args.append(self.lit(child))
+                if child.type in _CONVERT:
+                    args.append(self.lit(child))
             elif isinstance(child, Opt):
                 opts.append(child)
             elif isinstance(child, _Block):
@@ -182,86 +213,73 @@ class ToAst(Transformer[Token, Any]):
                 args.extend(child)
         return tuple(args), tuple(opts), block
 
-    def _stmt(self, kind: str, form: str | None, meta: Meta, children: list[Any]) -> Stmt:
+    def _statement(self, kind: str, form: str | None, children: list[Any]) -> Stmt:
         args, opts, block = self._split(children)
+        span = self._span(children)
         if block is None:
-            return Stmt(self._span(meta), kind, form, args, opts)
-        return Stmt(self._span(meta), kind, form, args, opts, block.stmts, block.end)
+            return Stmt(span, kind, form, args, opts)
+        return Stmt(span, kind, form, args, opts, block.stmts, block.end)
 
-    def __default__(self, data: str, children: list[Any], meta: Meta) -> Any:
+    def __default__(self, data: str, children: list[Any], meta: Any) -> Any:
         if data in _STMTS:
             kind, form = _STMTS[data]
-            return self._stmt(kind, form, meta, children)
+            return self._statement(kind, form, children)
         if data in _OPTS:
             args, _, _ = self._split(children)
-            return Opt(self._span(meta), _OPTS[data], args)
-        return Tree(data, children, meta)
+            return Opt(self._span(children), _OPTS[data], args)
+        return Tree(data, children)
 
     # ---- structure -----------------------------------------------------------------
-    @v_args(meta=True)
-    def start(self, meta: Meta, children: list[Any]) -> tuple[Stmt, ...]:
+    def start(self, children: list[Any]) -> tuple[Stmt, ...]:
         return tuple(c for c in children if isinstance(c, Stmt))
 
-    @v_args(meta=True)
-    def block(self, meta: Meta, children: list[Any]) -> _Block:
-        end = Span(self.path, meta.end_line, max(1, meta.end_column - 1))
+    def block(self, children: list[Any]) -> _Block:
+        close = children[-1]
+        end = Span(self.path, close.line or 1, close.column or 1)
         return _Block(tuple(c for c in children if isinstance(c, Stmt)), end)
 
-    @v_args(meta=True)
-    def app(self, meta: Meta, children: list[Any]) -> Stmt:
-        return self._stmt("app", None, meta, children)
+    def app(self, children: list[Any]) -> Stmt:
+        return self._statement("app", None, children)
 
-    @v_args(meta=True)
-    def defaults(self, meta: Meta, children: list[Any]) -> Stmt:
-        return self._stmt("defaults", None, meta, children)
+    def defaults(self, children: list[Any]) -> Stmt:
+        return self._statement("defaults", None, children)
 
-    @v_args(meta=True)
-    def policy(self, meta: Meta, children: list[Any]) -> Stmt:
-        return self._stmt("policy", None, meta, children)
+    def policy(self, children: list[Any]) -> Stmt:
+        return self._statement("policy", None, children)
 
-    @v_args(meta=True)
-    def service(self, meta: Meta, children: list[Any]) -> Stmt:
-        return self._stmt("service", None, meta, children)
+    def service(self, children: list[Any]) -> Stmt:
+        return self._statement("service", None, children)
 
-    @v_args(meta=True)
-    def shard(self, meta: Meta, children: list[Any]) -> Stmt:
-        return self._stmt("shard", None, meta, children)
+    def shard(self, children: list[Any]) -> Stmt:
+        return self._statement("shard", None, children)
 
-    @v_args(meta=True)
-    def recovered(self, meta: Meta, children: list[Any]) -> Stmt:
-        _, _, block = self._split([c for c in children if not isinstance(c, Token)])
-        span = self._span(meta)
+    def recovered(self, children: list[Any]) -> Stmt:
+        block = next((c for c in children if isinstance(c, _Block)), None)
+        span = self._span(children)
         if block is None:
             return Stmt(span, "recovered", None, ())
         return Stmt(span, "recovered", None, (), (), block.stmts, block.end)
 
-    @v_args(meta=True)
-    def restart(self, meta: Meta, children: list[Any]) -> Stmt:
-        return self._stmt("restart", None, meta, children)
+    def restart(self, children: list[Any]) -> Stmt:
+        return self._statement("restart", None, children)
 
-    @v_args(meta=True)
-    def range(self, meta: Meta, children: list[Any]) -> tuple[Lit, ...]:
-        return tuple(self.lit(t) for t in children)
+    def range(self, children: list[Any]) -> tuple[Lit, ...]:
+        return tuple(self.lit(t) for t in children if t.type == "DURATION")
 
-    @v_args(meta=True)
-    def cond(self, meta: Meta, children: list[Any]) -> Lit:
+    def cond(self, children: list[Any]) -> Lit:
         return self.lit(children[0])
 
-    @v_args(meta=True)
-    def status(self, meta: Meta, children: list[Any]) -> Lit:
+    def status(self, children: list[Any]) -> Lit:
         return self.lit(children[0])
 
-    @v_args(meta=True)
-    def shard_key(self, meta: Meta, children: list[Any]) -> Token:
+    def shard_key(self, children: list[Any]) -> Token:
         return children[0]  # type: ignore[no-any-return]
 
-    @v_args(meta=True)
-    def shard_by(self, meta: Meta, children: list[Any]) -> Stmt:
-        key, name = children
-        return Stmt(self._span(meta), "shard-by", str(key), (self.lit(name),))
+    def shard_by(self, children: list[Any]) -> Stmt:
+        key, name = children[2], children[3]  # shard by KEY NAME
+        return Stmt(self._span(children), "shard-by", str(key), (self.lit(name),))
 
-    @v_args(meta=True)
-    def health(self, meta: Meta, children: list[Any]) -> Stmt:
+    def health(self, children: list[Any]) -> Stmt:
         method: Opt | None = None
         rest: list[Any] = []
         for child in children:
@@ -270,57 +288,47 @@ class ToAst(Transformer[Token, Any]):
                 method = Opt(lit.span, "method", (lit,))
             else:
                 rest.append(child)
-        stmt = self._stmt("health", None, meta, rest)
+        stmt = self._statement("health", None, rest)
         if method is not None:
             return Stmt(stmt.span, stmt.kind, stmt.form, stmt.args, (method,) + stmt.opts)
         return stmt
 
     # ---- inline JSON ---------------------------------------------------------------
-    @v_args(meta=True)
-    def fallback_json(self, meta: Meta, children: list[Any]) -> Stmt:
-        status_tok, value = children
+    def fallback_json(self, children: list[Any]) -> Stmt:
+        status_tok = next(c for c in children if isinstance(c, Token) and c.type == "INT")
+        value = children[-1]
         text = json.dumps(value.value, separators=(",", ":"), ensure_ascii=False)
         lit = Lit(value.span, "json", text, value.value)
-        return Stmt(self._span(meta), "fallback", "json", (self.lit(status_tok), lit))
+        return Stmt(self._span(children), "fallback", "json", (self.lit(status_tok), lit))
 
-    @v_args(meta=True)
-    def json_object(self, meta: Meta, children: list[Any]) -> _Json:
-        return _Json({k: v.value for k, v in children}, self._span(meta))
+    def json_object(self, children: list[Any]) -> _Json:
+        pairs = [c for c in children if isinstance(c, tuple)]
+        return _Json({k: v.value for k, v in pairs}, self._span(children))
 
-    @v_args(meta=True)
-    def json_pair(self, meta: Meta, children: list[Any]) -> tuple[str, _Json]:
-        key = _decode_string(str(children[0]))
-        return (key if key is not None else str(children[0])[1:-1], children[1])
+    def json_pair(self, children: list[Any]) -> tuple[str, _Json]:
+        raw = str(children[0])
+        key = _decode_string(raw)
+        return (key if key is not None else raw[1:-1], children[-1])
 
-    @v_args(meta=True)
-    def json_array(self, meta: Meta, children: list[Any]) -> _Json:
-        return _Json([c.value for c in children], self._span(meta))
+    def json_array(self, children: list[Any]) -> _Json:
+        return _Json([c.value for c in children if isinstance(c, _Json)], self._span(children))
 
-    @v_args(meta=True)
-    def json_string(self, meta: Meta, children: list[Any]) -> _Json:
-        decoded = _decode_string(str(children[0]))
-        return _Json(decoded if decoded is not None else str(children[0])[1:-1], self._span(meta))
+    def json_string(self, children: list[Any]) -> _Json:
+        raw = str(children[0])
+        decoded = _decode_string(raw)
+        return _Json(decoded if decoded is not None else raw[1:-1], self._span(children))
 
-    @v_args(meta=True)
-    def json_number(self, meta: Meta, children: list[Any]) -> _Json:
-        text = str(children[0])
-        value: Any = json.loads(text)
-        return _Json(value, self._span(meta))
+    def json_number(self, children: list[Any]) -> _Json:
+        value: Any = json.loads(str(children[0]))
+        return _Json(value, self._span(children))
 
-    @v_args(meta=True)
-    def json_true(self, meta: Meta, children: list[Any]) -> _Json:
-        return _Json(True, self._span(meta))
+    def json_true(self, children: list[Any]) -> _Json:
+        return _Json(True, self._span(children))
 
-    @v_args(meta=True)
-    def json_false(self, meta: Meta, children: list[Any]) -> _Json:
-        return _Json(False, self._span(meta))
+    def json_false(self, children: list[Any]) -> _Json:
+        return _Json(False, self._span(children))
 
-    @v_args(meta=True)
-    def json_null(self, meta: Meta, children: list[Any]) -> _Json:
-        return _Json(None, self._span(meta))
+    def json_null(self, children: list[Any]) -> _Json:
+        return _Json(None, self._span(children))
 
 
-def to_ast(tree: Tree, path: str, comments: tuple[Comment, ...] = (), recovered: bool = False) -> File:
-    """The AST of a parsed file."""
-    stmts = ToAst(path).transform(tree)
-    return File(path, stmts, comments, recovered)

@@ -188,13 +188,14 @@ class LoopTimeout:
     `TimeoutError` on the way out; a cancellation from elsewhere passes through.
     """
 
-    __slots__ = ("_delay", "_task", "_timer", "_cancelling", "fired")
+    __slots__ = ("_delay", "_task", "_timer", "_cancelling", "_ctx", "fired")
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, ctx: "CallContext | None" = None) -> None:
         self._delay = delay
         self._task: asyncio.Task[Any] | None = None
         self._timer: Any = None
         self._cancelling = 0
+        self._ctx = ctx  # told when the time is up, before the cancellation lands
         self.fired = False
 
     async def __aenter__(self) -> "LoopTimeout":
@@ -210,6 +211,8 @@ class LoopTimeout:
 
     def _expire(self) -> None:
         self.fired = True
+        if self._ctx is not None:
+            self._ctx.expired = True
         assert self._task is not None
         self._task.cancel()
 
@@ -227,8 +230,8 @@ class ClockTimeout(LoopTimeout):
 
     __slots__ = ("_clock",)
 
-    def __init__(self, clock: Clock, delay: float) -> None:
-        super().__init__(delay)
+    def __init__(self, clock: Clock, delay: float, ctx: "CallContext | None" = None) -> None:
+        super().__init__(delay, ctx)
         self._clock = clock
 
     def _arm(self, task: asyncio.Task[Any]) -> None:
@@ -239,11 +242,14 @@ class ClockTimeout(LoopTimeout):
         self._expire()
 
 
-def deadline_scope(env: Env, delay: float) -> LoopTimeout:
-    """A timeout scope of `delay` seconds on the env's clock (the loop's, when it is real)."""
+def deadline_scope(env: Env, delay: float, ctx: "CallContext | None" = None) -> LoopTimeout:
+    """A timeout scope of `delay` seconds on the env's clock (the loop's, when it is real).
+
+    With `ctx`, the call is marked `expired` when the time is up, so the stages being
+    cancelled can tell a deadline from a caller that went away."""
     if env.system_clock:
-        return LoopTimeout(delay)
-    return ClockTimeout(env.clock, delay)
+        return LoopTimeout(delay, ctx)
+    return ClockTimeout(env.clock, delay, ctx)
 
 
 def _timer(env: Env, delay: float) -> asyncio.Future[Any]:
@@ -351,6 +357,15 @@ class CallStream(httpx.AsyncByteStream):
                     log.warning("release callback failed: %r", exc)
 
 
+def on_close(resp: httpx.Response, callback: Callable[[], None]) -> None:
+    """Run `callback` when the response's body is closed — at once if it already is
+    (a body read in full at creation holds nothing upstream, and httpx never closes it)."""
+    if resp.is_closed:
+        callback()
+    else:
+        call_stream(resp).on_close(callback)
+
+
 def call_stream(resp: httpx.Response) -> CallStream:
     """The response's CallStream, wrapping its stream the first time."""
     stream = resp.stream
@@ -398,7 +413,7 @@ class CallContext:
         "runtime", "service", "shard", "request", "method", "raw_path", "headers",
         "body", "stream", "replayable", "body_bound", "deadline", "incoming_deadline",
         "attempts", "tried", "losers", "fallback_depth", "start", "fallback_used",
-        "fallback_reason",
+        "fallback_reason", "expired",
     )
 
     def __init__(self, runtime: "PlanRuntime", service: "ServiceRuntime",
@@ -425,6 +440,7 @@ class CallContext:
         self.start = start
         self.fallback_used: str | None = None
         self.fallback_reason: str | None = None
+        self.expired = False  # the call's deadline fired
 
     async def prepare_body(self) -> None:
         """Read the request body once, up to the replay bound (bigger: stream it, once)."""
@@ -632,6 +648,7 @@ class ShardRuntime:
             raise ValueError(f"service '{self.service_name}': a policy appears twice in order {names}")
         if "balance" in names and names[-1] != "balance":
             raise ValueError(f"service '{self.service_name}': 'balance' must come last in order {names}")
+        self._order = names
         handler: Handler = self._send
         builders: dict[str, Callable[[Handler], Handler | None]] = {
             "fallback": self._fallback_stage,
@@ -711,7 +728,7 @@ class ShardRuntime:
             except BaseException:
                 bulkhead.release()
                 raise
-            call_stream(resp).on_close(bulkhead.release)
+            on_close(resp, bulkhead.release)
             return resp
 
         return concurrency
@@ -725,18 +742,21 @@ class ShardRuntime:
         async def deadline(ctx: CallContext) -> httpx.Response:
             now = clock.now()
             end = now + timeout
-            if ctx.deadline is not None and ctx.deadline < end:
-                end = ctx.deadline
+            incoming = ctx.incoming_deadline
+            if incoming is not None and incoming < end:
+                end = incoming
             ctx.deadline = end
             left = end - now
             if left <= 0:
                 raise DeadlineExceeded(f"no time left for service '{name}'")
             try:
-                async with deadline_scope(env, left):
+                async with deadline_scope(env, left, ctx):
                     return await inner(ctx)
             except TimeoutError:
+                # failure="timeout": a retry stage placed outside the timeout retries it
                 raise DeadlineExceeded(
-                    f"service '{name}' did not answer within {_fmt_s(left)}") from None
+                    f"service '{name}' did not answer within {_fmt_s(left)}",
+                    failure="timeout") from None
 
         return deadline
 
@@ -751,7 +771,10 @@ class ShardRuntime:
         obs = env.observer
         name = self.service_name
         latency = self.latency
-        methods = policy.spec.methods
+        # With the timeout outside the retries (the default), the deadline bounds them;
+        # with it inside, only a caller's incoming deadline does.
+        order = self._order
+        deadline_outside = "timeout" in order and order.index("timeout") < order.index("retry")
 
         async def retry(ctx: CallContext) -> httpx.Response:
             if budget is not None:
@@ -781,8 +804,9 @@ class ShardRuntime:
                     ra = resp.headers.get("retry-after")
                     if ra is not None:
                         retry_after = parse_retry_after(ra, time.time())
-                if ctx.deadline is not None:
-                    left = ctx.deadline - clock.now()
+                deadline = ctx.deadline if deadline_outside else ctx.incoming_deadline
+                if deadline is not None:
+                    left = deadline - clock.now()
                     median = latency.median()
                     if retry_after is not None and retry_after > wait and not retry_fits(left, retry_after, median):
                         # The upstream asked for more time than the deadline leaves: its
@@ -856,7 +880,7 @@ class ShardRuntime:
                 losers = ctx.losers
                 if losers is not None and asyncio.current_task() in losers:
                     breaker.cancel()  # a losing hedge: its call was answered by another copy
-                elif ctx.deadline is not None and now >= ctx.deadline:
+                elif ctx.expired:
                     breaker.record(False, now - t0)  # cut by the deadline: a timeout
                 else:
                     breaker.cancel()  # the caller went away: no outcome
@@ -885,7 +909,8 @@ class ShardRuntime:
                 status = action.status or 503
                 return httpx.Response(
                     status,
-                    headers=[("content-type", "application/json"), ("x-riprap-chaos", "abort")],
+                    headers=[("content-type", "application/json"), ("x-riprap-chaos", "abort"),
+                             (REASON_HEADER, "chaos-abort")],
                     content=b'{"error":"injected by riprap chaos"}',
                 )
             return await inner(ctx)
@@ -934,7 +959,7 @@ class ShardRuntime:
         elapsed = clock.now() - t0
         ok = resp.status_code < 500
         self._record(state, ok, str(resp.status_code), elapsed, latency=True)
-        call_stream(resp).on_close(_decrement(state))
+        on_close(resp, _decrement(state))
         return resp
 
     def _upstream_request(self, ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx.Request:
@@ -1040,8 +1065,13 @@ class ShardRuntime:
         spec = self.spec.health
         clock = self.env.clock
         while True:
-            await asyncio.gather(*(self._check(ep, active, spec.timeout) for ep in self.endpoints))
-            await clock.sleep(spec.interval)
+            now = clock.now()
+            due = [ep for ep in self.endpoints if active.due(ep.state, now)]
+            if due:
+                await asyncio.gather(*(self._check(ep, active, spec.timeout) for ep in due))
+            # state carried over a reload keeps its schedule: no burst of checks
+            wake = min(ep.state.next_check for ep in self.endpoints)
+            await clock.sleep(max(wake - clock.now(), 0.001))
 
     async def _check(self, ep: EndpointRuntime, active: ActiveHealth, timeout: float) -> None:
         spec = self.spec.health
@@ -1418,9 +1448,8 @@ class ServiceRuntime:
         assert cache is not None
         key = cache_key("GET", str(request.url))
         headers = [(k, v) for k, v in resp.headers.multi_items() if k not in _NOT_CACHED]
-        content = getattr(resp, "_content", None)
-        if content is not None:  # already read (an in-memory inner transport)
-            cache.put(key, resp.status_code, headers, content, self.env.clock.now())
+        if resp.is_closed:  # read in full already (an in-memory inner transport)
+            cache.put(key, resp.status_code, headers, resp.content, self.env.clock.now())
             return
         call_stream(resp).tee = StaleTee(cache, key, resp.status_code, headers, self.env.clock)
 

@@ -255,24 +255,25 @@ class ProxyApp:
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": headers})
         sent = 0
+        done = False
         stream = response.stream
         try:
+            # Iterate to the end even after the last byte: the engine's stream wrappers
+            # (stale-cache capture, slot release) act when the stream is exhausted.
             async for chunk in stream:  # type: ignore[union-attr]
-                if not chunk:
+                if not chunk or done:
                     continue
                 sent += len(chunk)
                 if sent == length:  # known length reached: one message, no empty tail
-                    call.finished = True
-                    await send({"type": "http.response.body", "body": chunk,
-                                "more_body": False})
-                    return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    done = call.finished = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": not done})
         except Exception as exc:  # noqa: BLE001 - any broken body (httpx, aiohttp, OS)
             log.warning("upstream body broke after %d bytes (%s): closing the client "
                         "connection", sent, type(exc).__name__)
             raise UpstreamBodyBroken(str(exc)) from exc
-        call.finished = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not done:
+            call.finished = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _refuse(self, refusal: Refusal, method: str, raw_path: bytes, send: Send) -> None:
         self.metrics.calls.get(UNKNOWN_SERVICE, refusal.reason).inc()

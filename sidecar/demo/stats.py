@@ -35,7 +35,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    rank = max(1, math.ceil(q * len(ordered) / 100.0 - 1e-9))  # float-safe nearest rank
     return ordered[min(rank, len(ordered)) - 1]
 
 

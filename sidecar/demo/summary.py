@@ -48,6 +48,7 @@ def summarise(calls: Sequence[Call], steps: Sequence[Step], duration: float,
             r = w.get((target, "checkout"))
             row[target] = {"success": r.success if r else None, "p99_ms": r.p(99) if r else None}
         doc["phases"].append(row)
+    doc["failures"] = {t: failure_reasons(calls, t) for t in ("riprap", "baseline")}
     doc["sidecar"] = {
         "retries": view.total(view.retries), "hedges": view.total(view.hedges),
         "fallbacks": {f"{s}/{k}": v for (s, k), v in view.fallbacks.items()},
@@ -55,6 +56,22 @@ def summarise(calls: Sequence[Call], steps: Sequence[Step], duration: float,
         "breaker_opens": dict(view.breaker_opens), "error": view.error,
     }
     return doc
+
+
+def failure_reasons(calls: Sequence[Call], target: str) -> dict[str, int]:
+    """Why the failed checkout calls failed: 'payments 502 upstream-failed', 'checkout refused'..."""
+    out: dict[str, int] = {}
+    for c in calls:
+        if c.target != target or c.ok:
+            continue
+        if c.deps is None:
+            key = f"checkout {c.error or c.status}"
+        else:
+            bad = [f"{n} {d.get('status')} {d.get('reason') or ''}".strip()
+                   for n, d in c.deps.items() if n != "recommendations" and not d.get("ok")]
+            key = "; ".join(bad) or f"checkout {c.status}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def explain(m: Mechanisms, doc: dict[str, Any], steps: Sequence[Step]) -> list[str]:

@@ -34,7 +34,7 @@ defaults {
 
 policy critical {
     timeout 2s
-    retry 3 on connect-failure, reset, 5xx backoff 100ms..1s jitter full per-try 400ms budget 20% min 5/s methods POST
+    retry 3 on connect-failure, reset, 5xx backoff 100ms..1s jitter full per-try 300ms budget 20% min 5/s methods POST
     breaker failures 5 open 30s probes 2
 }
 """

@@ -63,14 +63,18 @@ class SidecarProc:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.logs()}")
+                logs = self.logs()
+                self.stop()
+                raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{logs}")
             try:
                 if self.admin.get("/readyz").status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-        raise AssertionError(f"sidecar not ready after {timeout}s:\n{self.logs()}")
+        logs = self.logs()
+        self.stop(signal.SIGKILL)
+        raise AssertionError(f"sidecar not ready after {timeout}s:\n{logs}")
 
     def logs(self) -> str:
         out = self.out_path.read_text(errors="replace") if self.out_path.exists() else ""

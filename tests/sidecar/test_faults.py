@@ -105,8 +105,8 @@ def test_subprocess_is_driven_over_its_control_port() -> None:
     with FaultProcess("p") as p, client() as c:
         assert c.get(p.url).json()["server"] == "p"
         p.set(mode="refuse")
-        with pytest.raises(httpx.ConnectError):
-            c.get(p.url)
+        with pytest.raises(httpx.ConnectError), client() as fresh:  # pooled ones are reset
+            fresh.get(p.url)
         assert p.recover()["listening"] is True
         assert c.get(p.url).status_code == 200
         assert p.stats()["hits"] == 2

@@ -1,0 +1,378 @@
+"""Side-by-side proxy benchmark: the riprap sidecar against a Python ceiling and nginx.
+
+    .venv/bin/python tests/bench/proxy_bench.py [--duration 5] [--quick]
+
+Setup (2 cores): an nginx upstream answering a fixed ~100-byte 200 and the load
+generator (wrk) share core 0; the forwarder under test runs alone on core 1 (taskset).
+Forwarders:
+  1. ceiling : a raw-ASGI forwarder on uvicorn+httptools+uvloop sending with one aiohttp
+               ClientSession (no policy, no httpx): the Python ceiling;
+  2. sidecar : `riprap run` with retry+budget, breaker, outlier, least-request and a limit
+               too high to trigger;
+  3. nginx   : nginx as a reverse proxy with upstream keep-alive.
+Printed: rps and p50/p99 at c=32 and c=1; sidecar/ceiling and sidecar/nginx ratios; the
+reload save->in-force median; 100 reloads under 200 req/s with the failed-call count; the
+RSS of a sidecar running a 100-service plan. Targets (printed next to the figures, not
+asserted): >= 0.6x ceiling at c=32, p50 <= 0.5 ms at c=1, reload <= 300 ms median, zero
+failures, RSS <= 60 MiB.
+
+nginx and wrk come from Debian (`apt-get install nginx-light wrk`, tried when missing and
+running as root); without them the script says so and skips what needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from sidecar.faults import free_port  # noqa: E402
+
+PY = sys.executable
+BODY = "x" * 90 + "\n"  # with headers: a ~100-byte answer body
+LOAD_CORE, FORWARDER_CORE = "0", "1"
+
+CEILING = '''
+import sys, aiohttp, uvicorn
+UP = sys.argv[1]
+session = None
+HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"host", b"te", b"upgrade",
+       b"proxy-connection", b"trailer", b"proxy-authorization", b"proxy-authenticate"}
+
+async def app(scope, receive, send):
+    global session
+    if scope["type"] != "http":
+        return
+    if session is None:
+        session = aiohttp.ClientSession(auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=512), skip_auto_headers=("User-Agent",))
+    body = b""
+    while True:
+        m = await receive()
+        body += m.get("body", b"")
+        if not m.get("more_body"):
+            break
+    headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k not in HOP]
+    path = scope.get("raw_path") or scope["path"].encode()
+    if scope["query_string"]:
+        path += b"?" + scope["query_string"]
+    async with session.request(scope["method"], UP + path.decode(), headers=headers,
+                               data=body or None, allow_redirects=False) as r:
+        out = [(k.lower(), v) for k, v in r.raw_headers if k.lower() not in HOP]
+        await send({"type": "http.response.start", "status": r.status, "headers": out})
+        async for chunk in r.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), loop="uvloop", http="httptools",
+            log_level="warning", access_log=False, lifespan="off", ws="none",
+            server_header=False, date_header=False, timeout_keep_alive=75)
+'''
+
+SIDECAR_SERVICE = """\
+service {name} {{
+    timeout 5s
+    endpoint {up}
+    balance least-request
+    retry 2 on connect-failure, reset, 502, 503 backoff 10ms..100ms budget 20%
+    breaker failures 50 open 10s
+    outlier failures 50 eject 10s
+    limit 1000000/s burst 100000
+}}
+"""
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+def ensure_tools() -> bool:
+    if have("nginx") and have("wrk"):
+        return True
+    if os.geteuid() == 0 and have("apt-get"):
+        print("installing nginx-light and wrk from Debian ...", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light", "wrk"], check=False,
+                       capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if have("nginx") and have("wrk"):
+        return True
+    print("SKIP: nginx and wrk are needed (apt-get install nginx-light wrk); not available")
+    return False
+
+
+def pin(core: str, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *cmd] if have("taskset") and (os.cpu_count() or 1) > 1 else cmd
+
+
+def nginx_conf(workdir: Path, name: str, body: str) -> Path:
+    d = workdir / name
+    (d / "logs").mkdir(parents=True)
+    conf = d / "nginx.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        worker_processes 1;
+        daemon off;
+        pid {d}/nginx.pid;
+        error_log {d}/logs/error.log warn;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            client_body_temp_path {d}/body;
+            proxy_temp_path {d}/proxy;
+            fastcgi_temp_path {d}/fcgi;
+            uwsgi_temp_path {d}/uwsgi;
+            scgi_temp_path {d}/scgi;
+            keepalive_requests 1000000;
+            {body}
+        }}
+        """))
+    return conf
+
+
+def start(cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL),
+                            cwd=str(ROOT), **kw)
+
+
+def wait_http(url: str, timeout: float = 20, host: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(url, headers={"Host": host} if host else {})
+            with opener.open(req, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert m, text
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(url: str, conns: int, duration: int, host: str = "bench") -> dict[str, float]:
+    out = subprocess.run(
+        pin(LOAD_CORE, ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency",
+                        "-H", f"Host: {host}", url]),
+        capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50": p50, "p99": p99,
+            "non2xx": float(errors.group(1)) if errors else 0.0,
+            "sockerr": 1.0 if sock else 0.0}
+
+
+def write_plan(path: Path, up: str, services: int = 1, timeout: str = "5s") -> None:
+    text = "app bench\n\n" + "\n".join(
+        SIDECAR_SERVICE.format(name="bench" if i == 0 else f"svc{i}", up=up).replace(
+            "timeout 5s", f"timeout {timeout}" if i == 0 else "timeout 5s")
+        for i in range(services))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plan_hash(admin: str) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(admin + "/plan", timeout=5) as r:
+        return json.loads(r.read())["hash"]  # type: ignore[no-any-return]
+
+
+def reload_times(policy: Path, up: str, admin: str, n: int) -> list[float]:
+    """Save by rename, then poll /plan until the new hash is in force; seconds each."""
+    times = []
+    for i in range(n):
+        old = plan_hash(admin)
+        t = time.monotonic()
+        write_plan(policy, up, timeout=f"{5000 + i + 1}ms")
+        while plan_hash(admin) == old:
+            time.sleep(0.002)
+        times.append(time.monotonic() - t)
+    return times
+
+
+async def steady_load(url: str, rate: float, stop_evt: threading.Event, result: dict[str, int]) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession(headers={"Host": "bench"}) as s:
+        async def one() -> None:
+            try:
+                async with s.get(url) as r:
+                    await r.read()
+                    key = "ok" if r.status == 200 else f"status {r.status}"
+            except Exception as exc:  # noqa: BLE001 - counted as a failed call
+                key = type(exc).__name__
+            result[key] = result.get(key, 0) + 1
+
+        tasks = set()
+        start_t = time.monotonic()
+        sent = 0
+        while not stop_evt.is_set():
+            due = int((time.monotonic() - start_t) * rate)
+            while sent < due:
+                t = asyncio.ensure_future(one())
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                sent += 1
+            await asyncio.sleep(0.002)
+        if tasks:
+            await asyncio.gather(*tasks)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    ap.add_argument("--quick", action="store_true", help="2 s runs, 20 reloads")
+    args = ap.parse_args()
+    duration = 2 if args.quick else args.duration
+    if not ensure_tools():
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="riprap-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    try:
+        up_port = free_port()
+        up_conf = nginx_conf(work, "upstream", f"""
+            server {{
+                listen 127.0.0.1:{up_port} reuseport;
+                location / {{ default_type text/plain; return 200 "{BODY.strip()}\\n"; }}
+            }}""")
+        procs.append(start(pin(LOAD_CORE, ["nginx", "-c", str(up_conf), "-p", str(work)])))
+        up = f"http://127.0.0.1:{up_port}"
+        wait_http(up + "/")
+
+        # 1. the Python ceiling
+        ceil_port = free_port()
+        (work / "ceiling.py").write_text(CEILING)
+        procs.append(start(pin(FORWARDER_CORE, [PY, str(work / "ceiling.py"), up, str(ceil_port)])))
+        # 2. the sidecar
+        sc_port, sc_admin = free_port(), free_port()
+        policy = work / "bench.riprap"
+        write_plan(policy, up)
+        sc = start(pin(FORWARDER_CORE, [PY, "-m", "sidecar.cli", "run", str(policy),
+                                        "--listen", f"127.0.0.1:{sc_port}",
+                                        "--admin", f"127.0.0.1:{sc_admin}",
+                                        "--log-level", "warning", "--grace", "0"]),
+                   stderr=open(work / "sidecar.err", "wb"))
+        procs.append(sc)
+        # 3. nginx as a proxy
+        np_port = free_port()
+        np_conf = nginx_conf(work, "proxy", f"""
+            upstream up {{ server 127.0.0.1:{up_port}; keepalive 64; }}
+            server {{
+                listen 127.0.0.1:{np_port};
+                location / {{ proxy_pass http://up; proxy_http_version 1.1;
+                              proxy_set_header Connection ""; }}
+            }}""")
+        procs.append(start(pin(FORWARDER_CORE, ["nginx", "-c", str(np_conf), "-p", str(work)])))
+
+        targets = {"ceiling": f"http://127.0.0.1:{ceil_port}/",
+                   "sidecar": f"http://127.0.0.1:{sc_port}/",
+                   "nginx": f"http://127.0.0.1:{np_port}/"}
+        for name, url in targets.items():
+            wait_http(url, host="bench")
+        admin = f"http://127.0.0.1:{sc_admin}"
+
+        for name, url in targets.items():
+            results[name] = {}
+            wrk(url, 32, 1)  # warm-up (pools, JIT-free but caches)
+            for conns in (32, 1):
+                results[name][conns] = wrk(url, conns, duration)
+                r = results[name][conns]
+                print(f"{name:8s} c={conns:<2d} {r['rps']:9.0f} rps  p50 {r['p50']:6.3f} ms  "
+                      f"p99 {r['p99']:6.3f} ms  non-2xx {int(r['non2xx'])}", flush=True)
+
+        s32, c32, n32 = (results[k][32]["rps"] for k in ("sidecar", "ceiling", "nginx"))
+        print()
+        print(f"sidecar/ceiling at c=32: {s32 / c32:.2f}x   (target >= 0.6x)")
+        print(f"sidecar/nginx   at c=32: {s32 / n32:.2f}x")
+        print(f"sidecar p50 at c=1: {results['sidecar'][1]['p50']:.3f} ms   (target <= 0.5 ms)")
+
+        # reload: save -> in force
+        times = reload_times(policy, up, admin, 20)
+        print(f"reload save->in-force: median {statistics.median(times) * 1000:.0f} ms, "
+              f"max {max(times) * 1000:.0f} ms over {len(times)}   (target <= 300 ms median)")
+
+        # 100 reloads under 200 req/s
+        n_reloads = 20 if args.quick else 100
+        stop_evt = threading.Event()
+        counts: dict[str, int] = {}
+        loader = threading.Thread(target=lambda: asyncio.run(
+            steady_load(targets["sidecar"], 200, stop_evt, counts)))
+        loader.start()
+        time.sleep(0.5)
+        reload_times(policy, up, admin, n_reloads)
+        time.sleep(0.5)
+        stop_evt.set()
+        loader.join()
+        failed = sum(v for k, v in counts.items() if k != "ok")
+        print(f"{n_reloads} reloads under 200 req/s: {counts.get('ok', 0)} ok, {failed} failed "
+              f"{ {k: v for k, v in counts.items() if k != 'ok'} or ''}   (target: 0 failed)")
+
+        # RSS with a 100-service plan
+        stop(sc)
+        big = work / "big.riprap"
+        write_plan(big, up, services=100)
+        p2, a2 = free_port(), free_port()
+        sc2 = start([PY, "-m", "sidecar.cli", "run", str(big), "--listen", f"127.0.0.1:{p2}",
+                     "--admin", f"127.0.0.1:{a2}", "--log-level", "warning", "--grace", "0"])
+        procs.append(sc2)
+        wait_http(f"http://127.0.0.1:{p2}/", host="bench")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for i in range(1, 100):
+            opener.open(urllib.request.Request(f"http://127.0.0.1:{p2}/svc{i}/"), timeout=5).read()
+        wrk(f"http://127.0.0.1:{p2}/", 32, 2)
+        print(f"RSS with a 100-service plan: {rss_mib(sc2.pid):.1f} MiB   (target <= 60 MiB)")
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Supervision (contract section 6) through a real sidecar: an app that exits comes back;
+an app whose health check fails `fall` times is restarted; stopping the sidecar stops it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sidecar.faults import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_app_is_restarted_on_exit_and_on_failed_health(module_tmp: Path, sidecar_proc: Any) -> None:
+    port, control = free_port(), free_port()
+    policy = module_tmp / "sup.riprap"
+    policy.write_text(
+        "app sup {\n"
+        f'    run "exec {sys.executable} -m sidecar.faults --name app --port {port} '
+        f'--control-port {control}"\n'
+        f"    health GET http://127.0.0.1:{port}/healthz every 100ms timeout 200ms fall 2\n"
+        "    restart backoff 50ms..1s\n"
+        "}\n\n"
+        f"service api {{\n    endpoint http://127.0.0.1:{port}\n}}\n")
+    proc = sidecar_proc(policy, "--grace", "0").start()
+    try:
+        def app() -> dict[str, Any]:
+            return proc.admin.get("/state").json()["app"]
+
+        proc.wait_for(lambda: app()["running"] and app()["healthy"], timeout=10,
+                      what="the app to run and pass its health check")
+        assert proc.client.get("/api/x").json()["server"] == "app"
+        first = app()["pid"]
+
+        os.kill(first, signal.SIGKILL)  # the app dies
+        proc.wait_for(lambda: app()["running"] and app()["pid"] != first and app()["healthy"],
+                      timeout=10, what="the app to come back")
+        assert app()["restarts"] == 1
+        assert proc.metric("riprap_app_restarts_total", app="sup", cause="exit") == 1
+        assert proc.client.get("/api/x").status_code == 200
+
+        second = app()["pid"]
+        httpx.post(f"http://127.0.0.1:{control}/mode", json={"error_rate": 1.0},
+                   trust_env=False)  # the app turns sick: its health check fails
+        proc.wait_for(lambda: app()["pid"] not in (None, second) and app()["running"],
+                      timeout=10, what="the sick app to be restarted")
+        assert proc.metric("riprap_app_restarts_total", app="sup", cause="health") == 1
+        assert not alive(second)
+        last = app()["pid"]
+    finally:
+        assert proc.stop() == 0, proc.logs()
+    assert not alive(last)  # stopping the sidecar stops the app
