@@ -146,7 +146,7 @@ def policy_lines(p: ServicePlan | ShardPlan) -> dict[str, str]:
             chain.append(f"{i}. resend to service '{f.service}'")
         else:
             chain.append(f"{i}. the last good answer if younger than {fmt_seconds(f.max_age or 0)}")
-    out["fallback"] = " ".join(chain) if chain else "none (the failure is returned)"
+    out["fallback"] = "; ".join(chain) if chain else "none (the failure is returned)"
     faults = []
     for ch in p.chaos:
         if ch.kind == "abort":

@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Iterator
 
 from lark import Lark, Token
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from dsl.ast import Comment, File
 from dsl.diagnostics import Diagnostic, Span
@@ -167,6 +167,7 @@ def _parse_locked(built: _Built, text: str, path: str) -> ParseResult:
     last_pos = -1
     while True:
         built.postlex.comments.clear()
+        started = time.monotonic()
         try:
             stmts = built.lark.parse(work)
         except TooDeep as exc:
@@ -203,13 +204,15 @@ def _parse_locked(built: _Built, text: str, path: str) -> ParseResult:
                 Comment(c.line or 1, c.column or 1, str(c)) for c in built.postlex.comments
             )
             return ParseResult(File(path, stmts, comments, bool(diags)), tuple(diags))
-        if len(diags) >= MAX_ERRORS or time.monotonic() > deadline:
+        now = time.monotonic()
+        if len(diags) >= MAX_ERRORS or now + (now - started) > deadline:
+            # another round would end past the deadline (each round re-parses the file)
             diags.append(
                 Diagnostic(
                     "RP108",
                     "error",
                     diags[-1].span,
-                    f"too many syntax errors; stopped after {len(diags)}",
+                    f"stopped looking for syntax errors after {len(diags)}",
                     "fix the errors above and check again",
                 )
             )

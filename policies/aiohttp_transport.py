@@ -197,6 +197,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             if mapped is None:  # pragma: no cover - every listed class maps
                 raise
             raise mapped from exc
+        except ValueError as exc:  # aiohttp refuses to write it (e.g. CR/LF in a header)
+            raise httpx.LocalProtocolError(str(exc), request=request) from exc
         return httpx.Response(
             status_code=resp.status,
             headers=_raw_headers(resp.raw_headers),

@@ -68,7 +68,7 @@ from policies.latency import LatencyWindow
 from policies.limiter import KeyedLimiter
 from policies.observer import NullObserver, Observer
 from policies.retry import RetryPolicy, parse_retry_after, retry_fits
-from policies.sharding import extract_key, shard_for
+from policies.sharding import Rendezvous, extract_key
 
 log = logging.getLogger("riprap.policies")
 
@@ -951,14 +951,23 @@ class ShardRuntime:
         except httpx.HTTPError as exc:
             state.in_flight -= 1
             failure, error = _classify(exc, url)
-            self._record(state, False, "error-" + failure, clock.now() - t0, latency=False)
+            if failure is None:  # a request that cannot be sent says nothing of the endpoint
+                env.observer.attempt_finished(self.service_name, url, "invalid-request",
+                                              clock.now() - t0)
+            else:
+                self._record(state, False, failure, clock.now() - t0, latency=False)
             raise error from exc
+        except asyncio.CancelledError:
+            state.in_flight -= 1
+            env.observer.attempt_finished(self.service_name, url, "cancelled", clock.now() - t0)
+            raise
         except BaseException:
             state.in_flight -= 1
             raise
         elapsed = clock.now() - t0
-        ok = resp.status_code < 500
-        self._record(state, ok, str(resp.status_code), elapsed, latency=True)
+        code = resp.status_code
+        self._record(state, code < 500, _STATUS_CLASS.get(code // 100, "5xx"), elapsed,
+                     latency=True)
         on_close(resp, _decrement(state))
         return resp
 
@@ -1038,14 +1047,18 @@ class ShardRuntime:
         other = ctx.runtime.services.get(target)
         if other is None or ctx.fallback_depth >= _MAX_FALLBACK_DEPTH:
             return None
-        if not ctx.replayable or ctx.stream is _SPENT:
-            return None  # the body went to the failed call and cannot be sent again
+        if ctx.stream is _SPENT:
+            return None  # a big body went to the failed call and cannot be sent again
         await ctx.prepare_body()
         request = ctx.request
         if ctx.body is not None:
-            request = httpx.Request(ctx.method, request.url, headers=request.headers.raw,
-                                    stream=httpx.ByteStream(ctx.body),
-                                    extensions=request.extensions)
+            stream: httpx.AsyncByteStream = httpx.ByteStream(ctx.body)
+        else:  # a big body never sent (the call failed before): it can go once, here
+            assert ctx.stream is not None
+            stream, ctx.stream = ctx.stream, _SPENT
+        request = httpx.Request(ctx.method, request.url, headers=request.headers.raw,
+                                stream=stream, extensions=request.extensions)
+        if ctx.body is not None:
             request.read()
         resp, attempts, _outcome, _kind = await other.call(
             ctx.runtime, request, ctx.incoming_deadline, depth=ctx.fallback_depth + 1)
@@ -1102,10 +1115,10 @@ class ShardRuntime:
     def snapshot(self, now: float) -> dict[str, Any]:
         return {
             "endpoints": [e.state.snapshot(now) for e in self.endpoints],
-            "breaker": self.breaker.snapshot() if self.breaker else None,
-            "limiter": self.limiter.snapshot() if self.limiter else None,
-            "bulkhead": self.bulkhead.snapshot() if self.bulkhead else None,
-            "budget": self.budget.snapshot() if self.budget else None,
+            "breaker": self.breaker.snapshot() if self.breaker is not None else None,
+            "limiter": self.limiter.snapshot() if self.limiter is not None else None,
+            "bulkhead": self.bulkhead.snapshot() if self.bulkhead is not None else None,
+            "budget": self.budget.snapshot() if self.budget is not None else None,
             "latency": self.latency.snapshot(),
         }
 
@@ -1119,7 +1132,7 @@ class _HedgeRun:
     """
 
     __slots__ = ("shard", "hedge", "inner", "ctx", "env", "owner", "loop", "copies",
-                 "extra", "timer", "winner", "settled", "inline")
+                 "extra", "timer", "winner", "settled", "inline", "base_cancels")
 
     def __init__(self, shard: "ShardRuntime", hedge: HedgeDelay, inner: Handler,
                  ctx: CallContext) -> None:
@@ -1136,6 +1149,7 @@ class _HedgeRun:
         self.winner: asyncio.Task[httpx.Response] | None = None
         self.settled = False
         self.inline = False
+        self.base_cancels = self.owner.cancelling() if self.owner is not None else 0
 
     # -- the timer and the extra copies ---------------------------------------------
 
@@ -1224,7 +1238,7 @@ class _HedgeRun:
                 await self._cleanup(None)
                 raise
             self._losers().discard(owner)
-            if owner.uncancel() > 0:  # cancelled from outside as well: give up
+            if owner.uncancel() > self.base_cancels:  # cancelled from outside too: give up
                 await self._cleanup(None)
                 await winner.result().aclose()
                 raise
@@ -1282,8 +1296,16 @@ def _decrement(state: EndpointState) -> Callable[[], None]:
     return done
 
 
-def _classify(exc: httpx.HTTPError, url: str) -> tuple[str, ResilienceError]:
-    """An inner transport's exception as a failure class and riprap's error for it."""
+_STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+def _classify(exc: httpx.HTTPError, url: str) -> tuple[str | None, ResilienceError]:
+    """An inner transport's exception as a failure class and riprap's error for it.
+
+    A request that cannot even be written (`LocalProtocolError`: a bad header) has no
+    failure class: resending it cannot help, so it is never retried."""
+    if isinstance(exc, httpx.LocalProtocolError):
+        return None, UpstreamFailed(f"{url}: the request cannot be sent ({exc})")
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)):
         failure = "connect-failure"
     elif isinstance(exc, httpx.TimeoutException):
@@ -1377,7 +1399,7 @@ class ServiceRuntime:
             f.kind == "stale" for s in spec.shards for f in s.fallbacks)
         self.stale_cache: StaleCache | None = None
         if has_stale:
-            self.stale_cache = prev.stale_cache if prev and prev.stale_cache else StaleCache()
+            self.stale_cache = prev.stale_cache if prev is not None and prev.stale_cache is not None else StaleCache()
 
         prev_shards = prev.shards if prev else {}
         self.shards: dict[str | None, ShardRuntime] = {}
@@ -1386,10 +1408,12 @@ class ServiceRuntime:
                 self.shards[shard.name] = ShardRuntime(
                     self, shard.name, shard, env, spec.order, self, prev_shards.get(shard.name))
             self.shard_names = tuple(s.name for s in spec.shards)
+            self._hrw: Rendezvous | None = Rendezvous(self.shard_names)
         else:
             self.shards[None] = ShardRuntime(self, None, spec, env, spec.order, None,
                                              prev_shards.get(None))
             self.shard_names = ()
+            self._hrw = None
         self.sharding = spec.sharding
         self.single = self.shards.get(None)
 
@@ -1408,7 +1432,8 @@ class ServiceRuntime:
                     "and the request has no key (and there is no default shard)",
                     service=self.name)
             return self.shards[sharding.default]
-        return self.shards[shard_for(key, self.shard_names)]
+        assert self._hrw is not None
+        return self.shards[self._hrw.pick(key)]
 
     async def call(self, runtime: "PlanRuntime", request: httpx.Request,
                    incoming_deadline: float | None, depth: int = 0
@@ -1462,7 +1487,7 @@ class ServiceRuntime:
             data["bulkhead"] = _snap(self.shared_objects.get("concurrency"))
             data["budget"] = _snap(self.shared_objects.get("budget"))
             data["shards"] = {name: s.snapshot(now) for name, s in self.shards.items()}
-        data["stale_cache"] = self.stale_cache.snapshot() if self.stale_cache else None
+        data["stale_cache"] = self.stale_cache.snapshot() if self.stale_cache is not None else None
         return data
 
 

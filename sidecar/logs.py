@@ -40,6 +40,7 @@ def setup_logging(level: str = "info") -> None:
     if numeric > logging.DEBUG:
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         logging.getLogger("watchfiles").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health probe
     access = logging.getLogger(ACCESS_LOGGER)
     access.propagate = False
     out = logging.StreamHandler(sys.stdout)

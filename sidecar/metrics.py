@@ -35,7 +35,7 @@ OUTCOMES = frozenset({
 })
 ATTEMPT_OUTCOMES = frozenset({
     "ok", "2xx", "3xx", "4xx", "5xx", "connect-failure", "reset", "timeout", "cancelled",
-    "breaker-open", "chaos",
+    "breaker-open", "chaos", "invalid-request",
 })
 FALLBACK_KINDS = frozenset({"static", "stale", "service"})
 BREAKER_STATES = {"closed": 0.0, "half-open": 1.0, "open": 2.0}

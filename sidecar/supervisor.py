@@ -85,7 +85,7 @@ class Supervisor:
             "command": self.spec.run,
             "pid": self.proc.pid if running and self.proc else None,
             "running": running,
-            "healthy": self.healthy,
+            "healthy": self.healthy if running else None,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "last_restart_cause": self.last_cause,

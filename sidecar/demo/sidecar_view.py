@@ -21,6 +21,7 @@ class SidecarView:
     ready: bool = False
     retries: dict[str, float] = field(default_factory=dict)  # service -> count
     hedges: dict[str, float] = field(default_factory=dict)
+    retries_refused: dict[tuple[str, str], float] = field(default_factory=dict)  # (service, why)
     fallbacks: dict[tuple[str, str], float] = field(default_factory=dict)  # (service, kind)
     ejections: dict[tuple[str, str], float] = field(default_factory=dict)  # (service, endpoint)
     breakers: dict[str, str] = field(default_factory=dict)  # "service" or "service/shard" -> state
@@ -39,6 +40,8 @@ def parse_metrics(text: str) -> SidecarView:
             lb, v = s.labels, s.value
             if s.name == "riprap_retries_total":
                 view.retries[lb.get("service", "?")] = v
+            elif s.name == "riprap_retries_refused_total":
+                view.retries_refused[(lb.get("service", "?"), lb.get("why", "?"))] = v
             elif s.name == "riprap_hedges_total":
                 view.hedges[lb.get("service", "?")] = v
             elif s.name == "riprap_fallbacks_total":

@@ -51,6 +51,7 @@ def summarise(calls: Sequence[Call], steps: Sequence[Step], duration: float,
     doc["failures"] = {t: failure_reasons(calls, t) for t in ("riprap", "baseline")}
     doc["sidecar"] = {
         "retries": view.total(view.retries), "hedges": view.total(view.hedges),
+        "retries_refused": {f"{s}/{w}": v for (s, w), v in view.retries_refused.items()},
         "fallbacks": {f"{s}/{k}": v for (s, k), v in view.fallbacks.items()},
         "ejections": {f"{s} {e}": v for (s, e), v in view.ejections.items()},
         "breaker_opens": dict(view.breaker_opens), "error": view.error,
@@ -67,7 +68,8 @@ def failure_reasons(calls: Sequence[Call], target: str) -> dict[str, int]:
         if c.deps is None:
             key = f"checkout {c.error or c.status}"
         else:
-            bad = [f"{n} {d.get('status')} {d.get('reason') or ''}".strip()
+            bad = [f"{n} {d.get('status')} {d.get('reason') or ''} after "
+                   f"{d.get('attempts') or '?'} attempt(s)"
                    for n, d in c.deps.items() if n != "recommendations" and not d.get("ok")]
             key = "; ".join(bad) or f"checkout {c.status}"
         out[key] = out.get(key, 0) + 1

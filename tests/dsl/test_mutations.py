@@ -18,7 +18,8 @@ from dsl.compiler import compile_source
 from dsl.fmt import format_source
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "examples").rglob("*.riprap"))]
+# (path, text): compiled under their own path so that fallback files resolve
+SOURCES = [(str(p), p.read_text(encoding="utf-8")) for p in sorted((ROOT / "examples").rglob("*.riprap"))]
 TOKEN = re.compile(r"\s+|[^\s]+")
 
 
@@ -27,8 +28,8 @@ def _tokens(text: str) -> list[str]:
 
 
 @st.composite
-def mutated(draw: st.DrawFn) -> str:
-    text = draw(st.sampled_from(SOURCES))
+def mutated(draw: st.DrawFn) -> tuple[str, str]:
+    path, text = draw(st.sampled_from(SOURCES))
     toks = _tokens(text)
     for _ in range(draw(st.integers(1, 4))):
         if not toks:
@@ -47,30 +48,31 @@ def mutated(draw: st.DrawFn) -> str:
             toks[i] = draw(st.sampled_from(["{", "}", '"', "[", "json", "0", "-1", "1e999", "\u00e9", "\r", "\x0b", "..", "%", "/s"]))
         elif op == "truncate":
             toks = toks[:i]
-    return "".join(toks)
+    return path, "".join(toks)
 
 
-def _assert_located(text: str) -> None:
+def _assert_located(text: str, path: str = "m.riprap") -> None:
     start = time.monotonic()
-    unit = compile_source(text, "m.riprap")
+    unit = compile_source(text, path)
     assert time.monotonic() - start < 10
     n_lines = text.count("\n") + 2
     for d in unit.diagnostics:
         assert d.span is not None, d
-        assert d.span.file == "m.riprap"
+        assert d.span.file == path
         assert 1 <= d.span.line <= n_lines, (d, n_lines)
         assert d.span.col >= 1
         assert d.code.startswith("RP") and d.message
     if unit.plan is None:
         assert any(d.is_error for d in unit.diagnostics)
-    result = format_source(text, "m.riprap")
+    result = format_source(text, path)
     assert (result.formatted is None) == bool(result.diagnostics)
 
 
-@settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
-def test_mutations_give_located_diagnostics(text: str) -> None:
-    _assert_located(text)
+def test_mutations_give_located_diagnostics(case: tuple[str, str]) -> None:
+    path, text = case
+    _assert_located(text, path)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)

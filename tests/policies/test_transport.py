@@ -485,3 +485,37 @@ async def test_snapshot_is_json(vclock: VirtualClock) -> None:
     assert svc["budget"]["calls"] == 1
     assert [e["url"] for e in svc["endpoints"]] == ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
     assert svc["endpoints"][0]["healthy"] is True
+
+
+async def test_an_incoming_deadline_cuts_retries_too(vclock: VirtualClock) -> None:
+    up = Upstream()
+
+    async def slow_503(_r: httpx.Request) -> httpx.Response:
+        await vclock.sleep(0.3)
+        return httpx.Response(503)
+
+    up.on(9001, slow_503)
+    retry = RetrySpec(retries=5, on=("503",))
+    rt, client = make(plan(service("api", timeout=5.0, retry=retry)), up, vclock)
+    async with client:
+        t0 = vclock.now()
+        r = await client.get("/x", headers={"x-riprap-deadline-ms": "500"})
+    # 0.3 s spent, 0.2 s left < median 0.3 s: no second attempt, 504 at once
+    assert (r.status_code, r.headers["x-riprap-attempts"]) == (504, "1")
+    assert vclock.now() - t0 == pytest.approx(0.3)
+
+
+async def test_attempt_outcomes_reported_to_the_observer(vclock: VirtualClock) -> None:
+    up = Upstream()
+    up.on(9001, sequence(status(503), raises(httpx.ConnectError), raises(httpx.ReadError),
+                         raises(httpx.LocalProtocolError)))
+    rec = Recorder()
+    retry = RetrySpec(retries=3, on=("connect-failure", "reset", "5xx"))
+    rt, client = make(plan(service("api", retry=retry)), up, vclock, observer=rec)
+    async with client:
+        r = await client.get("/x")
+    # a request that cannot be written is not retried: 502 after the fourth attempt
+    assert (r.status_code, r.headers["x-riprap-attempts"]) == (502, "4")
+    assert [e[3] for e in rec.kinds("attempt")] == [
+        "5xx", "connect-failure", "reset", "invalid-request"]
+    assert rec.kinds("call") == [("call", "api", "upstream-failed", 502, 4, None)]

@@ -519,3 +519,116 @@ async def test_the_order_in_the_plan_is_the_order_of_the_chain(vclock: VirtualCl
     async with client:
         r = await client.get("/x")
     assert r.text == "ok from 9002" and r.headers["x-riprap-attempts"] == "2"
+
+
+async def test_when_both_copies_answer_together_the_loser_is_closed(vclock: VirtualClock) -> None:
+    up = Upstream()
+    streams = {9001: TrackedStream([b"inline"]), 9002: TrackedStream([b"hedge"])}
+
+    def answer_at(t: float, port: int):  # both answers land at exactly t = 0.5
+        async def behave(_r: httpx.Request) -> httpx.Response:
+            await vclock.sleep(t)
+            return httpx.Response(200, stream=streams[port])
+        return behave
+
+    up.on(9001, answer_at(0.5, 9001))
+    up.on(9002, answer_at(0.25, 9002))
+    p = plan(service("api", ports=(9001, 9002), hedge=HedgeSpec(delay=0.25)))
+    rt, client = make(p, up, vclock)
+    async with client:
+        t0 = vclock.now()
+        r = await client.get("/x")
+        assert vclock.now() - t0 == 0.5
+        await settle(vclock)
+    winner = 9001 if r.text == "inline" else 9002
+    loser = 9002 if winner == 9001 else 9001
+    assert streams[winner].closed
+    # the loser was cancelled before it answered, or its answer was closed unread
+    assert loser in up.cancelled or streams[loser].closed
+    assert streams[loser].yielded == 0
+
+
+async def test_hedging_on_the_real_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The production timer path (loop.call_later, LoopTimeout), with real waits of 20 ms."""
+    from policies.transport import ResilientTransport
+    up = Upstream()
+    up.on(9001, hang)
+    p = plan(service("api", ports=(9001, 9002), timeout=1.0, hedge=HedgeSpec(delay=0.02)))
+    async with httpx.AsyncClient(transport=ResilientTransport(p, up.transport())) as client:
+        r = await client.get("http://api/x")
+    assert r.text == "ok from 9002" and r.headers["x-riprap-attempts"] == "2"
+    assert up.cancelled == [9001]
+
+
+async def test_the_real_clock_deadline_answers_504() -> None:
+    from policies.transport import ResilientTransport
+    up = Upstream()
+    up.on(9001, hang)
+    p = plan(service("api", timeout=0.03))
+    async with httpx.AsyncClient(transport=ResilientTransport(p, up.transport())) as client:
+        r = await client.get("http://api/x")
+    assert r.status_code == 504 and r.headers["x-riprap-reason"] == "timeout"
+    assert up.cancelled == [9001]
+
+
+async def test_a_failed_hedge_answer_is_closed_when_the_first_copy_wins(vclock: VirtualClock) -> None:
+    up = Upstream()
+    bad = TrackedStream([b"hedge failed"])
+
+    async def slow_ok(_r: httpx.Request) -> httpx.Response:
+        await vclock.sleep(0.5)
+        return httpx.Response(200, text="inline")
+
+    async def fast_500(_r: httpx.Request) -> httpx.Response:
+        await vclock.sleep(0.05)
+        return httpx.Response(500, stream=bad)
+
+    up.on(9001, slow_ok)
+    up.on(9002, fast_500)
+    p = plan(service("api", ports=(9001, 9002), hedge=HedgeSpec(delay=0.25)))
+    rt, client = make(p, up, vclock)
+    async with client:
+        r = await client.get("/x")
+        await settle(vclock)
+    assert r.text == "inline" and r.headers["x-riprap-attempts"] == "2"
+    assert bad.closed and bad.yielded == 0
+    assert [e["in_flight"] for e in rt.snapshot()["services"]["api"]["endpoints"]] == [0, 0]
+
+
+async def test_a_big_body_unsent_by_the_failed_call_goes_to_the_fallback_service(
+        vclock: VirtualClock) -> None:
+    up = Upstream()
+    p = plan(service("api", max_body_buffer=4, fallbacks=(FallbackSpec("service", service="backup"),),
+                     breaker=BreakerSpec("consecutive", failures=1)),
+             service("backup", ports=(9002,)))
+    up.on(9001, status(500))
+
+    async def body():
+        yield b"0123456789"
+        yield b"abcdef"
+
+    rt, client = make(p, up, vclock)
+    async with client:
+        first = await client.post("/x", content=b"small")  # 500: the breaker opens
+        assert first.headers["x-riprap-fallback"] == "service"  # body resent from memory
+        r = await client.post("/x", content=body())  # breaker open: never sent to api
+    assert r.text == "ok from 9002" and r.headers["x-riprap-fallback"] == "service"
+    assert r.headers["x-riprap-reason"] == "breaker-open"
+    assert [(s.port, s.body) for s in up.seen] == [
+        (9001, b"small"), (9002, b"small"), (9002, b"0123456789abcdef")]
+
+
+async def test_a_big_body_already_sent_cannot_go_to_the_fallback_service(vclock: VirtualClock) -> None:
+    up = Upstream()
+    up.on(9001, status(500))
+    p = plan(service("api", max_body_buffer=4, fallbacks=(FallbackSpec("service", service="backup"),)),
+             service("backup", ports=(9002,)))
+
+    async def body():
+        yield b"0123456789"
+
+    rt, client = make(p, up, vclock)
+    async with client:
+        r = await client.post("/x", content=body())
+    assert r.status_code == 500 and "x-riprap-fallback" not in r.headers
+    assert up.ports() == [9001]

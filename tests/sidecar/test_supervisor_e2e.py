@@ -41,23 +41,27 @@ def test_app_is_restarted_on_exit_and_on_failed_health(module_tmp: Path, sidecar
         def app() -> dict[str, Any]:
             return proc.admin.get("/state").json()["app"]
 
-        proc.wait_for(lambda: app()["running"] and app()["healthy"], timeout=10,
-                      what="the app to run and pass its health check")
+        def up_and_healthy(not_pid: int | None = None) -> bool:
+            s = app()  # one snapshot per check
+            return bool(s["running"] and s["healthy"] and s["pid"] not in (None, not_pid))
+
+        proc.wait_for(up_and_healthy, timeout=10, what="the app to run and pass its health check")
         assert proc.client.get("/api/x").json()["server"] == "app"
         first = app()["pid"]
 
         os.kill(first, signal.SIGKILL)  # the app dies
-        proc.wait_for(lambda: app()["running"] and app()["pid"] != first and app()["healthy"],
-                      timeout=10, what="the app to come back")
+        proc.wait_for(lambda: up_and_healthy(not_pid=first), timeout=10,
+                      what="the app to come back")
         assert app()["restarts"] == 1
         assert proc.metric("riprap_app_restarts_total", app="sup", cause="exit") == 1
-        assert proc.client.get("/api/x").status_code == 200
+        r = proc.client.get("/api/x")
+        assert r.status_code == 200, r.text
 
         second = app()["pid"]
         httpx.post(f"http://127.0.0.1:{control}/mode", json={"error_rate": 1.0},
                    trust_env=False)  # the app turns sick: its health check fails
-        proc.wait_for(lambda: app()["pid"] not in (None, second) and app()["running"],
-                      timeout=10, what="the sick app to be restarted")
+        proc.wait_for(lambda: up_and_healthy(not_pid=second), timeout=10,
+                      what="the sick app to be restarted")
         assert proc.metric("riprap_app_restarts_total", app="sup", cause="health") == 1
         assert not alive(second)
         last = app()["pid"]
