@@ -25,10 +25,12 @@ knows httpx's exception tree.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Iterable
+import functools
+from typing import Any, AsyncIterator, Iterable
 
 import aiohttp
 import httpx
+from aiohttp.client_proto import ResponseHandler as _ResponseHandler
 from yarl import URL
 
 # Hop-by-hop and framing headers aiohttp must decide itself (it chooses chunked or
@@ -71,6 +73,88 @@ def map_aiohttp_error(exc: BaseException, request: httpx.Request, *,
     if isinstance(exc, aiohttp.ClientError):
         return httpx.ReadError(msg, request=request)
     return None
+
+
+class _SalvagingParser:
+    """Wraps aiohttp's response parser to survive one common upstream bug: a body sent
+    after a 204, a 304 or a HEAD answer (Python's `http.server` handlers often write one).
+
+    RFC 9110 says such an answer has no body, so aiohttp parses the head, then tries to
+    read the stray bytes as the next response and fails the whole read, losing the answer
+    it had just parsed. httpx's own pool keeps the answer and drops the connection; this
+    does the same: on a parse failure, if the bytes so far hold a complete head of an
+    answer that cannot have a body, that head alone is parsed again with a fresh parser,
+    the stray bytes are dropped and the connection is marked to close. Anything else
+    fails as before.
+    """
+
+    _KEEP = 256 * 1024  # bytes kept for a salvage: enough for any head aiohttp accepts
+
+    def __init__(self, handler: Any, params: dict[str, Any]) -> None:
+        self._handler = handler
+        self._params = params
+        self._parser = handler._parser
+        self._seen: bytes | None = b""  # bytes fed before the first message (then None)
+
+    def feed_data(self, data: bytes) -> Any:
+        seen = self._seen
+        try:
+            result = self._parser.feed_data(data)
+        except Exception:
+            salvaged = self._salvage(data if seen is None else seen + data)
+            if salvaged is None:
+                raise
+            return salvaged
+        if seen is not None:
+            self._seen = None if result[0] else (seen + data)[-self._KEEP:]
+        return result
+
+    def _salvage(self, raw: bytes) -> Any:
+        end = raw.find(b"\r\n\r\n")
+        if end < 0 or not raw.startswith(b"HTTP/"):
+            return None
+        try:
+            status = int(raw[9:12])
+        except ValueError:
+            return None
+        if status not in (204, 304) and not self._params.get("skip_payload"):
+            return None
+        handler = self._handler
+        try:
+            _ResponseHandler.set_response_params(handler, **self._params)  # a fresh parser
+            fresh = handler._parser
+            handler._parser = self
+            messages, upgraded, tail = fresh.feed_data(raw[:end + 4])
+        except Exception:  # noqa: BLE001 - the head itself is broken: the original error stands
+            return None
+        if len(messages) != 1:
+            return None
+        self._parser = fresh
+        self._seen = None
+        handler._should_close = True  # the stray bytes poisoned the connection
+        return messages, upgraded, b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+
+class _LenientResponseHandler(_ResponseHandler):  # type: ignore[misc, valid-type]
+    """aiohttp's connection protocol with `_SalvagingParser` around each response parser."""
+
+    def set_response_params(self, **params: Any) -> None:
+        super().set_response_params(**params)
+        if self._parser is not None and not isinstance(self._parser, _SalvagingParser):
+            self._parser = _SalvagingParser(self, params)
+
+
+def _make_lenient(connector: aiohttp.TCPConnector) -> None:
+    """Use `_LenientResponseHandler` for the connector's connections, where aiohttp's
+    internals are as expected (otherwise keep aiohttp's own, strict behaviour)."""
+    factory = getattr(connector, "_factory", None)
+    if (isinstance(factory, functools.partial) and factory.func is _ResponseHandler
+            and hasattr(_ResponseHandler, "set_response_params")):
+        connector._factory = functools.partial(_LenientResponseHandler, *factory.args,  # type: ignore[attr-defined]
+                                               **factory.keywords)
 
 
 class AiohttpResponseStream(httpx.AsyncByteStream):
@@ -138,6 +222,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             keepalive_timeout=self._keepalive,
             ttl_dns_cache=60,
         )
+        _make_lenient(connector)
         return aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),

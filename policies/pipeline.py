@@ -81,7 +81,8 @@ _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
-_PER_ATTEMPT = frozenset({b"host", b"content-length", DEADLINE_HEADER.encode()})
+_DEADLINE_BYTES = DEADLINE_HEADER.encode()
+_PER_ATTEMPT = frozenset({b"host", b"content-length", _DEADLINE_BYTES})
 # Response headers not replayed from the stale cache (framing is recomputed).
 _NOT_CACHED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
                          "trailer", "upgrade", REASON_HEADER, ATTEMPTS_HEADER,
@@ -207,7 +208,8 @@ class LoopTimeout:
         return self
 
     def _arm(self, task: asyncio.Task[Any]) -> None:
-        self._timer = task.get_loop().call_later(self._delay, self._expire)
+        loop = task.get_loop()
+        self._timer = loop.call_at(loop.time() + self._delay, self._expire)
 
     def _expire(self) -> None:
         self.fired = True
@@ -426,7 +428,11 @@ class CallContext:
         self.method = request.method
         url = request.url
         self.raw_path = url.raw_path
-        self.headers = _forward_headers(request.headers.raw)
+        self.headers, header_deadline = _forward_headers(request.headers.raw)
+        if header_deadline is not None:  # the caller's own x-riprap-deadline-ms
+            parsed = parse_deadline_header(header_deadline.decode("latin-1"), start)
+            if parsed is not None and (incoming_deadline is None or parsed < incoming_deadline):
+                incoming_deadline = parsed
         self.body: bytes | None = None
         self.stream: httpx.AsyncByteStream | None = None
         self.replayable = True
@@ -443,7 +449,13 @@ class CallContext:
         self.expired = False  # the call's deadline fired
 
     async def prepare_body(self) -> None:
-        """Read the request body once, up to the replay bound (bigger: stream it, once)."""
+        """Get the request body ready for the first attempt.
+
+        A body already in memory is used as it is. A streamed body is passed straight
+        through, unread, when nothing could ever send it twice (no retry, hedge or
+        service fallback); otherwise it is read once, up to the replay bound, and a
+        bigger one is streamed to a single attempt.
+        """
         if self.body is not None or self.stream is not None:
             return
         request = self.request
@@ -452,6 +464,10 @@ class CallContext:
             return
         except httpx.RequestNotRead:
             pass
+        if not self.shard.needs_replay:
+            self.stream = _PrefixedStream([], _aiter(request.stream).__aiter__())
+            self.replayable = False
+            return
         bound = self.body_bound
         chunks: list[bytes] = []
         size = 0
@@ -475,10 +491,13 @@ class CallContext:
         return None if self.deadline is None else self.deadline - now
 
 
-def _forward_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The caller's headers minus hop-by-hop and per-attempt ones (and those `Connection` names)."""
+def _forward_headers(raw: Iterable[tuple[bytes, bytes]]
+                     ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """The caller's headers minus hop-by-hop and per-attempt ones (and those `Connection`
+    names), and the value of an incoming `x-riprap-deadline-ms` (found on the same pass)."""
     out: list[tuple[bytes, bytes]] = []
     extra: set[bytes] | None = None
+    deadline: bytes | None = None
     for name, value in raw:
         low = name.lower()
         if low in _HOP_BY_HOP:
@@ -487,11 +506,13 @@ def _forward_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, by
                 extra.update(v.strip().lower() for v in value.split(b","))
             continue
         if low in _PER_ATTEMPT:
+            if low == _DEADLINE_BYTES:
+                deadline = value
             continue
         out.append((name, value))
     if extra:
         out = [(n, v) for n, v in out if n.lower() not in extra]
-    return out
+    return out, deadline
 
 
 def parse_deadline_header(value: str | None, now: float) -> float | None:
@@ -632,6 +653,9 @@ class ShardRuntime:
         self.fallbacks: list[tuple[FallbackSpec, StaticAnswer | None]] = [
             (f, StaticAnswer.from_spec(f) if f.kind == "static" else None) for f in spec.fallbacks]
         self.has_fallback = bool(self.fallbacks)
+        # Could a call ever send its body twice? If not, bodies stream straight through.
+        self.needs_replay = bool(self.retry or self.hedge or any(
+            f.kind == "service" for f in spec.fallbacks))
         self.stale_ages = [f.max_age for f in spec.fallbacks if f.kind == "stale"]
         self.chain: Handler = self._build_chain(order)
 
@@ -686,7 +710,11 @@ class ShardRuntime:
                     raise
                 return answer
             if resp.status_code >= 500:
-                answer = await shard.fallback_answer(ctx, "upstream-failed")
+                try:
+                    answer = await shard.fallback_answer(ctx, "upstream-failed")
+                except BaseException:
+                    await resp.aclose()  # cancelled while the fallback was asked
+                    raise
                 if answer is not None:
                     await resp.aclose()
                     return answer
@@ -792,8 +820,10 @@ class ShardRuntime:
                     error = exc
                 status = resp.status_code if resp is not None else None
                 failure = error.failure if error is not None else None
-                if (retries >= policy.retries
-                        or not policy.retryable(ctx.method, ctx.request.headers, failure, status)):
+                if retries >= policy.retries or not policy.matches(failure, status):
+                    return _result(resp, error)
+                if not policy.retryable(ctx.method, ctx.request.headers, failure, status):
+                    obs.retry_refused(name, "method")  # not safe to send twice
                     return _result(resp, error)
                 if not ctx.replayable:
                     obs.retry_refused(name, "body")
@@ -924,10 +954,14 @@ class ShardRuntime:
         clock = env.clock
         now = clock.now()
         candidates, panic = select_tier(self.states, now)
-        if panic and self.has_fallback:
-            raise NoHealthyEndpoint(f"no healthy endpoint for service '{self.service_name}'")
-        if not candidates:
-            raise NoHealthyEndpoint(f"service '{self.service_name}' has no endpoint")
+        if panic:
+            # Panic ignores outlier ejections (a guess from recent failures), never a
+            # failed active health check (an explicit "down"), and never when a
+            # fallback can answer instead.
+            candidates = [] if self.has_fallback else _panic_candidates(self.states)
+            if not candidates:
+                raise NoHealthyEndpoint(f"no healthy endpoint for service '{self.service_name}'"
+                                        + (f" shard '{self.name}'" if self.name else ""))
         state = self.balancer.pick(candidates, ctx.tried)
         ep = self._by_state[id(state)]
         url = state.url
@@ -1243,9 +1277,13 @@ class _HedgeRun:
                 await winner.result().aclose()
                 raise
             return await self._finish(winner)
+        except BaseException:  # not an attempt's failure (a broken request body, a bug)
+            self.inline = False
+            await self._cleanup(None)
+            raise
         self.inline = False
         if resp is not None and resp.status_code < 500:
-            await self._cleanup(None)
+            await self._cleanup_or_close(resp)
             return resp
         # The inline copy failed: wait for extra copies in flight, if any.
         self._stop_timer()
@@ -1269,17 +1307,23 @@ class _HedgeRun:
                 await resp.aclose()
             await self._cleanup(None)
             raise
-        await self._cleanup(None)  # every copy failed: the inline copy's outcome stands
+        await self._cleanup_or_close(resp)  # every copy failed: the inline outcome stands
         return _result(resp, error)
 
     async def _finish(self, winner: asyncio.Task[httpx.Response]) -> httpx.Response:
         resp = winner.result()
-        try:
-            await self._cleanup(winner)
-        except asyncio.CancelledError:
-            await resp.aclose()
-            raise
+        await self._cleanup_or_close(resp, keep=winner)
         return resp
+
+    async def _cleanup_or_close(self, resp: httpx.Response | None,
+                                keep: asyncio.Task[Any] | None = None) -> None:
+        """Clean up; if cancelled meanwhile, the answer in hand is closed, not leaked."""
+        try:
+            await self._cleanup(keep)
+        except BaseException:
+            if resp is not None:
+                await resp.aclose()
+            raise
 
 
 _SPENT: Any = object()
@@ -1294,6 +1338,15 @@ def _decrement(state: EndpointState) -> Callable[[], None]:
         if state.in_flight > 0:
             state.in_flight -= 1
     return done
+
+
+def _panic_candidates(states: Sequence[EndpointState]) -> list[EndpointState]:
+    """In panic: the lowest tier's endpoints that pass active checks, ejected or not."""
+    best: int | None = None
+    for st in states:
+        if st.healthy and (best is None or st.tier < best):
+            best = st.tier
+    return [st for st in states if st.healthy and st.tier == best]
 
 
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}

@@ -26,7 +26,7 @@ import httpx
 
 from dsl.plan import Plan
 from policies.clock import Clock, SystemClock
-from policies.errors import ATTEMPTS_HEADER, DEADLINE_HEADER, UnknownService
+from policies.errors import ATTEMPTS_HEADER, UnknownService
 from policies.observer import Observer
 from policies.pipeline import (
     Env,
@@ -34,7 +34,6 @@ from policies.pipeline import (
     SafeObserver,
     ShardRuntime,
     error_response,
-    parse_deadline_header,
 )
 
 log = logging.getLogger("riprap.transport")
@@ -90,9 +89,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             return error_response(UnknownService(shown, runtime.services))
         env = self._env
         start = env.clock.now()
-        header = request.headers.get(DEADLINE_HEADER)
-        incoming = parse_deadline_header(header, start) if header is not None else None
-        resp, attempts, outcome, fallback = await service.call(runtime, request, incoming)
+        # an incoming x-riprap-deadline-ms is read by the call context, on its header pass
+        resp, attempts, outcome, fallback = await service.call(runtime, request, None)
         resp.headers[ATTEMPTS_HEADER] = str(attempts)
         env.observer.call_finished(service.name, outcome, resp.status_code, attempts,
                                    env.clock.now() - start, fallback)

@@ -39,10 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _lighten_imports() -> None:
+    """Keep optional accelerators that cost memory and buy the sidecar nothing out.
+
+    `dsl.schema` uses jsonschema-rs when it is installed: about 11 MiB of RSS for a
+    validator that runs once per reload, where the pure-Python one takes milliseconds.
+    A sidecar runs next to every app, so its footprint counts more than reload speed.
+    httpx imports its command-line client (`httpx._main`: rich, pygments, about 5 MiB)
+    whenever those are installed; httpx itself falls back cleanly when that import fails.
+    """
+    for name in ("jsonschema_rs", "httpx._main"):
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
 def main(argv: list[str]) -> int:
     """Entry point: `argv` are the arguments after `riprap run` (a leading `run` is skipped)."""
     if argv and argv[0] == "run":
         argv = argv[1:]
+    _lighten_imports()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -223,7 +223,8 @@ class _Core:
         headers = [("content-type", ctype), ("content-length", str(len(body))),
                    ("x-fault-server", self.name)] + (extra or [])
         await self._send(conn, writer, h11.Response(status_code=status, headers=headers))
-        await self._send(conn, writer, h11.Data(data=body))
+        if not getattr(conn, "riprap_head", False) and status not in (204, 304):
+            await self._send(conn, writer, h11.Data(data=body))  # HEAD: headers only
         await self._send(conn, writer, h11.EndOfMessage())
 
     async def _wait_or_gone(self, reader: asyncio.StreamReader, conn: h11.Connection,
@@ -254,6 +255,7 @@ class _Core:
         extra = [(h.split(":", 1)[0], h.split(":", 1)[1].strip()) for h in multi.get("hdr", [])
                  if ":" in h]
         method = req.method.decode()
+        conn.riprap_head = method == "HEAD"  # type: ignore[attr-defined]
         if control_only or path.startswith("/__fault/"):
             route = path[len("/__fault"):] if path.startswith("/__fault/") else path
             await self._control_route(conn, writer, method, route, body)

@@ -1,5 +1,8 @@
 """Logging: human-readable lines by default, an opt-in JSON access log (one line per call).
 
+Access-log lines go through a bounded queue to a writer thread, so a slow reader of
+stdout never blocks the event loop (lines beyond the bound are dropped, not queued).
+
 The access log is assembled from what the engine already reports (the `Observer` calls):
 the last endpoint an attempt went to, the attempt count, the outcome and the duration.
 The proxy opens a `CallRecord` per call and the observer fills it through a contextvar,
@@ -8,14 +11,40 @@ so nothing is parsed from headers and nothing is kept once the line is written.
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import json
 import logging
+import queue
 import sys
 import time
 from dataclasses import dataclass
+from logging.handlers import QueueHandler, QueueListener
 
 ACCESS_LOGGER = "riprap.access"
+ACCESS_QUEUE_SIZE = 10_000  # lines waiting for stdout; beyond this, lines are dropped
+_listener: QueueListener | None = None
+
+
+class DroppingQueueHandler(QueueHandler):
+    """Hands access-log lines to a writer thread; never blocks the event loop.
+
+    A slow stdout consumer (a full pipe) must not stall calls: when the queue is full the
+    line is dropped and counted in `dropped`.
+    """
+
+    def __init__(self, q: "queue.Queue[logging.LogRecord]") -> None:
+        super().__init__(q)
+        self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record  # the message is already a finished JSON line
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)  # type: ignore[attr-defined]
+        except queue.Full:
+            self.dropped += 1
 _current: contextvars.ContextVar["CallRecord | None"] = contextvars.ContextVar(
     "riprap_call", default=None)
 
@@ -41,12 +70,27 @@ def setup_logging(level: str = "info") -> None:
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         logging.getLogger("watchfiles").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health probe
+    global _listener
     access = logging.getLogger(ACCESS_LOGGER)
     access.propagate = False
     out = logging.StreamHandler(sys.stdout)
     out.setFormatter(logging.Formatter("%(message)s"))
-    access.handlers[:] = [out]
+    lines: "queue.Queue[logging.LogRecord]" = queue.Queue(ACCESS_QUEUE_SIZE)
+    access.handlers[:] = [DroppingQueueHandler(lines)]
     access.setLevel(logging.INFO)
+    if _listener is not None:
+        _listener.stop()
+    _listener = QueueListener(lines, out)
+    _listener.start()
+    atexit.register(stop_logging)
+
+
+def stop_logging() -> None:
+    """Write out the access-log lines still queued (at exit)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ and cancels the call, which makes the transport cancel its attempts and free its
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -235,6 +236,8 @@ class ProxyApp:
         self.runtime = runtime
         self.metrics = metrics
         self.access_log = access_log
+        self.active = 0  # calls in flight; read by the riprap_in_flight gauge at scrape time
+        metrics.in_flight_source = lambda: self.active
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -272,12 +275,17 @@ class ProxyApp:
         rec = token = None
         if access is not None:
             rec, token = access.begin(method, target.decode("latin-1"), service)
-        metrics_in_flight = self.metrics.in_flight
-        metrics_in_flight.inc()
+        self.active += 1
         status = 499  # nginx's "client closed request", for the access log
         response: httpx.Response | None = None
         try:
-            response = await self.runtime.transport.handle_async_request(request)
+            try:
+                response = await self.runtime.transport.handle_async_request(request)
+            except (ClientDisconnected, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - an engine bug must not become a 500
+                log.exception("the engine failed on a call to %s; answering 502", service)
+                response = _engine_failure(service, exc)
             status = response.status_code
             await self._stream_back(response, send, call)
         except asyncio.CancelledError:
@@ -292,7 +300,7 @@ class ProxyApp:
             status = 499
         finally:
             call.close()
-            metrics_in_flight.dec()
+            self.active -= 1
             if response is not None:
                 await _close_quietly(response)
             if access is not None and rec is not None and token is not None:
@@ -324,7 +332,7 @@ class ProxyApp:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _refuse(self, refusal: Refusal, method: str, raw_path: bytes, send: Send) -> None:
-        self.metrics.calls.get(UNKNOWN_SERVICE, refusal.reason).inc()
+        self.metrics.refused(refusal.reason)
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(refusal.body)).encode()),
@@ -339,6 +347,17 @@ class ProxyApp:
             rec, token = self.access_log.begin(method, raw_path.decode("latin-1"),
                                                UNKNOWN_SERVICE)
             self.access_log.end(rec, token, refusal.status, outcome=refusal.reason, attempts=0)
+
+
+def _engine_failure(service: str, exc: Exception) -> httpx.Response:
+    """riprap's own 502 for a call the engine could not handle (it should always answer)."""
+    body = json.dumps({"error": f"internal error while calling {service}: "
+                                f"{type(exc).__name__}", "reason": "upstream-failed",
+                       "service": service}).encode()
+    return httpx.Response(502, headers=[(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()),
+                                        (b"x-riprap-reason", b"upstream-failed"),
+                                        (b"x-riprap-attempts", b"0")], content=body)
 
 
 async def _close_quietly(response: httpx.Response) -> None:

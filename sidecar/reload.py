@@ -29,7 +29,7 @@ from typing import Any, Callable
 import httpx
 import watchfiles
 
-from dsl.diagnostics import Diagnostic, render_all_text
+from dsl.diagnostics import Diagnostic, render_all_text, render_text
 from dsl.plan import Plan
 from sidecar.routing import Router
 
@@ -109,7 +109,7 @@ class PlanHolder:
         self._fingerprint = fingerprint(self.watch_paths())
         metrics.plan_loaded_now(self.digest, plan.app)
         for w in warnings or ():
-            log.warning("%s", w.message)
+            log.warning("%s", render_text(w))
 
     @property
     def transport(self) -> httpx.AsyncBaseTransport:
@@ -151,7 +151,7 @@ class PlanHolder:
                 self._fingerprint = fingerprint(self.watch_paths())
                 return False
             for w in warnings:
-                log.warning("%s", w.message)
+                log.warning("%s", render_text(w))
             self.last_error = None
             digest = plan.digest()
             old = self.plan

@@ -234,11 +234,15 @@ class Demo:
         doc["survivors"] = survivors
         self.doc = doc
         self.console.print(summary.render(doc, self.steps))
-        if self.args.report:
-            report.write(self.args.report, calls, self.steps, self.args.duration, doc)
-            self.console.print(f"report written to {self.args.report}")
-        if self.args.json:
-            Path(self.args.json).write_text(json.dumps(doc, indent=2, default=str))
+        try:
+            if self.args.report:
+                report.write(self.args.report, calls, self.steps, self.args.duration, doc)
+                self.console.print(f"report written to {self.args.report}")
+            if self.args.json:
+                Path(self.args.json).write_text(json.dumps(doc, indent=2, default=str))
+        except OSError as exc:
+            self.console.print(f"[red]cannot write {exc.filename}: {exc.strerror}[/]")
+            return 1
         if survivors:
             self.console.print(f"[red]processes still alive after stopping: {survivors}[/]")
             return 1
@@ -257,6 +261,11 @@ def main(argv: list[str]) -> int:
     if args.rate <= 0 or args.rate > 200:
         err.print("riprap demo: --rate must be within 0..200 calls per second")
         return 2
+    for flag, out in (("--report", args.report), ("--json", args.json)):
+        if out and not Path(out).resolve().parent.is_dir():
+            err.print(f"riprap demo: {flag} {out}: directory {Path(out).resolve().parent} "
+                      "does not exist")
+            return 2
     with tempfile.TemporaryDirectory(prefix="riprap-demo-") as tmp:
         try:
             layout = prepare(find_policy(args.policy), args.port_offset, Path(tmp))

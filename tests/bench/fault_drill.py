@@ -88,7 +88,8 @@ async def _serve(name: str, port: int, control: int, seed: int, slow_rate: float
                     stats["slow"] += 1
                     await asyncio.sleep(SLOW_DELAY)
                 writer.write(ok)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError,
+                RuntimeError):  # RuntimeError: uvloop writing to a transport the client closed
             pass
         finally:
             writer.close()
@@ -346,7 +347,7 @@ def caddy_conf(port: int, reps: list[Replica], header_ms: int, policy: str, fail
                 unhealthy_status 503
                 transport http {{
                     dial_timeout 50ms
-                    response_header_timeout {header_ms}ms
+                    {f"response_header_timeout {header_ms}ms" if header_ms else ""}
                 }}
             }}
         }}
@@ -414,15 +415,20 @@ def variants() -> list[Variant]:
         Variant("riprap", "hedge after 10ms, per-try 100ms", None, riprap("hedge after 10ms", 100)),
         Variant("riprap", "hedge at p95 min 10ms, per-try 100ms", None,
                 riprap("hedge at p95 min 10ms", 100)),
+        Variant("riprap", "hedge after 5ms, per-try 100ms", None, riprap("hedge after 5ms", 100)),
+        Variant("riprap", "no hedge, per-try 20ms (like the peers)", None, riprap("", 20)),
         Variant("nginx", "read 100ms, max_fails 3/2s", "nginx", nginx(100, False, 3)),
         Variant("nginx", "read 100ms, no passive checks", "nginx", nginx(100, False, 0)),
         Variant("nginx", "read 100ms, max_fails 1/2s, backup", "nginx", nginx(100, True, 1)),
         Variant("nginx", "read 50ms, max_fails 1/2s, backup", "nginx", nginx(50, True, 1)),
+        Variant("nginx", "read 20ms, max_fails 1/2s, backup", "nginx", nginx(20, True, 1)),
         Variant("haproxy", "server 100ms, observe l7, leastconn", "haproxy",
                 haproxy(100, True, "leastconn")),
         Variant("haproxy", "server 100ms, roundrobin", "haproxy", haproxy(100, False, "roundrobin")),
         Variant("haproxy", "server 50ms, observe l7, leastconn", "haproxy",
                 haproxy(50, True, "leastconn")),
+        Variant("haproxy", "server 20ms, observe l7, leastconn", "haproxy",
+                haproxy(20, True, "leastconn")),
         Variant("caddy", "header 100ms, least_conn, fail 2s x1, try 1s", "caddy",
                 caddy(100, "least_conn", 2.0, 1, 1000)),
         Variant("caddy", "header 100ms, least_conn, fail 500ms x1, try 300ms", "caddy",
@@ -431,6 +437,10 @@ def variants() -> list[Variant]:
                 caddy(100, "round_robin", 1.0, 2, 300)),
         Variant("caddy", "header 100ms, least_conn, fail 250ms x1, try 100ms", "caddy",
                 caddy(100, "least_conn", 0.25, 1, 100)),
+        Variant("caddy", "header 100ms, least_conn, fail 100ms x1, try 300ms", "caddy",
+                caddy(100, "least_conn", 0.1, 1, 300)),
+        Variant("caddy", "no header timeout, least_conn, fail 30s x1, try 300ms", "caddy",
+                caddy(0, "least_conn", 30.0, 1, 300)),
     ]
 
 

@@ -296,6 +296,25 @@ def test_s2_crlf_and_tabs_are_whitespace(tmp_path):
     assert compile_plan(path)["services"]["a"]["timeout"] == APPROX(2.0)
 
 
+def test_s2_statements_end_at_a_newline(tmp_path):
+    # §2: statements end at a newline: two on one line, or one split over two, are errors
+    write(
+        tmp_path,
+        "nl.riprap",
+        """
+        service a {
+            timeout 1s endpoint http://127.0.0.1:9001
+            endpoint http://127.0.0.1:9001
+            retry 2
+                on 503
+        }
+        """,
+    )
+    res = riprap("check", "nl.riprap", cwd=tmp_path)
+    assert res.rc == 1
+    assert {2, 5} <= {d.line for d in errors(res)}, res.text
+
+
 def test_s2_keyword_like_names_are_names(tmp_path):
     # §2: any [A-Za-z][A-Za-z0-9_.-]* is a name, including words the language uses
     path = write(
@@ -445,6 +464,15 @@ def test_s6_app_block_form_compiles(tmp_path):
     p = compile_plan(path)
     assert p["app"] == "checkout"
     assert set(p["services"]) == {"a"}
+    sup = p["supervise"]  # §6: the block form supervises the app
+    assert sup["run"] == "python -m shop.checkout"
+    assert sup["restart_base"] == APPROX(1.0) and sup["restart_max"] == APPROX(30.0)
+    assert sup["health"]["url"] == "http://127.0.0.1:8000/healthz" and sup["health"]["fall"] == 3
+
+
+def test_s6_no_app_block_means_no_supervision(tmp_path):
+    path = write(tmp_path, "plain.riprap", "app plain\nservice a {\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n}\n")
+    assert compile_plan(path)["supervise"] is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -623,6 +651,8 @@ def test_s4_hedge_defaults(policies_plan):
     h = policies_plan["hedge_at"]["hedge"]
     assert h["percentile"] in (APPROX(0.95), APPROX(95))
     assert h["min_delay"] == APPROX(0.01) and h["max_extra"] == 1
+    # "100ms until 20 calls were seen"
+    assert h["initial_delay"] == APPROX(0.1) and h["warmup_calls"] == 20
     h = policies_plan["hedge_at_full"]["hedge"]
     assert h["percentile"] in (APPROX(0.99), APPROX(99))
     assert h["min_delay"] == APPROX(0.02) and h["max_extra"] == 3
@@ -637,12 +667,15 @@ def test_s4_breaker_defaults(policies_plan):
     assert b["window"] == 20 and b["min_calls"] == 10
     assert b["open"] == APPROX(30.0) and b["probes"] == 1
     assert b["slow"] is None
+    # open D doubles on each reopen up to 10 times D
+    assert b["max_open"] == APPROX(300.0)
 
 
 def test_s4_breaker_all_options(policies_plan):
     b = policies_plan["breaker_full"]["breaker"]
     assert b["rate"] == APPROX(0.255) and b["window"] == 50 and b["min_calls"] == 5
     assert b["open"] == APPROX(10.0) and b["probes"] == 3 and b["slow"] == APPROX(0.5)
+    assert b["max_open"] == APPROX(100.0)
     b = policies_plan["breaker_n_full"]["breaker"]
     assert b["failures"] == 7 and b["open"] == APPROX(60.0) and b["probes"] == 4
 

@@ -290,3 +290,40 @@ async def test_the_session_is_created_lazily_and_closed(server: RawServer) -> No
     assert session.closed
     with pytest.raises(RuntimeError):
         t.session
+
+
+@pytest.mark.parametrize("method,status", [("GET", 204), ("GET", 304), ("HEAD", 200)])
+async def test_a_stray_body_after_a_bodiless_answer_is_dropped(
+        server: RawServer, transport: AiohttpTransport, method: str, status: int) -> None:
+    """Python's http.server handlers often write a body after a 204 (RFC 9110 forbids
+    it). The answer is kept, the stray bytes dropped, and the connection not reused."""
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                line, _, _ = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            code = status if line.startswith(method.encode()) and b"/odd" in line else 200
+            writer.write(b"HTTP/1.1 %d X\r\ncontent-length: 10\r\n\r\nA says %d" % (code, code))
+            await writer.drain()
+
+    use(server, conn)
+    first = await transport.handle_async_request(httpx.Request(method, f"{server.url}/odd"))
+    assert first.status_code == status and await first.aread() == b""
+    await first.aclose()
+    second = await transport.handle_async_request(httpx.Request("GET", f"{server.url}/next"))
+    assert second.status_code == 200 and await second.aread() == b"A says 200"
+    await second.aclose()
+    assert server.connections == 2  # the poisoned connection was not reused
+
+
+async def test_a_garbled_answer_is_still_a_protocol_error(server: RawServer,
+                                                         transport: AiohttpTransport) -> None:
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+
+    use(server, conn)
+    with pytest.raises(httpx.RemoteProtocolError):
+        await transport.handle_async_request(httpx.Request("GET", f"{server.url}/"))

@@ -132,14 +132,17 @@ async def test_post_is_not_retried_on_5xx_or_reset(vclock: VirtualClock) -> None
     up = Upstream()
     up.on(9001, status(503))
     up.on(9002, raises(httpx.RemoteProtocolError))
+    rec = Recorder()
     rt, client = make(plan(service("api", retry=RETRY_5XX), service("b", ports=(9002,), retry=RETRY_5XX)),
-                      up, vclock)
+                      up, vclock, observer=rec)
     async with client:
         r = await client.post("http://api/x", content=b"charge")
         assert (r.status_code, r.headers["x-riprap-attempts"]) == (503, "1")
         r = await client.post("http://b/x", content=b"charge")
         assert (r.status_code, r.headers["x-riprap-attempts"]) == (502, "1")
     assert up.ports() == [9001, 9002]
+    assert rec.kinds("retry_refused") == [("retry_refused", "api", "method"),
+                                          ("retry_refused", "b", "method")]
 
 
 async def test_post_is_retried_after_a_connect_failure(vclock: VirtualClock) -> None:
@@ -519,3 +522,33 @@ async def test_attempt_outcomes_reported_to_the_observer(vclock: VirtualClock) -
     assert [e[3] for e in rec.kinds("attempt")] == [
         "5xx", "connect-failure", "reset", "invalid-request"]
     assert rec.kinds("call") == [("call", "api", "upstream-failed", 502, 4, None)]
+
+
+async def test_a_body_streams_unread_when_nothing_could_resend_it(vclock: VirtualClock) -> None:
+    gate = asyncio.Event()
+    sent_first: list[bool] = []
+
+    async def slow_body():
+        yield b"first,"
+        await gate.wait()
+        yield b"last"
+
+    async def early(request: httpx.Request) -> httpx.Response:
+        # the upstream sees the call before the client has finished its body
+        stream = request.stream
+        it = stream.__aiter__()  # type: ignore[union-attr]
+        sent_first.append(await it.__anext__() == b"first,")
+        gate.set()
+        rest = [c async for c in it]
+        return httpx.Response(200, text=f"{len(rest)} more")
+
+    class Direct(httpx.AsyncBaseTransport):  # MockTransport reads the body first: not this
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            return await early(request)
+
+    from policies.transport import ResilientTransport
+    rt = ResilientTransport(plan(service("api")), Direct(), clock=vclock)
+    client = httpx.AsyncClient(transport=rt, base_url="http://api")
+    async with client:
+        r = await client.post("/x", content=slow_body())
+    assert r.text == "1 more" and sent_first == [True]

@@ -632,3 +632,124 @@ async def test_a_big_body_already_sent_cannot_go_to_the_fallback_service(vclock:
         r = await client.post("/x", content=body())
     assert r.status_code == 500 and "x-riprap-fallback" not in r.headers
     assert up.ports() == [9001]
+
+
+async def test_hedge_max_sends_several_copies_one_delay_apart(vclock: VirtualClock) -> None:
+    up = Upstream()
+    up.on(9001, hang)
+    up.on(9002, hang)
+    p = plan(service("api", ports=(9001, 9002, 9003), hedge=HedgeSpec(delay=0.05, max_extra=2)))
+    rt, client = make(p, up, vclock)
+    async with client:
+        t0 = vclock.now()
+        r = await client.get("/x")
+        await settle(vclock)
+    assert r.text == "ok from 9003" and r.headers["x-riprap-attempts"] == "3"
+    assert vclock.now() - t0 == pytest.approx(0.101)
+    assert sorted(up.cancelled) == [9001, 9002]
+
+
+async def test_an_unexpected_inner_error_stops_the_hedge_timer(vclock: VirtualClock) -> None:
+    up = Upstream()
+
+    async def buggy(_r: httpx.Request) -> httpx.Response:
+        await vclock.sleep(0.01)
+        raise RuntimeError("a bug in the inner transport")
+
+    up.on(9001, buggy)
+    p = plan(service("api", ports=(9001, 9002), hedge=HedgeSpec(delay=0.05),
+                     concurrency=ConcurrencySpec(max=1)))
+    rt, client = make(p, up, vclock)
+    async with client:
+        with pytest.raises(RuntimeError, match="a bug"):
+            await client.get("/x")
+        await vclock.sleep(1.0)  # a leaked timer would launch a copy now
+        snap = rt.snapshot()["services"]["api"]
+    assert up.ports() == [9001]
+    assert snap["bulkhead"]["in_flight"] == 0
+    assert [e["in_flight"] for e in snap["endpoints"]] == [0, 0]
+
+
+async def test_cancelled_while_a_slow_loser_winds_down_the_answer_is_not_leaked(
+        vclock: VirtualClock) -> None:
+    up = Upstream()
+    answer = TrackedStream([b"inline"])
+
+    async def inline(_r: httpx.Request) -> httpx.Response:
+        await vclock.sleep(0.2)
+        return httpx.Response(200, stream=answer)
+
+    async def slow_to_cancel(_r: httpx.Request) -> httpx.Response:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await vclock.sleep(0.5)  # an upstream client that takes its time to let go
+            raise
+        raise AssertionError("unreachable")
+
+    up.on(9001, inline)
+    up.on(9002, slow_to_cancel)
+    p = plan(service("api", ports=(9001, 9002), hedge=HedgeSpec(delay=0.1),
+                     concurrency=ConcurrencySpec(max=2)))
+    rt, client = make(p, up, vclock)
+    async with client:
+        call = asyncio.ensure_future(client.get("/x"))
+        await vclock.sleep(0.3)  # the inline copy answered at 0.2; the loser is winding down
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await vclock.sleep(1.0)
+        snap = rt.snapshot()["services"]["api"]
+    assert answer.closed
+    assert snap["bulkhead"]["in_flight"] == 0
+    assert [e["in_flight"] for e in snap["endpoints"]] == [0, 0]
+
+
+async def test_cancelled_while_the_fallback_service_runs_the_5xx_is_closed(vclock: VirtualClock) -> None:
+    up = Upstream()
+    failed = TrackedStream([b"upstream error"])
+    up.on(9001, lambda _r: httpx.Response(500, stream=failed))
+    up.on(9002, hang)
+    p = plan(service("api", fallbacks=(FallbackSpec("service", service="backup"),)),
+             service("backup", ports=(9002,)))
+    rt, client = make(p, up, vclock)
+    async with client:
+        call = asyncio.ensure_future(client.get("/x"))
+        await vclock.sleep(0.1)  # api answered 500; the fallback service hangs
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        snap = rt.snapshot()["services"]
+    assert failed.closed
+    assert snap["api"]["endpoints"][0]["in_flight"] == 0
+    assert snap["backup"]["endpoints"][0]["in_flight"] == 0
+
+
+async def test_an_endpoint_down_by_health_checks_is_not_used_even_in_panic(vclock: VirtualClock) -> None:
+    up = Upstream()
+    up.on(9001, lambda r: httpx.Response(503 if r.url.path == "/healthz" else 200))
+    p = plan(service("api", health=HealthSpec("/healthz", interval=0.1, fall=1, rise=1)))
+    rt, client = make(p, up, vclock)
+    async with client:
+        await rt.start()
+        await settle(vclock)
+        r = await client.get("/x")
+    assert r.status_code == 503 and r.headers["x-riprap-reason"] == "no-healthy-endpoint"
+    assert r.headers["x-riprap-attempts"] == "0"
+    assert [s.url for s in up.seen] == ["http://127.0.0.1:9001/healthz"]
+
+
+async def test_panic_prefers_a_lower_tier_that_passes_health_checks(vclock: VirtualClock) -> None:
+    up = Upstream()
+    up.on(9001, lambda r: httpx.Response(503 if r.url.path == "/healthz" else 200))
+    up.on(9101, sequence(status(200), raises(httpx.ConnectError), status(200, "failover, ejected")))
+    p = plan(service("api", endpoints=(ep(9001), ep(9101, tier=1)),
+                     health=HealthSpec("/healthz", interval=10.0, fall=1, rise=1),
+                     outlier=OutlierSpec(failures=1, max_fraction=1.0)))
+    rt, client = make(p, up, vclock)
+    async with client:
+        await rt.start()
+        await settle(vclock)  # 9001 down by its check, 9101 up (its check answered 200)
+        assert (await client.get("/x")).status_code == 502  # 9101 refuses: ejected
+        r = await client.get("/x")  # nothing usable: panic picks 9101 (up, only ejected)
+    assert r.text == "failover, ejected"

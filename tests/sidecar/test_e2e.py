@@ -477,3 +477,12 @@ def test_admin_endpoints(sc: Any, policy: Path) -> None:
         assert name in text, name
     assert sc.metric("riprap_plan_info", hash=unit.plan.digest()) == 1
     assert sc.metric("riprap_calls_total", service="api", outcome="ok") >= 1
+
+
+def test_head_and_bodiless_statuses_pass_through(sc: Any) -> None:
+    head = sc.client.head("/api/x")
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) > 0
+    assert sc.client.get("/api/status/204").status_code == 204
+    r = sc.client.get("/api/status/404")
+    assert r.status_code == 404 and "x-riprap-reason" not in r.headers  # the upstream's own

@@ -116,3 +116,19 @@ def test_fingerprint_follows_content_through_symlinks(tmp_path: Path) -> None:
     target.write_text("2")
     assert fingerprint((str(link),)) != before
     assert fingerprint((str(tmp_path / "missing"),)) == fingerprint((str(tmp_path / "missing"),))
+
+
+async def test_an_engine_failure_is_answered_502_not_500() -> None:
+    sc = create_app(plan(), inner=httpx.MockTransport(upstream))
+
+    async def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("engine bug")
+
+    sc.holder._transport.handle_async_request = broken  # type: ignore[method-assign]
+    try:
+        async with client(sc.proxy) as c:
+            r = await c.get("/x")
+        assert r.status_code == 502 and r.headers["x-riprap-reason"] == "upstream-failed"
+        assert r.headers["x-riprap-attempts"] == "0"
+    finally:
+        await sc.aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sidecar.proxy import _forward_headers, _response_headers
 
 
@@ -33,3 +35,14 @@ def test_response_hop_by_hop_headers_are_dropped_and_names_lowercased() -> None:
     assert out == [(b"content-type", b"text/plain"), (b"content-length", b"5"),
                    (b"x-riprap-attempts", b"1")]
     assert length == 5
+
+
+@pytest.mark.parametrize("target", [b"/", b"/a/b", b"/a%2Fb?x=1&y=%20z", b"/p?q", b"/%E2%82%AC/x"])
+def test_fast_url_equals_httpx_public_url(target: bytes) -> None:
+    import httpx
+
+    from sidecar.proxy import make_url
+
+    got = make_url("svc", target)
+    assert got == httpx.URL(scheme="http", host="svc", raw_path=target)
+    assert got.raw_path == target and got.host == "svc"
