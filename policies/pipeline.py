@@ -15,7 +15,7 @@ riprap's answers. Responses travel unbuffered: the upstream's stream is wrapped 
 a `CallStream` that runs release callbacks (endpoint in-flight count, concurrency slot)
 when it is closed, and can tee the body into the stale cache.
 
-Reload (`build_runtime(plan, ..., previous=old)`) carries over the live state of
+Reload (`PlanRuntime(plan, env, previous=old)`) carries over the live state of
 whatever did not change, piece by piece: an endpoint whose spec is the same keeps its
 health and ejection state; a breaker, limiter, bulkhead or budget whose spec is the
 same is the very same object; latency windows and balancers carry over while the
@@ -487,9 +487,6 @@ class CallContext:
                 return
         self.body = b"".join(chunks)
 
-    def remaining(self, now: float) -> float | None:
-        return None if self.deadline is None else self.deadline - now
-
 
 def _forward_headers(raw: Iterable[tuple[bytes, bytes]]
                      ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
@@ -774,6 +771,7 @@ class ShardRuntime:
             if incoming is not None and incoming < end:
                 end = incoming
             ctx.deadline = end
+            ctx.expired = False
             left = end - now
             if left <= 0:
                 raise DeadlineExceeded(f"no time left for service '{name}'")

@@ -220,8 +220,9 @@ class _Core:
     async def _answer(self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int,
                       body: bytes, ctype: str = "application/json",
                       extra: list[tuple[str, str]] | None = None) -> None:
-        headers = [("content-type", ctype), ("content-length", str(len(body))),
-                   ("x-fault-server", self.name)] + (extra or [])
+        headers = [("content-type", ctype), ("x-fault-server", self.name)] + (extra or [])
+        if status not in (204, 304):
+            headers.append(("content-length", str(len(body))))
         await self._send(conn, writer, h11.Response(status_code=status, headers=headers))
         if not getattr(conn, "riprap_head", False) and status not in (204, 304):
             await self._send(conn, writer, h11.Data(data=body))  # HEAD: headers only

@@ -38,6 +38,7 @@ HOP_BY_HOP = frozenset({
 # authority, and `Expect: 100-continue` was already answered by uvicorn.
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"expect"}
 SERVICE_EXTENSION = "riprap.service"
+_NO_BODY_STATUSES = frozenset({204, 304})
 
 
 class Runtime(Protocol):
@@ -308,8 +309,13 @@ class ProxyApp:
 
     async def _stream_back(self, response: httpx.Response, send: Send, call: _Call) -> None:
         headers, length = _response_headers(response.headers.raw)
-        await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": headers})
+        status = response.status_code
+        if status in _NO_BODY_STATUSES and length >= 0:
+            # No body follows; a Content-Length here would make the server wait for one
+            # (uvicorn closes the connection), so it is dropped rather than passed on.
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            length = -1
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         sent = 0
         done = False
         stream = response.stream

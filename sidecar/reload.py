@@ -106,6 +106,7 @@ class PlanHolder:
         self._lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         self._stop_watch = asyncio.Event()
+        self._watched: list[str] = []
         self._fingerprint = fingerprint(self.watch_paths())
         metrics.plan_loaded_now(self.digest, plan.app)
         for w in warnings or ():
@@ -115,15 +116,26 @@ class PlanHolder:
     def transport(self) -> httpx.AsyncBaseTransport:
         return self._transport  # type: ignore[no-any-return]
 
-    @property
-    def ready(self) -> bool:
-        return not self.draining
-
     def watch_paths(self) -> tuple[str, ...]:
         paths = list(self.plan.watch)
         if self.source_path and self.source_path not in paths:
             paths.insert(0, self.source_path)
         return tuple(os.path.abspath(p) for p in paths)
+
+    def watch_dirs(self) -> list[str]:
+        """The directories to watch: each file's own, and its symlink target's.
+
+        A symlinked policy file (dotfile managers, `ln -s`) is edited at its target, in
+        another directory; a ConfigMap's files point into `..data`'s current timestamped
+        directory. Both are watched; the set is recomputed after every reload.
+        """
+        dirs = set()
+        for p in self.watch_paths():
+            dirs.add(os.path.dirname(p) or ".")
+            real = os.path.realpath(p)
+            if real != p:
+                dirs.add(os.path.dirname(real) or ".")
+        return sorted(d for d in dirs if os.path.isdir(d))
 
     def plan_document(self) -> dict[str, Any]:
         return {
@@ -136,6 +148,13 @@ class PlanHolder:
     # -- reloading ----------------------------------------------------------------------
     async def reload(self, trigger: str = "manual") -> bool:
         """Compile the source again and put it in force. True when the new plan runs."""
+        try:
+            return await self._reload(trigger)
+        finally:
+            if self._watch_task is not None and self.watch_dirs() != self._watched:
+                self._stop_watch.set()  # the watcher restarts on the new directories
+
+    async def _reload(self, trigger: str) -> bool:
         if self.source_path is None:
             log.info("reload (%s) ignored: the plan was not loaded from a file", trigger)
             return False
@@ -185,8 +204,6 @@ class PlanHolder:
                      self.last_reload_seconds * 1000)
             if plan.supervise != old.supervise and self.on_supervise_change is not None:
                 self.on_supervise_change(plan)
-            if plan.watch != old.watch:
-                self._stop_watch.set()  # the watcher restarts on the new directories
             return True
 
     def start_watching(self) -> None:
@@ -195,16 +212,19 @@ class PlanHolder:
 
     async def _watch(self) -> None:
         while True:
-            dirs = sorted({os.path.dirname(p) or "." for p in self.watch_paths()})
-            dirs = [d for d in dirs if os.path.isdir(d)]
+            dirs = self._watched = self.watch_dirs()
             self._stop_watch = asyncio.Event()
             try:
+                if fingerprint(self.watch_paths()) != self._fingerprint:
+                    await self.reload("file change")  # changed while the watcher restarted
                 async for _changes in watchfiles.awatch(
                     *dirs, stop_event=self._stop_watch, debounce=400, step=25,
                     recursive=False, rust_timeout=60_000, yield_on_timeout=False,
                 ):
                     if fingerprint(self.watch_paths()) != self._fingerprint:
                         await self.reload("file change")
+                    if self.watch_dirs() != dirs:
+                        break  # new files or symlink targets: watch the new directories
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a watcher hiccup must not stop the sidecar

@@ -8,9 +8,9 @@ backoff (`restart backoff A..B`: A, 2A, 4A, ... up to B), and the backoff starts
 the app has been healthy (or, with no health check, running) for a minute. Stopping sends
 SIGTERM to the group, then SIGKILL after `stop_timeout` (10 s).
 
-Before the app's first passing check, failures are not counted for a start-up grace of
-`fall x every` (at least 5 s), so a slow starter is not killed while it boots; after that
-(or after its first passing check) every failure counts.
+As the contract says, `fall` failed checks in a row restart the app, whether or not it
+ever passed one. The first check runs `every` after the start, so an app has about
+`fall x every` to come up; a slow starter needs a larger `every` or `fall`.
 """
 
 from __future__ import annotations
@@ -166,9 +166,10 @@ class Supervisor:
         health = self.spec.health
         assert health is not None
         if self._client is None:
-            self._client = httpx.AsyncClient(trust_env=False)
-        grace_until = time.monotonic() + max(5.0, health.fall * health.interval)
-        passed_once = False
+            # A new connection per probe (as kubelet does): a kept-alive one to an app that
+            # was just restarted would fail the first probe for no fault of the new app.
+            self._client = httpx.AsyncClient(
+                trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
         failures = 0
         while True:
             await asyncio.sleep(health.interval)
@@ -176,14 +177,11 @@ class Supervisor:
             now = time.monotonic()
             if ok:
                 failures = 0
-                passed_once = True
                 if self._healthy_since is None:
                     self._healthy_since = now
                 self.healthy = True
                 continue
             self._healthy_since = None
-            if not passed_once and now < grace_until:
-                continue
             failures += 1
             self.healthy = False
             log.warning("app %s: health check failed (%d/%d)", self.app, failures, health.fall)

@@ -9,6 +9,9 @@ tests can share one upstream and one sidecar:
     /reset/...             reset the connection (RST) without answering
     /reseton/A,B/...       reset on upstreams named A or B, echo elsewhere
     /sleepcode/SECS/CODE/  wait, then answer CODE
+    /garbage/...           a non-HTTP answer, then close
+    /gzip/ /redirect/ /cookies/   a gzip body, a 302, two Set-Cookie headers
+    /hstate/KEY            503 while KEY is in `unhealthy`, else echo
     /goodbad/SECS/...      on A: wait, then echo; elsewhere: 503 at once
     /flip/...              first call to this exact path: echo; later calls: 503
     /failon/A,B/...        503 on upstreams named A or B, echo elsewhere
@@ -63,10 +66,12 @@ class Upstream:
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.flipped: set[str] = set()
+        self.unhealthy: set[str] = set()
         up = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -100,6 +105,28 @@ class Upstream:
                     return
                 if kind == "sleep":
                     time.sleep(float(parts[2]))
+                elif kind == "gzip":  # a gzip-encoded answer
+                    import gzip
+                    raw = gzip.compress(b"hello gzip " * 50)
+                    self._send(200, raw, "text/plain", [("Content-Encoding", "gzip")])
+                    return
+                elif kind == "redirect":
+                    self._send(302, b"moved", "text/plain", [("Location", "/elsewhere")])
+                    return
+                elif kind == "cookies":
+                    self._send(200, b"c", "text/plain", [("Set-Cookie", "a=1; Path=/"),
+                                                         ("Set-Cookie", "b=2; Path=/"),
+                                                         ("X-Multi", "one"), ("X-Multi", "two")])
+                    return
+                elif kind == "hstate":  # 200 unless up.unhealthy holds parts[2]
+                    if parts[2] in up.unhealthy:
+                        self._send(503, b"down", "text/plain")
+                        return
+                elif kind == "garbage":  # not HTTP at all, then close
+                    self.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 elif kind == "sleepcode":  # /sleepcode/SECS/CODE/...
                     time.sleep(float(parts[2]))
                     code = int(parts[3])

@@ -55,3 +55,29 @@ def test_a_busy_port_exits_2(tmp_path: Path) -> None:
 def test_usage_errors_exit_2() -> None:
     got = run("--no-such-flag")
     assert got.returncode == 2 and "usage:" in got.stderr
+
+
+@pytest.mark.slow
+def test_a_compiled_plan_json_runs_and_reloads(tmp_path: Path, upstreams: object,
+                                               sidecar_proc: object) -> None:
+    up = upstreams("json")  # type: ignore[operator]
+    src = tmp_path / "p.riprap"
+    src.write_text(f"service api {{\n    endpoint {up.url}\n}}\n")
+    plan = tmp_path / "plan.json"
+    compiled = subprocess.run([sys.executable, "-m", "dsl.cli", "compile", str(src), "-o", str(plan)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert compiled.returncode == 0, compiled.stderr
+    proc = sidecar_proc(plan, "--grace", "0").start()  # type: ignore[operator]
+    try:
+        assert proc.client.get("/api/x").json()["server"] == "json"
+        old = proc.plan()["hash"]
+        src.write_text(f"service api {{\n    endpoint {up.url}\n}}\n\nservice b {{\n"
+                       f"    endpoint {up.url}\n}}\n")
+        tmp = tmp_path / "plan.json.tmp"
+        subprocess.run([sys.executable, "-m", "dsl.cli", "compile", str(src), "-o", str(tmp)],
+                       cwd=ROOT, check=True, timeout=20)
+        tmp.replace(plan)
+        proc.wait_for(lambda: proc.plan()["hash"] != old, timeout=2, what="the new plan")
+        assert proc.client.get("/b/x").status_code == 200
+    finally:
+        assert proc.stop() == 0, proc.logs()

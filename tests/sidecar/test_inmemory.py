@@ -132,3 +132,16 @@ async def test_an_engine_failure_is_answered_502_not_500() -> None:
         assert r.headers["x-riprap-attempts"] == "0"
     finally:
         await sc.aclose()
+
+
+async def test_a_204_with_a_content_length_keeps_the_connection_usable() -> None:
+    async def odd(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(204, headers={"content-length": "12"})
+
+    sc = create_app(plan(), inner=httpx.MockTransport(odd))
+    try:
+        async with client(sc.proxy) as c:
+            r = await c.get("/x")
+        assert r.status_code == 204 and "content-length" not in r.headers
+    finally:
+        await sc.aclose()

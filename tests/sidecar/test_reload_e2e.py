@@ -183,3 +183,21 @@ def test_configmap_symlink_swap(module_tmp: Path, ups: dict[str, FaultServer], s
         assert proc.client.get("/fresh/x").json()["server"] == "new"
     finally:
         assert proc.stop() == 0, proc.logs()
+
+
+def test_a_symlinked_policy_reloads_when_its_target_is_edited(
+        module_tmp: Path, ups: dict[str, FaultServer], sidecar_proc: Any) -> None:
+    real, links = module_tmp / "real", module_tmp / "links"
+    real.mkdir()
+    links.mkdir()
+    first = f"app linked\n\nservice api {{\n    endpoint {ups['ok'].url}\n}}\n"
+    (real / "policy.riprap").write_text(first)
+    (links / "policy.riprap").symlink_to(real / "policy.riprap")
+    proc = sidecar_proc(links / "policy.riprap", "--grace", "0").start()
+    try:
+        old = proc.plan()["hash"]
+        save_by_rename(real / "policy.riprap", first + new_service(ups["new"].url))
+        wait_hash_change(proc, old, timeout=1.0)
+        assert proc.client.get("/fresh/x").json()["server"] == "new"
+    finally:
+        assert proc.stop() == 0, proc.logs()
