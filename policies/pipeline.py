@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import httpx
 
 from dsl.plan import (
     IDEMPOTENT_METHODS,
-    EndpointSpec,
     FallbackSpec,
     Plan,
     ServicePlan,
@@ -46,10 +44,7 @@ from policies.breaker import CircuitBreaker
 from policies.budget import RetryBudget
 from policies.bulkhead import Bulkhead
 from policies.chaos import ChaosInjector
-from policies.clock import Clock, SystemClock
 from policies.errors import (
-    ATTEMPTS_HEADER,
-    DEADLINE_HEADER,
     FALLBACK_HEADER,
     REASON_HEADER,
     BadRequest,
@@ -66,508 +61,36 @@ from policies.health import ActiveHealth, EndpointState, OutlierDetector, select
 from policies.hedge import HedgeDelay
 from policies.latency import LatencyWindow
 from policies.limiter import KeyedLimiter
-from policies.observer import NullObserver, Observer
 from policies.retry import RetryPolicy, parse_retry_after, retry_fits
 from policies.sharding import Rendezvous, extract_key
+
+from policies.answers import STATUS_CLASS as _STATUS_CLASS
+from policies.answers import chaos_abort_response
+from policies.answers import classify as _classify
+from policies.answers import error_response
+from policies.answers import fallback_response as _answer
+from policies.answers import response_or_raise as _result
+from policies.context import SPENT as _SPENT
+from policies.context import CallContext, Handler
+from policies.context import idempotent as _idempotent
+from policies.endpoint import EndpointRuntime
+from policies.endpoint import release_in_flight as _decrement
+from policies.env import Env
+from policies.headers import NOT_CACHED as _NOT_CACHED
+from policies.headers import DEADLINE_BYTES as _DEADLINE_BYTES
+from policies.headers import forward_headers as _forward_headers
+from policies.headers import parse_deadline_header
+from policies.safe_observer import SafeObserver
+from policies.streams import CallStream, StaleTee, call_stream, on_close
+from policies.timers import ClockTimeout, LoopTimeout, deadline_scope
+from policies.timers import fmt_s as _fmt_s
 
 log = logging.getLogger("riprap.policies")
 
 STAGES = ("fallback", "limit", "concurrency", "timeout", "retry", "hedge", "breaker",
           "chaos", "balance")
 
-# Request headers never forwarded as they are: hop-by-hop ones (RFC 9110 7.6.1), and the
-# ones riprap sets per attempt (Host, framing, the remaining deadline).
-_HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-})
-_DEADLINE_BYTES = DEADLINE_HEADER.encode()
-_PER_ATTEMPT = frozenset({b"host", b"content-length", _DEADLINE_BYTES})
-# Response headers not replayed from the stale cache (framing is recomputed).
-_NOT_CACHED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
-                         "trailer", "upgrade", REASON_HEADER, ATTEMPTS_HEADER,
-                         FALLBACK_HEADER})
 _MAX_FALLBACK_DEPTH = 8
-
-Handler = Callable[["CallContext"], Awaitable[httpx.Response]]
-
-
-# --------------------------------------------------------------------------- observer
-
-
-class SafeObserver:
-    """Forwards to an Observer and swallows its errors: metrics never break a call."""
-
-    __slots__ = ("_o",)
-
-    def __init__(self, observer: Observer | None) -> None:
-        self._o = observer if observer is not None else NullObserver()
-
-    def _fail(self, exc: Exception) -> None:
-        log.warning("observer failed: %r", exc)
-
-    def call_finished(self, service: str, outcome: str, status: int, attempts: int,
-                      duration: float, fallback: str | None) -> None:
-        try:
-            self._o.call_finished(service, outcome, status, attempts, duration, fallback)
-        except Exception as exc:  # noqa: BLE001 - the observer must never break a call
-            self._fail(exc)
-
-    def attempt_finished(self, service: str, endpoint: str, outcome: str,
-                         latency: float) -> None:
-        try:
-            self._o.attempt_finished(service, endpoint, outcome, latency)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-    def retried(self, service: str) -> None:
-        try:
-            self._o.retried(service)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-    def retry_refused(self, service: str, why: str) -> None:
-        try:
-            self._o.retry_refused(service, why)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-    def hedged(self, service: str) -> None:
-        try:
-            self._o.hedged(service)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-    def breaker_changed(self, service: str, shard: str | None, state: str) -> None:
-        try:
-            self._o.breaker_changed(service, shard, state)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-    def ejected(self, service: str, endpoint: str) -> None:
-        try:
-            self._o.ejected(service, endpoint)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-    def rejected(self, service: str, by: str) -> None:
-        try:
-            self._o.rejected(service, by)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-    def health_changed(self, service: str, endpoint: str, healthy: bool) -> None:
-        try:
-            self._o.health_changed(service, endpoint, healthy)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
-
-
-class Env:
-    """What every runtime shares: clock, randomness, observer, inner transport, chaos switch."""
-
-    __slots__ = ("clock", "rng", "observer", "inner", "chaos", "system_clock")
-
-    def __init__(self, clock: Clock, rng: random.Random, observer: SafeObserver,
-                 inner: httpx.AsyncBaseTransport, chaos: bool) -> None:
-        self.clock = clock
-        self.rng = rng
-        self.observer = observer
-        self.inner = inner
-        self.chaos = chaos
-        # The system clock is the loop's clock: deadlines can use asyncio's own timers.
-        self.system_clock = type(clock) is SystemClock
-
-
-# --------------------------------------------------------------------------- timers
-
-
-class LoopTimeout:
-    """A lighter `asyncio.timeout` on the loop's own clock (one timer handle, no rescheduling).
-
-    Cancels the task it guards when the time is up and turns that cancellation into
-    `TimeoutError` on the way out; a cancellation from elsewhere passes through.
-    """
-
-    __slots__ = ("_delay", "_task", "_timer", "_cancelling", "_ctx", "fired")
-
-    def __init__(self, delay: float, ctx: "CallContext | None" = None) -> None:
-        self._delay = delay
-        self._task: asyncio.Task[Any] | None = None
-        self._timer: Any = None
-        self._cancelling = 0
-        self._ctx = ctx  # told when the time is up, before the cancellation lands
-        self.fired = False
-
-    async def __aenter__(self) -> "LoopTimeout":
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._arm(task)
-        return self
-
-    def _arm(self, task: asyncio.Task[Any]) -> None:
-        loop = task.get_loop()
-        self._timer = loop.call_at(loop.time() + self._delay, self._expire)
-
-    def _expire(self) -> None:
-        self.fired = True
-        if self._ctx is not None:
-            self._ctx.expired = True
-        assert self._task is not None
-        self._task.cancel()
-
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        self._timer.cancel()
-        if self.fired:
-            assert self._task is not None
-            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
-                raise TimeoutError from exc
-        return False
-
-
-class ClockTimeout(LoopTimeout):
-    """`LoopTimeout` driven by `clock.sleep`, so a virtual clock in tests drives it."""
-
-    __slots__ = ("_clock",)
-
-    def __init__(self, clock: Clock, delay: float, ctx: "CallContext | None" = None) -> None:
-        super().__init__(delay, ctx)
-        self._clock = clock
-
-    def _arm(self, task: asyncio.Task[Any]) -> None:
-        self._timer = task.get_loop().create_task(self._sleep())
-
-    async def _sleep(self) -> None:
-        await self._clock.sleep(self._delay)
-        self._expire()
-
-
-def deadline_scope(env: Env, delay: float, ctx: "CallContext | None" = None) -> LoopTimeout:
-    """A timeout scope of `delay` seconds on the env's clock (the loop's, when it is real).
-
-    With `ctx`, the call is marked `expired` when the time is up, so the stages being
-    cancelled can tell a deadline from a caller that went away."""
-    if env.system_clock:
-        return LoopTimeout(delay, ctx)
-    return ClockTimeout(env.clock, delay, ctx)
-
-
-def _timer(env: Env, delay: float) -> asyncio.Future[Any]:
-    """A future that completes after `delay` on the env's clock (cheap on the real clock)."""
-    loop = asyncio.get_running_loop()
-    if env.system_clock:
-        fut: asyncio.Future[Any] = loop.create_future()
-        handle = loop.call_later(max(0.0, delay), _set_if_pending, fut)
-        fut.add_done_callback(lambda _f: handle.cancel())
-        return fut
-    return loop.create_task(env.clock.sleep(delay))
-
-
-def _set_if_pending(fut: asyncio.Future[Any]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-# --------------------------------------------------------------------------- streams
-
-
-class StaleTee:
-    """Copies a good GET answer's body as it streams, and stores it once complete."""
-
-    __slots__ = ("cache", "key", "status", "headers", "limit", "clock", "chunks", "size")
-
-    def __init__(self, cache: StaleCache, key: str, status: int,
-                 headers: list[tuple[str, str]], clock: Clock) -> None:
-        self.cache = cache
-        self.key = key
-        self.status = status
-        self.headers = headers
-        self.limit = cache.max_entry_bytes
-        self.clock = clock
-        self.chunks: list[bytes] | None = []
-        self.size = 0
-
-    def feed(self, chunk: bytes) -> None:
-        if self.chunks is None:
-            return
-        self.size += len(chunk)
-        if self.size > self.limit:
-            self.chunks = None  # over the entry bound: not kept
-        else:
-            self.chunks.append(chunk)
-
-    def complete(self) -> None:
-        if self.chunks is not None:
-            self.cache.put(self.key, self.status, self.headers, b"".join(self.chunks),
-                           self.clock.now())
-            self.chunks = None
-
-
-class CallStream(httpx.AsyncByteStream):
-    """The upstream's body, passed through unbuffered; releases what the call held on close.
-
-    `on_close` callbacks (endpoint in-flight count, concurrency slot) run exactly once,
-    whether the body was read to the end, abandoned, or the call was cancelled.
-    """
-
-    __slots__ = ("_inner", "_on_close", "tee", "_closed")
-
-    def __init__(self, inner: httpx.AsyncByteStream) -> None:
-        self._inner = inner
-        self._on_close: list[Callable[[], None]] = []
-        self.tee: StaleTee | None = None
-        self._closed = False
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        if self._closed:
-            callback()
-        else:
-            self._on_close.append(callback)
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        tee = self.tee
-        inner = self._inner
-        if isinstance(inner, httpx.AsyncByteStream):
-            async for chunk in inner:
-                if tee is not None:
-                    tee.feed(chunk)
-                yield chunk
-        else:  # a sync stream from a sync-minded inner transport
-            for chunk in inner:  # type: ignore[attr-defined]
-                if tee is not None:
-                    tee.feed(chunk)
-                yield chunk
-        if tee is not None:
-            tee.complete()
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            close = getattr(self._inner, "aclose", None)
-            if close is not None:
-                await close()
-        finally:
-            callbacks, self._on_close = self._on_close, []
-            for cb in callbacks:
-                try:
-                    cb()
-                except Exception as exc:  # noqa: BLE001 - a release must not stop the others
-                    log.warning("release callback failed: %r", exc)
-
-
-def on_close(resp: httpx.Response, callback: Callable[[], None]) -> None:
-    """Run `callback` when the response's body is closed — at once if it already is
-    (a body read in full at creation holds nothing upstream, and httpx never closes it)."""
-    if resp.is_closed:
-        callback()
-    else:
-        call_stream(resp).on_close(callback)
-
-
-def call_stream(resp: httpx.Response) -> CallStream:
-    """The response's CallStream, wrapping its stream the first time."""
-    stream = resp.stream
-    if isinstance(stream, CallStream):
-        return stream
-    wrapped = CallStream(stream)  # type: ignore[arg-type]
-    resp.stream = wrapped
-    return wrapped
-
-
-class _PrefixedStream(httpx.AsyncByteStream):
-    """A request body larger than the replay bound: the chunks read so far, then the rest."""
-
-    def __init__(self, head: list[bytes], rest: AsyncIterator[bytes]) -> None:
-        self._head = head
-        self._rest = rest
-        self._used = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._used:
-            raise httpx.StreamConsumed()
-        self._used = True
-        for chunk in self._head:
-            yield chunk
-        async for chunk in self._rest:
-            yield chunk
-
-
-async def _aiter(stream: Any) -> AsyncIterator[bytes]:
-    if isinstance(stream, httpx.AsyncByteStream):
-        async for chunk in stream:
-            yield chunk
-    else:
-        for chunk in stream:
-            yield chunk
-
-
-# --------------------------------------------------------------------------- the call
-
-
-class CallContext:
-    """Everything one call carries through the chain (shared by its retries and hedges)."""
-
-    __slots__ = (
-        "runtime", "service", "shard", "request", "method", "raw_path", "headers",
-        "body", "stream", "replayable", "body_bound", "deadline", "incoming_deadline",
-        "attempts", "tried", "losers", "fallback_depth", "start", "fallback_used",
-        "fallback_reason", "expired",
-    )
-
-    def __init__(self, runtime: "PlanRuntime", service: "ServiceRuntime",
-                 shard: "ShardRuntime", request: httpx.Request,
-                 incoming_deadline: float | None, start: float, depth: int = 0) -> None:
-        self.runtime = runtime
-        self.service = service
-        self.shard = shard
-        self.request = request
-        self.method = request.method
-        url = request.url
-        self.raw_path = url.raw_path
-        self.headers, header_deadline = _forward_headers(request.headers.raw)
-        if header_deadline is not None:  # the caller's own x-riprap-deadline-ms
-            parsed = parse_deadline_header(header_deadline.decode("latin-1"), start)
-            if parsed is not None and (incoming_deadline is None or parsed < incoming_deadline):
-                incoming_deadline = parsed
-        self.body: bytes | None = None
-        self.stream: httpx.AsyncByteStream | None = None
-        self.replayable = True
-        self.body_bound = service.spec.max_body_buffer
-        self.deadline = incoming_deadline
-        self.incoming_deadline = incoming_deadline
-        self.attempts = 0
-        self.tried: set[str] = set()
-        self.losers: set[asyncio.Task[Any]] | None = None
-        self.fallback_depth = depth
-        self.start = start
-        self.fallback_used: str | None = None
-        self.fallback_reason: str | None = None
-        self.expired = False  # the call's deadline fired
-
-    async def prepare_body(self) -> None:
-        """Get the request body ready for the first attempt.
-
-        A body already in memory is used as it is. A streamed body is passed straight
-        through, unread, when nothing could ever send it twice (no retry, hedge or
-        service fallback); otherwise it is read once, up to the replay bound, and a
-        bigger one is streamed to a single attempt.
-        """
-        if self.body is not None or self.stream is not None:
-            return
-        request = self.request
-        try:
-            self.body = request.content
-            return
-        except httpx.RequestNotRead:
-            pass
-        if not self.shard.needs_replay:
-            self.stream = _PrefixedStream([], _aiter(request.stream).__aiter__())
-            self.replayable = False
-            return
-        bound = self.body_bound
-        chunks: list[bytes] = []
-        size = 0
-        it = _aiter(request.stream).__aiter__()
-        while True:
-            try:
-                chunk = await it.__anext__()
-            except StopAsyncIteration:
-                break
-            if not chunk:
-                continue
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > bound:
-                self.stream = _PrefixedStream(chunks, it)
-                self.replayable = False
-                return
-        self.body = b"".join(chunks)
-
-
-def _forward_headers(raw: Iterable[tuple[bytes, bytes]]
-                     ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
-    """The caller's headers minus hop-by-hop and per-attempt ones (and those `Connection`
-    names), and the value of an incoming `x-riprap-deadline-ms` (found on the same pass)."""
-    out: list[tuple[bytes, bytes]] = []
-    extra: set[bytes] | None = None
-    deadline: bytes | None = None
-    for name, value in raw:
-        low = name.lower()
-        if low in _HOP_BY_HOP:
-            if low == b"connection":
-                extra = extra or set()
-                extra.update(v.strip().lower() for v in value.split(b","))
-            continue
-        if low in _PER_ATTEMPT:
-            if low == _DEADLINE_BYTES:
-                deadline = value
-            continue
-        out.append((name, value))
-    if extra:
-        out = [(n, v) for n, v in out if n.lower() not in extra]
-    return out, deadline
-
-
-def parse_deadline_header(value: str | None, now: float) -> float | None:
-    """An incoming `x-riprap-deadline-ms` as an absolute clock time (None if absent or bad)."""
-    if value is None:
-        return None
-    try:
-        ms = float(value.strip())
-    except ValueError:
-        return None
-    if ms != ms or ms < 0 or ms == float("inf"):
-        return None
-    return now + ms / 1000.0
-
-
-def _failure_of(exc: BaseException) -> str | None:
-    return getattr(exc, "failure", None)
-
-
-def _idempotent(ctx: CallContext, methods: Sequence[str]) -> bool:
-    if ctx.method in methods:
-        return True
-    return "idempotency-key" in ctx.request.headers
-
-
-# --------------------------------------------------------------------------- endpoints
-
-
-class EndpointRuntime:
-    """An endpoint's live state plus what is needed to address it (URL prefix, Host)."""
-
-    __slots__ = ("spec", "state", "prefix", "authority", "_urls")
-
-    def __init__(self, spec: EndpointSpec, state: EndpointState) -> None:
-        self.spec = spec
-        self.state = state
-        url = httpx.URL(spec.url)
-        port = f":{url.port}" if url.port is not None else ""
-        host = url.raw_host.decode("ascii")
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        self.authority = f"{host}{port}".encode("ascii")
-        base = url.raw_path.decode("ascii").split("?", 1)[0].rstrip("/")
-        self.prefix = f"{url.scheme}://{host}{port}{base}"
-        self._urls: dict[bytes, httpx.URL] = {}
-
-    def url_for(self, raw_path: bytes) -> httpx.URL:
-        """The upstream URL for a request path+query (parsed once per distinct path)."""
-        url = self._urls.get(raw_path)
-        if url is None:
-            path = raw_path.decode("ascii")
-            if not path.startswith("/"):
-                path = "/" + path
-            url = httpx.URL(self.prefix + path)
-            if len(self._urls) >= 512:
-                self._urls.clear()
-            self._urls[raw_path] = url
-        return url
 
 
 # --------------------------------------------------------------------------- shards
@@ -934,13 +457,7 @@ class ShardRuntime:
             if action.delay > 0:
                 await clock.sleep(action.delay)
             if action.kind == "abort":
-                status = action.status or 503
-                return httpx.Response(
-                    status,
-                    headers=[("content-type", "application/json"), ("x-riprap-chaos", "abort"),
-                             (REASON_HEADER, "chaos-abort")],
-                    content=b'{"error":"injected by riprap chaos"}',
-                )
+                return chaos_abort_response(action.status or 503)
             return await inner(ctx)
 
         return inject
@@ -1008,7 +525,7 @@ class ShardRuntime:
         headers.append((b"host", ep.authority))
         if ctx.deadline is not None:
             ms = int((ctx.deadline - now) * 1000)
-            headers.append((DEADLINE_HEADER.encode(), str(ms if ms > 1 else 1).encode()))
+            headers.append((_DEADLINE_BYTES, str(ms if ms > 1 else 1).encode()))
         body = ctx.body
         if body is not None:
             if body or ctx.method in ("POST", "PUT", "PATCH"):
@@ -1324,18 +841,8 @@ class _HedgeRun:
             raise
 
 
-_SPENT: Any = object()
-
-
 def _budget_spec(spec: ServicePlan | ShardPlan) -> Any:
     return spec.retry.budget if spec.retry is not None else None
-
-
-def _decrement(state: EndpointState) -> Callable[[], None]:
-    def done() -> None:
-        if state.in_flight > 0:
-            state.in_flight -= 1
-    return done
 
 
 def _panic_candidates(states: Sequence[EndpointState]) -> list[EndpointState]:
@@ -1345,35 +852,6 @@ def _panic_candidates(states: Sequence[EndpointState]) -> list[EndpointState]:
         if st.healthy and (best is None or st.tier < best):
             best = st.tier
     return [st for st in states if st.healthy and st.tier == best]
-
-
-_STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-
-
-def _classify(exc: httpx.HTTPError, url: str) -> tuple[str | None, ResilienceError]:
-    """An inner transport's exception as a failure class and riprap's error for it.
-
-    A request that cannot even be written (`LocalProtocolError`: a bad header) has no
-    failure class: resending it cannot help, so it is never retried."""
-    if isinstance(exc, httpx.LocalProtocolError):
-        return None, UpstreamFailed(f"{url}: the request cannot be sent ({exc})")
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)):
-        failure = "connect-failure"
-    elif isinstance(exc, httpx.TimeoutException):
-        failure = "timeout"
-    else:
-        failure = "reset"
-    text = f"{url}: {failure} ({exc.__class__.__name__}: {exc})"
-    if failure == "timeout":
-        return failure, DeadlineExceeded(text, failure=failure)
-    return failure, UpstreamFailed(text, failure=failure)
-
-
-def _result(resp: httpx.Response | None, error: ResilienceError | None) -> httpx.Response:
-    if resp is not None:
-        return resp
-    assert error is not None
-    raise error
 
 
 def _good(task: asyncio.Future[Any]) -> bool:
@@ -1388,30 +866,6 @@ def _close_result(task: asyncio.Future[Any]) -> None:
         return
     resp = task.result()
     asyncio.get_running_loop().create_task(resp.aclose())
-
-
-def _discard(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is None:
-        asyncio.get_running_loop().create_task(task.result().aclose())
-
-
-def _answer(status: int, headers: list[tuple[str, str]], body: bytes, kind: str,
-            reason: str) -> httpx.Response:
-    out = [(k, v) for k, v in headers if k.lower() not in _NOT_CACHED]
-    out.append(("content-length", str(len(body))))
-    out.append((FALLBACK_HEADER, kind))
-    out.append((REASON_HEADER, reason))
-    return httpx.Response(status, headers=out, stream=httpx.ByteStream(body))
-
-
-def _fmt_s(seconds: float) -> str:
-    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:g}s"
-
-
-def error_response(exc: ResilienceError) -> httpx.Response:
-    """riprap's own answer for a failure: status, reason header, JSON body."""
-    return httpx.Response(exc.status, headers=exc.headers(),
-                          stream=httpx.ByteStream(exc.body_bytes()))
 
 
 # --------------------------------------------------------------------------- services

@@ -38,6 +38,7 @@ class Sidecar:
     supervise: bool
     supervisor: Supervisor | None = None
     warnings: list[Diagnostic] = field(default_factory=list)
+    listeners: dict[str, str] = field(default_factory=dict)  # set by the server: the real URLs
 
     @property
     def transport(self) -> Any:
@@ -69,7 +70,8 @@ class Sidecar:
             self.supervisor.update(plan.supervise)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"app": self.supervisor.snapshot() if self.supervisor else None}
+        return {"app": self.supervisor.snapshot() if self.supervisor else None,
+                "listeners": self.listeners}
 
     async def aclose(self) -> None:
         await self.holder.stop_watching()

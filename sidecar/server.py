@@ -138,6 +138,7 @@ class SidecarServer:
         self.admin = _Server(_config(sidecar.admin, proxy=False, drain_timeout=drain_timeout))
         self._term = asyncio.Event()
         self._signals = 0
+        sidecar.listeners = {"proxy": _name(proxy_sock), "admin": _name(admin_sock)}
         logging.getLogger("uvicorn.error").addFilter(QuietBrokenBodies())
 
     def _on_term(self) -> None:

@@ -27,7 +27,7 @@ STEPS = (
     ("inventory-down", "take inventory shard b down",
      "per-shard breaker fails fast; stock reads are served from the stale cache"),
     ("recs-slow", "make recommendations slow (+400 ms)",
-     "250 ms timeout, hedge, slow-call breaker; stale/static fallback keeps checkout fast"),
+     "120 ms timeout, hedge, slow-call breaker; stale/static fallback keeps checkout fast"),
     ("kill-checkout", "kill the checkout process",
      "the supervisor restarts it (no supervisor without riprap)"),
     ("heal", "heal everything",

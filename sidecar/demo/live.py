@@ -40,7 +40,8 @@ def _riprap_lines(view: SidecarView) -> list[str]:
     return [
         f"breakers not closed: {', '.join(f'{k} {view.breakers[k]}' for k in open_) or 'none'}",
         f"unhealthy endpoints: {', '.join(view.unhealthy) or 'none'}",
-        f"ejections so far: {', '.join(ejected) or 'none'}",
+        f"ejected now: {', '.join(view.ejected_now) or 'none'}   "
+        f"(ever: {', '.join(ejected) or 'none'})",
         "fallbacks served: " + (", ".join(f"{k} {int(v)}" for k, v in sorted(fb.items())) or "0")
         + f"   retries: {int(view.total(view.retries))}   hedges: {int(view.total(view.hedges))}",
     ]

@@ -1,7 +1,8 @@
 """What the running sidecar says about itself, read from its admin port.
 
 `/metrics` (Prometheus text, names documented in docs/metrics.md) gives the counters the
-demo shows: retries, hedges, fallbacks, ejections, breaker states, endpoint health.
+demo shows: retries, hedges, fallbacks, ejections, breaker states, endpoint health;
+`/state` the endpoints ejected right now.
 Reading them from the admin port, rather than from inside, keeps the demo honest: it sees
 exactly what an operator's Prometheus would.
 """
@@ -9,6 +10,7 @@ exactly what an operator's Prometheus would.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +29,7 @@ class SidecarView:
     breakers: dict[str, str] = field(default_factory=dict)  # "service" or "service/shard" -> state
     breaker_opens: dict[str, float] = field(default_factory=dict)
     unhealthy: list[str] = field(default_factory=list)  # "service endpoint"
+    ejected_now: list[str] = field(default_factory=list)  # "service endpoint", from /state
     error: str | None = None
 
     def total(self, what: dict) -> float:  # type: ignore[type-arg]
@@ -63,15 +66,34 @@ def parse_metrics(text: str) -> SidecarView:
     return view
 
 
+def ejected_endpoints(state: Any) -> list[str]:
+    """Endpoints `/state` shows as ejected right now, services and shards alike."""
+    out: list[str] = []
+    services = state.get("services", {}) if isinstance(state, dict) else {}
+    for name, svc in services.items():
+        if not isinstance(svc, dict):
+            continue
+        scopes = [svc] + [s for s in (svc.get("shards") or {}).values() if isinstance(s, dict)]
+        for scope in scopes:
+            for ep in scope.get("endpoints") or []:
+                if isinstance(ep, dict) and ep.get("ejected"):
+                    out.append(f"{name} {ep.get('url', '?')}")
+    return sorted(out)
+
+
 async def scrape(session: aiohttp.ClientSession, admin: str) -> SidecarView:
     """One look at the sidecar; a view with `error` set when it does not answer."""
+    timeout = aiohttp.ClientTimeout(total=1.0)
     try:
-        async with session.get(f"http://{admin}/metrics",
-                               timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
+        async with session.get(f"http://{admin}/metrics", timeout=timeout) as resp:
             if resp.status != 200:
                 return SidecarView(error=f"/metrics answered {resp.status}")
-            return parse_metrics(await resp.text())
+            view = parse_metrics(await resp.text())
+        async with session.get(f"http://{admin}/state", timeout=timeout) as resp:
+            if resp.status == 200:
+                view.ejected_now = ejected_endpoints(await resp.json(content_type=None))
+        return view
     except (aiohttp.ClientError, TimeoutError) as exc:
         return SidecarView(error=type(exc).__name__)
-    except ValueError as exc:  # unparsable exposition text
-        return SidecarView(error=f"bad /metrics: {exc}")
+    except ValueError as exc:  # unparsable exposition text or JSON
+        return SidecarView(error=f"bad admin answer: {exc}")

@@ -123,3 +123,22 @@ def checkout_copy(tmp_path: Path) -> Path:
     dst = tmp_path / "contract"
     shutil.copytree(CONTRACT_DIR, dst)
     return dst / "checkout.riprap"
+
+
+def run_scenarios(base: Path, scenarios: dict[str, tuple[dict[str, str], list[str]]], workers: int = 4) -> dict[str, Result]:
+    """Write each scenario's files into base/NAME and run `riprap ARGS...` there, concurrently.
+
+    scenarios: name -> ({relative path: text}, [riprap arguments]).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item):
+        name, (files, args) = item
+        d = base / name
+        d.mkdir(parents=True, exist_ok=True)
+        for rel, text in files.items():
+            write(d, rel, text)
+        return name, riprap(*args, cwd=d)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(pool.map(one, scenarios.items()))

@@ -18,7 +18,7 @@ import pytest
 from sidecar.demo import chaos, layout, stats
 from sidecar.demo.report import write as write_report
 from sidecar.demo.summary import summarise
-from sidecar.demo.sidecar_view import SidecarView, parse_metrics
+from sidecar.demo.sidecar_view import SidecarView, ejected_endpoints, parse_metrics
 
 RIPRAP = [sys.executable, "-c", "import sys; from dsl.cli import main; sys.exit(main(sys.argv[1:]))"]
 
@@ -27,7 +27,7 @@ def _free_offset() -> int:
     """A port offset whose whole demo range is free right now."""
     rng = random.Random(os.getpid())
     for _ in range(50):
-        off = rng.randrange(20, 400) * 50
+        off = rng.randrange(20, 280) * 50  # ports stay below the ephemeral range (32768+)
         lay = layout.Layout(layout.find_policy(), off)
         if all(layout.port_free(p) for p in lay.all_ports()):
             return off
@@ -187,3 +187,9 @@ def test_metrics_parsing_and_report(tmp_path: Path) -> None:
     page = out.read_text()
     assert page.count("<svg") == 2 and "stroke-dasharray" in page and "<script" not in page
     assert SidecarView().error is None
+    state = {"services": {
+        "payments": {"endpoints": [{"url": "http://a", "ejected": True},
+                                   {"url": "http://b", "ejected": False}]},
+        "inventory": {"shards": {"b": {"endpoints": [{"url": "http://c", "ejected": True}]}}}}}
+    assert ejected_endpoints(state) == ["inventory http://c", "payments http://a"]
+    assert ejected_endpoints({"unexpected": 1}) == []

@@ -471,6 +471,7 @@ def test_admin_endpoints(sc: Any, policy: Path) -> None:
     assert set(doc["plan"]["services"]) == set(unit.plan.services)
     state = sc.admin.get("/state").json()
     assert "api" in state["services"] and "sharded" in state["services"]
+    assert state["listeners"] == {"proxy": sc.url, "admin": sc.admin_url}
     text = sc.metrics()
     for name in ("riprap_calls_total", "riprap_attempts_total", "riprap_plan_info",
                  "riprap_upstream_latency_seconds_bucket", "riprap_reloads_total"):

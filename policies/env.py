@@ -1,0 +1,29 @@
+"""`Env`: what every runtime of a transport shares, handed down from plan to shard."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+
+from policies.clock import Clock, SystemClock
+from policies.safe_observer import SafeObserver
+
+
+class Env:
+    """What every runtime shares: clock, randomness, observer, inner transport, chaos switch."""
+
+    __slots__ = ("clock", "rng", "observer", "inner", "chaos", "system_clock")
+
+    def __init__(self, clock: Clock, rng: random.Random, observer: SafeObserver,
+                 inner: httpx.AsyncBaseTransport, chaos: bool) -> None:
+        self.clock = clock
+        self.rng = rng
+        self.observer = observer
+        self.inner = inner
+        self.chaos = chaos
+        # The system clock is the loop's clock: deadlines can use asyncio's own timers.
+        self.system_clock = type(clock) is SystemClock
+
+
+__all__ = ["Env"]
