@@ -25,16 +25,13 @@ from typing import Any
 import httpx
 
 from dsl.plan import Plan
+from policies.answers import error_response
 from policies.clock import Clock, SystemClock
+from policies.env import Env
 from policies.errors import ATTEMPTS_HEADER, UnknownService
 from policies.observer import Observer
-from policies.pipeline import (
-    Env,
-    PlanRuntime,
-    SafeObserver,
-    ShardRuntime,
-    error_response,
-)
+from policies.runtime import PlanRuntime, ShardRuntime
+from policies.safe_observer import SafeObserver
 
 log = logging.getLogger("riprap.transport")
 

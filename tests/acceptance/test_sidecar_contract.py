@@ -56,7 +56,7 @@ MAIN_SERVICES = ["echo", "pair", "passthru", "halfdead", "dead", "slow", "limite
                  "capdisc", "brkfb", "median", "frbrk", "slowbrk", "shbrk", "pairlr",
                  "resetretry", "hedgegood", "limdef", "budgeted", "hedgep95", "tiers2",
                  "expect", "staleshort", "backoffx", "brkreopen", "outmax", "rise", "wlr",
-                 "hedge3", "brkk2", "fbchain2"]
+                 "hedge3", "brkk2", "fbchain2", "headhc", "usesvc", "useover", "rnd"]
 
 
 def main_policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -461,6 +461,33 @@ service fbchain2 {{
     endpoint {DEAD}
     fallback service dead
     fallback status 200 text "second-fallback"
+}}
+
+service headhc {{
+    health HEAD /hchead every 100ms timeout 300ms
+    endpoint {A}
+}}
+
+service usesvc {{
+    use quick
+    endpoint {A}
+}}
+
+service useover {{
+    use quick
+    timeout 2s
+    endpoint {A}
+}}
+
+service rnd {{
+    balance random
+    endpoint {A}
+    endpoint {B}
+}}
+
+policy quick {{
+    timeout 250ms
+    retry 1 on 503 backoff 1ms
 }}
 
 service limdef {{
@@ -931,6 +958,9 @@ def test_compiled_plan_json_with_chaos(tmp_path: Path, ups: dict[str, Any],
     src = tmp_path / "chaos.riprap"
     src.write_text(f"""\
 app chaosapp
+defaults {{
+    timeout 450ms
+}}
 service chaotic {{
     chaos abort 100% status 418
     endpoint {A.url}
@@ -983,6 +1013,8 @@ service delayed {{
         assert A.hits(i) == []  # injected before the call leaves
         assert sc.get(f"/calm/x/{uid()}").status_code == 200
         assert sc.get(f"/abortdef/x/{uid()}").status_code == 503  # default status 503
+        r = sc.get(f"/calm/sleep/1/{uid()}")  # section 3: defaults apply to every service
+        assert r.status_code == 504 and reason(r) == "timeout"
         # section 5: a key maps the same way in every process (stable hash), and adding a
         # shard moves keys only to the new shard (rendezvous hashing)
         moved = 0
@@ -1637,6 +1669,7 @@ def test_kubernetes_configmap_symlink_swap(tmp_path: Path, ups: dict[str, Any]) 
                  "--admin", f"[::1]:{admin}", admin_host="[::1]").start()
     try:
         assert sc.get("/dead/x").text == "one"
+        assert sc.admin.get("/plan").json()["plan"]["app"] == "k8s"  # section 3: file stem
         tmp_link = tmp_path / "..data_tmp"
         tmp_link.symlink_to(v2.name)
         os.replace(tmp_link, tmp_path / "..data")  # the kubelet's atomic swap
@@ -1947,22 +1980,14 @@ def test_reload_watches_a_file_named_by_a_new_plan(rel: dict[str, Any]) -> None:
 
 
 def _raw(port: int, data: bytes) -> bytes:
+    """Send raw bytes (the request asks the server to close) and read to the end."""
     import socket
 
+    out = b""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(data)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            if not chunk:
-                break
+        while chunk := s.recv(65536):
             out += chunk
-            if b"\r\n\r\n" in out and (b"Connection: close" in out or
-                                        b"connection: close" in out or out.count(b"}") >= 1):
-                break
     return out
 
 
@@ -2128,3 +2153,29 @@ def test_deleted_fallback_file_keeps_plan(rel: dict[str, Any]) -> None:
         (d / "fb.json").write_text('{"v": 8}')
     assert wait_for(lambda: sc.admin.get("/plan").json()["last_error"] is None, 3)
     assert sc.get("/one/x").json() == {"v": 8}
+
+
+def test_health_check_method(env: dict[str, Any]) -> None:
+    A = env["A"]
+    assert wait_for(lambda: A.hits("/hchead"), 3)
+    assert {h["method"] for h in A.hits("/hchead")} == {"HEAD"}
+
+
+def test_use_policy_and_service_override(env: dict[str, Any]) -> None:
+    """Section 4 precedence: a used policy applies; the service's own lines replace it."""
+    sc, A = env["sc"], env["A"]
+    t = time.monotonic()
+    r = sc.get(f"/usesvc/sleep/1/{uid()}")
+    assert r.status_code == 504 and time.monotonic() - t < 0.7
+    i = uid()
+    assert attempts(sc.get(f"/usesvc/s/503/{i}")) == 2 and len(A.hits(i)) == 2
+    r = sc.get(f"/useover/sleep/0.5/{uid()}")
+    assert r.status_code == 200
+    i = uid()
+    assert attempts(sc.get(f"/useover/s/503/{i}")) == 2  # retry still from the policy
+
+
+def test_balance_random_uses_every_endpoint(env: dict[str, Any]) -> None:
+    sc = env["sc"]
+    seen = {sc.get(f"/rnd/x/{uid()}").headers["x-upstream"] for _ in range(30)}
+    assert seen == {"A", "B"}

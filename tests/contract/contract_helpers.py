@@ -125,10 +125,10 @@ def checkout_copy(tmp_path: Path) -> Path:
     return dst / "checkout.riprap"
 
 
-def run_scenarios(base: Path, scenarios: dict[str, tuple[dict[str, str], list[str]]], workers: int = 4) -> dict[str, Result]:
+def run_scenarios(base: Path, scenarios: dict, workers: int = 4) -> dict[str, Result]:
     """Write each scenario's files into base/NAME and run `riprap ARGS...` there, concurrently.
 
-    scenarios: name -> ({relative path: text}, [riprap arguments]).
+    scenarios: name -> ({relative path: text or bytes}, [riprap arguments]).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -137,8 +137,18 @@ def run_scenarios(base: Path, scenarios: dict[str, tuple[dict[str, str], list[st
         d = base / name
         d.mkdir(parents=True, exist_ok=True)
         for rel, text in files.items():
-            write(d, rel, text)
+            if isinstance(text, bytes):
+                (d / rel).parent.mkdir(parents=True, exist_ok=True)
+                (d / rel).write_bytes(text)
+            else:
+                write(d, rel, text)
         return name, riprap(*args, cwd=d)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(pool.map(one, scenarios.items()))
+
+
+def plan_of(res: Result) -> dict:
+    """The plan a `riprap compile` run printed (it must have succeeded)."""
+    assert res.rc == 0, f"compile failed rc={res.rc}\n{res.err}"
+    return json.loads(res.out)

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from contract_helpers import CHECKOUT, compile_plan, errors, parse_diags, riprap, warnings, write
+from contract_helpers import (
+    CHECKOUT,
+    CONTRACT_DIR,
+    compile_plan,
+    errors,
+    parse_diags,
+    riprap,
+    run_scenarios,
+    warnings,
+    write,
+)
 
 CLEAN = """
 service api {
@@ -43,24 +53,135 @@ policy critical {
 """
 
 
+SMALL_MESH = {
+    "web.riprap": """
+        app web
+        service catalog {
+            timeout 3s
+            endpoint http://127.0.0.1:9801
+            retry 1 backoff 50ms per-try 1s budget 20%
+        }
+        """,
+    "catalog.riprap": """
+        app catalog
+        service search {
+            timeout 800ms
+            endpoint http://127.0.0.1:9802
+        }
+        """,
+}
+
+WORST_CASE = """
+service a {
+    timeout 5s
+    endpoint http://127.0.0.1:9001
+    retry 2 per-try 500ms backoff 100ms..1s budget 20%
+}
+service b {
+    timeout 5s
+    endpoint http://127.0.0.1:9001
+}
+"""
+
+MULTILINE_BAD_JSON = """
+service a {
+    timeout 1s
+    endpoint http://127.0.0.1:9001
+    fallback status 503 json {
+        "a": ,
+        "c": 3
+    }
+}
+service b {
+    timeout 1s
+    endpoint http://127.0.0.1:9002
+    retry many
+}
+"""
+
+SYNTAX_HEADERS = ["service a b {", "defaults", "health GET"]
+
+
+def _after_syntax(header: str) -> str:
+    return (
+        "service z {\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n}\n"
+        f"{header}\n    timeout 1s\n}}\n"
+        "service y {\n    timeout 1s\n    endpoint http://127.0.0.1:9002\n    retry many\n}\n"
+    )
+
+
+def _contract_files() -> dict[str, str]:
+    if not CHECKOUT.exists():
+        return {}
+    return {
+        str(p.relative_to(CONTRACT_DIR)): p.read_text(encoding="utf-8")
+        for p in CONTRACT_DIR.rglob("*")
+        if p.is_file()
+    }
+
+
+# name -> ({file: text}, [riprap arguments]); all run once, concurrently, by the `cli` fixture
+CLI = {
+    "contract_check": ({}, ["check", str(CHECKOUT)]),
+    "warn": ({"warn.riprap": WARN_ONLY}, ["check", "warn.riprap"]),
+    "warn_strict": ({"warn.riprap": WARN_ONLY}, ["check", "--strict", "warn.riprap"]),
+    "directory": (
+        {"pol/good.riprap": CLEAN, "pol/broken.riprap": THREE_ERRORS, "pol/notes.txt": "not a policy file {{{\n"},
+        ["check", "pol"],
+    ),
+    "several": ({"a.riprap": CLEAN, "b.riprap": CLEAN.replace("api", "other")}, ["check", "a.riprap", "b.riprap"]),
+    "json_errors": ({"bad.riprap": THREE_ERRORS}, ["check", "--format", "json", "bad.riprap"]),
+    "json_clean": ({"clean.riprap": CLEAN}, ["check", "--format", "json", "clean.riprap"]),
+    "three_errors": ({"bad.riprap": THREE_ERRORS}, ["check", "bad.riprap"]),
+    **{
+        f"after_syntax_{i}": ({"r.riprap": _after_syntax(h)}, ["check", "r.riprap"])
+        for i, h in enumerate(SYNTAX_HEADERS)
+    },
+    "multiline_json": ({"j.riprap": MULTILINE_BAD_JSON}, ["check", "j.riprap"]),
+    "syntax": (
+        {"syn.riprap": "service api {\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n    retry 2 on {\n}\n"},
+        ["check", "syn.riprap"],
+    ),
+    "compile_clean": ({"c.riprap": CLEAN}, ["compile", "c.riprap"]),
+    "compile_warn": ({"w.riprap": WARN_ONLY}, ["compile", "w.riprap"]),
+    "compile_errors": ({"bad.riprap": THREE_ERRORS}, ["compile", "bad.riprap"]),
+    "explain_all": (_contract_files(), ["explain", "checkout.riprap"]),
+    "explain_payments": (_contract_files(), ["explain", "checkout.riprap", "payments"]),
+    "explain_nope": (_contract_files(), ["explain", "checkout.riprap", "nope"]),
+    "explain_wc_a": ({"wc.riprap": WORST_CASE}, ["explain", "wc.riprap", "a"]),
+    "explain_wc_b": ({"wc.riprap": WORST_CASE}, ["explain", "wc.riprap", "b"]),
+    "graph_mermaid": (SMALL_MESH, ["graph", "web.riprap", "catalog.riprap", "--format", "mermaid"]),
+    "graph_dot": (SMALL_MESH, ["graph", "web.riprap", "catalog.riprap", "--format", "dot"]),
+    "graph_dir": (SMALL_MESH, ["graph", ".", "--format", "dot"]),
+}
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    return run_scenarios(tmp_path_factory.mktemp("cli"), CLI)
+
+
+def _needs_contract():
+    if not CHECKOUT.exists():
+        pytest.skip("contract example missing")
+
+
 # ---------------------------------------------------------------------------------------
 # check: exit codes
 # ---------------------------------------------------------------------------------------
 
 
-def test_s8_check_contract_example_passes():
+def test_s8_check_contract_example_passes(cli):
     # brief + §8: the contract's own example checks clean (exit 0: warnings at most)
-    if not CHECKOUT.exists():
-        pytest.skip("contract example missing")
-    res = riprap("check", CHECKOUT)
+    _needs_contract()
+    res = cli["contract_check"]
     assert res.rc == 0, res.text
     assert not errors(res)
 
 
-def test_s8_check_exit_0_with_warnings_only_same_format(tmp_path):
+def test_s8_check_exit_0_with_warnings_only_same_format(cli):
     # §8: exit 0 with warnings only; warnings read the same with warning[CODE]
-    write(tmp_path, "warn.riprap", WARN_ONLY)
-    res = riprap("check", "warn.riprap", cwd=tmp_path)
+    res = cli["warn"]
     assert res.rc == 0, res.text
     ws = warnings(res)
     assert ws and not errors(res), res.text
@@ -86,21 +207,16 @@ def test_s8_exit_2_on_usage_or_io_error(tmp_path, args):
     assert "Traceback" not in res.text
 
 
-def test_s8_check_directory_compiles_its_riprap_files(tmp_path):
+def test_s8_check_directory_compiles_its_riprap_files(cli):
     # §8: check PATH... compiles files or directories of *.riprap
-    write(tmp_path, "pol/good.riprap", CLEAN)
-    write(tmp_path, "pol/broken.riprap", THREE_ERRORS)
-    write(tmp_path, "pol/notes.txt", "this is not a policy file {{{\n")
-    res = riprap("check", "pol", cwd=tmp_path)
+    res = cli["directory"]
     assert res.rc == 1
     paths = {Path(d.path).name for d in errors(res)}
     assert paths == {"broken.riprap"}, res.text
 
 
-def test_s8_check_several_files(tmp_path):
-    write(tmp_path, "a.riprap", CLEAN)
-    write(tmp_path, "b.riprap", CLEAN.replace("api", "other"))
-    assert riprap("check", "a.riprap", "b.riprap", cwd=tmp_path).rc == 0
+def test_s8_check_several_files(cli):
+    assert cli["several"].rc == 0, cli["several"].text
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,9 +224,8 @@ def test_s8_check_several_files(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_s8_format_json_is_a_list(tmp_path):
-    write(tmp_path, "bad.riprap", THREE_ERRORS)
-    res = riprap("check", "--format", "json", "bad.riprap", cwd=tmp_path)
+def test_s8_format_json_is_a_list(cli):
+    res = cli["json_errors"]
     assert res.rc == 1
     data = json.loads(res.out)
     assert isinstance(data, list)
@@ -118,19 +233,16 @@ def test_s8_format_json_is_a_list(tmp_path):
     assert all(isinstance(d, dict) for d in data)
 
 
-def test_s8_clean_file_exit_0_and_json_empty_list(tmp_path):
-    write(tmp_path, "clean.riprap", CLEAN)
-    res = riprap("check", "--format", "json", "clean.riprap", cwd=tmp_path)
+def test_s8_clean_file_exit_0_and_json_empty_list(cli):
+    res = cli["json_clean"]
     assert res.rc == 0, res.text
     assert json.loads(res.out) == []
     assert not parse_diags(res.text), res.text
 
 
-def test_s8_strict_makes_warnings_errors(tmp_path):
-    write(tmp_path, "warn.riprap", WARN_ONLY)
-    assert riprap("check", "warn.riprap", cwd=tmp_path).rc == 0
-    res = riprap("check", "--strict", "warn.riprap", cwd=tmp_path)
-    assert res.rc == 1
+def test_s8_strict_makes_warnings_errors(cli):
+    assert cli["warn"].rc == 0
+    assert cli["warn_strict"].rc == 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,10 +251,8 @@ def test_s8_strict_makes_warnings_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def three_errors(tmp_path_factory):
-    d = tmp_path_factory.mktemp("three")
-    write(d, "bad.riprap", THREE_ERRORS)
-    return riprap("check", "bad.riprap", cwd=d)
+def three_errors(cli):
+    return cli["three_errors"]
 
 
 def test_s8_every_problem_in_a_file_is_reported(three_errors):
@@ -181,19 +291,10 @@ def test_s8_hint_did_you_mean(three_errors):
     assert "did you mean 'critical'?" in use.full
 
 
-@pytest.mark.parametrize(
-    "header",
-    ["service a b {", "defaults", "health GET"],
-)
-def test_s8_errors_after_a_syntax_error_are_still_reported(tmp_path, header):
+@pytest.mark.parametrize("i", range(len(SYNTAX_HEADERS)), ids=SYNTAX_HEADERS)
+def test_s8_errors_after_a_syntax_error_are_still_reported(cli, i):
     # §8: every problem in a file is reported: a broken line 5 must not hide line 11
-    text = (
-        "service z {\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n}\n"
-        f"{header}\n    timeout 1s\n}}\n"
-        "service y {\n    timeout 1s\n    endpoint http://127.0.0.1:9002\n    retry many\n}\n"
-    )
-    (tmp_path / "r.riprap").write_text(text, encoding="utf-8")
-    res = riprap("check", "r.riprap", cwd=tmp_path)
+    res = cli[f"after_syntax_{i}"]
     assert res.rc == 1
     lines = {d.line for d in errors(res)}
     assert 5 in lines and 11 in lines, res.text
@@ -204,36 +305,16 @@ def test_s8_errors_after_a_syntax_error_are_still_reported(tmp_path, header):
     reason="BUG: a malformed inline JSON value spanning lines hides every later problem "
     "(and adds a bogus \"got '{'\" error): dsl/parser.py _blank keeps the JSON '{' as a block brace",
 )
-def test_s8_errors_after_bad_multiline_json_are_still_reported(tmp_path):
+def test_s8_errors_after_bad_multiline_json_are_still_reported(cli):
     # §2 inline JSON may span lines; §8 every problem in a file is reported
-    write(
-        tmp_path,
-        "j.riprap",
-        """
-        service a {
-            timeout 1s
-            endpoint http://127.0.0.1:9001
-            fallback status 503 json {
-                "a": ,
-                "c": 3
-            }
-        }
-        service b {
-            timeout 1s
-            endpoint http://127.0.0.1:9002
-            retry many
-        }
-        """,
-    )
-    res = riprap("check", "j.riprap", cwd=tmp_path)
+    res = cli["multiline_json"]
     assert res.rc == 1
     errs = errors(res)
     assert {d.line for d in errs} == {5, 12}, res.text
 
 
-def test_s8_syntax_error_is_located_not_a_traceback(tmp_path):
-    write(tmp_path, "syn.riprap", "service api {\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n    retry 2 on {\n}\n")
-    res = riprap("check", "syn.riprap", cwd=tmp_path)
+def test_s8_syntax_error_is_located_not_a_traceback(cli):
+    res = cli["syntax"]
     assert res.rc == 1
     assert "Traceback" not in res.text
     assert any(d.line == 4 for d in errors(res)), res.text
@@ -244,17 +325,15 @@ def test_s8_syntax_error_is_located_not_a_traceback(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_s8_compile_prints_plan_json(tmp_path):
-    write(tmp_path, "c.riprap", CLEAN)
-    res = riprap("compile", "c.riprap", cwd=tmp_path)
+def test_s8_compile_prints_plan_json(cli):
+    res = cli["compile_clean"]
     assert res.rc == 0
     plan = json.loads(res.out)
     assert plan["version"] == 1 and "api" in plan["services"]
 
 
-def test_s8_compile_with_warnings_still_prints_only_json_on_stdout(tmp_path):
-    write(tmp_path, "w.riprap", WARN_ONLY)
-    res = riprap("compile", "w.riprap", cwd=tmp_path)
+def test_s8_compile_with_warnings_still_prints_only_json_on_stdout(cli):
+    res = cli["compile_warn"]
     assert res.rc == 0
     assert json.loads(res.out)["services"]["api"]["timeout"] == pytest.approx(15.0)
 
@@ -275,9 +354,8 @@ def test_s8_compile_o_unwritable_is_an_io_error(tmp_path):
     assert "Traceback" not in res.text
 
 
-def test_s8_compile_exit_1_on_error(tmp_path):
-    write(tmp_path, "bad.riprap", THREE_ERRORS)
-    res = riprap("compile", "bad.riprap", cwd=tmp_path)
+def test_s8_compile_exit_1_on_error(cli):
+    res = cli["compile_errors"]
     assert res.rc == 1
     assert errors(res)
 
@@ -352,9 +430,10 @@ def test_s8_fmt_several_files(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_s8_explain_every_service_with_worst_case(checkout_copy):
+def test_s8_explain_every_service_with_worst_case(cli):
     # §8: the resolved policy of each service in plain words, worst-case attempts and time
-    res = riprap("explain", checkout_copy.name, cwd=checkout_copy.parent)
+    _needs_contract()
+    res = cli["explain_all"]
     assert res.rc == 0, res.text
     for name in ("payments", "inventory", "recommendations"):
         assert name in res.out
@@ -362,9 +441,10 @@ def test_s8_explain_every_service_with_worst_case(checkout_copy):
     assert re.search(r"attempt", res.out, re.I)
 
 
-def test_s8_explain_one_service(checkout_copy):
+def test_s8_explain_one_service(cli):
     # payments: retry 3 -> 4 attempts; timeout 2s bounds its worst-case time
-    res = riprap("explain", checkout_copy.name, "payments", cwd=checkout_copy.parent)
+    _needs_contract()
+    res = cli["explain_payments"]
     assert res.rc == 0, res.text
     assert "payments" in res.out
     assert "inventory" not in res.out and "recommendations" not in res.out
@@ -373,35 +453,21 @@ def test_s8_explain_one_service(checkout_copy):
     assert re.search(r"\b2(\.0)?\s?s\b", res.out), res.out
 
 
-def test_s8_explain_worst_case_time_below_the_timeout(tmp_path):
+def test_s8_explain_worst_case_time_below_the_timeout(cli):
     # 3 attempts x 500ms per try + backoff 100ms + 200ms = 1.8s, under the 5s timeout
-    write(
-        tmp_path,
-        "wc.riprap",
-        """
-        service a {
-            timeout 5s
-            endpoint http://127.0.0.1:9001
-            retry 2 per-try 500ms backoff 100ms..1s budget 20%
-        }
-        service b {
-            timeout 5s
-            endpoint http://127.0.0.1:9001
-        }
-        """,
-    )
-    res = riprap("explain", "wc.riprap", "a", cwd=tmp_path)
+    res = cli["explain_wc_a"]
     assert res.rc == 0, res.text
     assert re.search(r"\b1\.8\s?s\b|\b1800\s?ms\b", res.out), res.out
     assert any(re.search(r"\b3\b", l) for l in res.out.splitlines() if re.search(r"attempt", l, re.I))
-    res = riprap("explain", "wc.riprap", "b", cwd=tmp_path)
+    res = cli["explain_wc_b"]
     assert res.rc == 0, res.text
     attempts = [l for l in res.out.splitlines() if re.search(r"worst.*attempt", l, re.I)]
     assert attempts and re.search(r"\b1\b", attempts[0]), res.out
 
 
-def test_s8_explain_unknown_service_fails(checkout_copy):
-    res = riprap("explain", checkout_copy.name, "nope", cwd=checkout_copy.parent)
+def test_s8_explain_unknown_service_fails(cli):
+    _needs_contract()
+    res = cli["explain_nope"]
     assert res.rc != 0
     assert "Traceback" not in res.text
 
@@ -411,36 +477,8 @@ def test_s8_explain_unknown_service_fails(checkout_copy):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_mesh(tmp_path):
-    write(
-        tmp_path,
-        "web.riprap",
-        """
-        app web
-        service catalog {
-            timeout 3s
-            endpoint http://127.0.0.1:9801
-            retry 1 backoff 50ms per-try 1s budget 20%
-        }
-        """,
-    )
-    write(
-        tmp_path,
-        "catalog.riprap",
-        """
-        app catalog
-        service search {
-            timeout 800ms
-            endpoint http://127.0.0.1:9802
-        }
-        """,
-    )
-    return tmp_path
-
-
-def test_s8_graph_mermaid(small_mesh):
-    res = riprap("graph", "web.riprap", "catalog.riprap", "--format", "mermaid", cwd=small_mesh)
+def test_s8_graph_mermaid(cli):
+    res = cli["graph_mermaid"]
     assert res.rc == 0, res.text
     # §8: the dependency graph with its policies (the 3s and 800ms timeouts appear)
     assert "3s" in res.out and "800ms" in res.out
@@ -451,8 +489,8 @@ def test_s8_graph_mermaid(small_mesh):
     assert "-->" in res.out or "---" in res.out
 
 
-def test_s8_graph_dot(small_mesh):
-    res = riprap("graph", "web.riprap", "catalog.riprap", "--format", "dot", cwd=small_mesh)
+def test_s8_graph_dot(cli):
+    res = cli["graph_dot"]
     assert res.rc == 0, res.text
     assert re.match(r"\s*(strict\s+)?digraph\b", res.out)
     assert "->" in res.out
@@ -461,9 +499,9 @@ def test_s8_graph_dot(small_mesh):
     assert res.out.rstrip().endswith("}")
 
 
-def test_s8_graph_accepts_a_directory(small_mesh):
+def test_s8_graph_accepts_a_directory(cli):
     # §8: graph PATH... (paths, like check: files or directories)
-    res = riprap("graph", ".", "--format", "dot", cwd=small_mesh)
+    res = cli["graph_dir"]
     assert res.rc == 0, res.text
     for name in ("web", "catalog", "search"):
         assert name in res.out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from contract_helpers import CHECKOUT, compile_plan, errors, riprap, write
+from contract_helpers import CHECKOUT, errors, plan_of, riprap, run_scenarios, write
 
 APPROX = pytest.approx
 
@@ -27,11 +27,21 @@ def _strs(values) -> set[str]:
 # ---------------------------------------------------------------------------------------
 
 
+# name -> ({file: text or bytes}, [riprap arguments]); every scenario of this module is run
+# once, concurrently, by the `lang` fixture (tests below add to it at import time)
+LANG: dict = {"checkout": ({}, ["compile", str(CHECKOUT)])}
+
+
 @pytest.fixture(scope="module")
-def checkout_plan() -> dict:
+def lang(tmp_path_factory):
+    return run_scenarios(tmp_path_factory.mktemp("lang"), LANG)
+
+
+@pytest.fixture(scope="module")
+def checkout_plan(lang) -> dict:
     if not CHECKOUT.exists():
         pytest.skip(f"{CHECKOUT} is missing")
-    return compile_plan(CHECKOUT)
+    return plan_of(lang["checkout"])
 
 
 def test_s1_checkout_compiles_to_version_1_plan(checkout_plan):
@@ -102,7 +112,7 @@ def test_s1_checkout_inventory_and_recommendations(checkout_plan):
     assert ch["kind"] == "delay" and ch["probability"] == APPROX(0.1) and ch["delay"] == APPROX(0.4)
 
 
-def test_s7_plans_validate_against_the_shipped_schema(checkout_plan, tmp_path):
+def test_s7_plans_validate_against_the_shipped_schema(checkout_plan):
     # §7: the plan has a JSON Schema shipped in the package
     import importlib.util
 
@@ -206,11 +216,12 @@ service jsonstr {
 '''
 
 
+LANG["lexical"] = ({"lexical.riprap": LEXICAL}, ["compile", "lexical.riprap"])
+
+
 @pytest.fixture(scope="module")
-def lexical_plan(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("lexical")
-    path = write(d, "lexical.riprap", LEXICAL)
-    return compile_plan(path)
+def lexical_plan(lang) -> dict:
+    return plan_of(lang["lexical"])
 
 
 @pytest.mark.parametrize(
@@ -292,38 +303,42 @@ def test_s2_inline_json_spanning_lines(lexical_plan):
     assert fb["status"] == 418 and json.loads(fb["body"]) == "just a string"
 
 
-def test_s2_crlf_and_tabs_are_whitespace(tmp_path):
+LANG["crlf"] = (
+    {"crlf.riprap": b"service a {\r\n\ttimeout 2s\r\n\tendpoint http://127.0.0.1:9001\r\n}\r\n"},
+    ["compile", "crlf.riprap"],
+)
+
+
+def test_s2_crlf_and_tabs_are_whitespace(lang):
     # §2: statements end at a newline (a CRLF file is still newline-terminated)
-    path = tmp_path / "crlf.riprap"
-    path.write_bytes(b"service a {\r\n\ttimeout 2s\r\n\tendpoint http://127.0.0.1:9001\r\n}\r\n")
-    assert compile_plan(path)["services"]["a"]["timeout"] == APPROX(2.0)
+    assert plan_of(lang["crlf"])["services"]["a"]["timeout"] == APPROX(2.0)
 
 
-def test_s2_statements_end_at_a_newline(tmp_path):
-    # §2: statements end at a newline: two on one line, or one split over two, are errors
-    write(
-        tmp_path,
-        "nl.riprap",
-        """
+LANG["nl"] = (
+    {
+        "nl.riprap": """
         service a {
             timeout 1s endpoint http://127.0.0.1:9001
             endpoint http://127.0.0.1:9001
             retry 2
                 on 503
         }
-        """,
-    )
-    res = riprap("check", "nl.riprap", cwd=tmp_path)
+        """
+    },
+    ["check", "nl.riprap"],
+)
+
+
+def test_s2_statements_end_at_a_newline(lang):
+    # §2: statements end at a newline: two on one line, or one split over two, are errors
+    res = lang["nl"]
     assert res.rc == 1
     assert {2, 5} <= {d.line for d in errors(res)}, res.text
 
 
-def test_s2_keyword_like_names_are_names(tmp_path):
-    # §2: any [A-Za-z][A-Za-z0-9_.-]* is a name, including words the language uses
-    path = write(
-        tmp_path,
-        "kw.riprap",
-        """
+LANG["kw"] = (
+    {
+        "kw.riprap": """
         app service
         policy retry {
             timeout 1s
@@ -338,9 +353,15 @@ def test_s2_keyword_like_names_are_names(tmp_path):
             endpoint http://127.0.0.1:9002
             host limit, json
         }
-        """,
-    )
-    p = compile_plan(path)
+        """
+    },
+    ["compile", "kw.riprap"],
+)
+
+
+def test_s2_keyword_like_names_are_names(lang):
+    # §2: any [A-Za-z][A-Za-z0-9_.-]* is a name, including words the language uses
+    p = plan_of(lang["kw"])
     assert p["app"] == "service"
     assert set(p["services"]) == {"timeout", "health"}
     assert p["services"]["timeout"]["timeout"] == APPROX(1.0)
@@ -362,16 +383,20 @@ BAD_LEXEMES = {
 }
 
 
+# one file per bad lexeme, checked in one `riprap check` run
+BAD_NAMES = {label: f"bad{i}.riprap" for i, label in enumerate(BAD_LEXEMES)}
+LANG["badlex"] = (
+    {
+        BAD_NAMES[label]: f"service s{i} {{\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n{line}\n}}\n"
+        for i, (label, line) in enumerate(BAD_LEXEMES.items())
+    },
+    ["check", *sorted(BAD_NAMES.values())],
+)
+
+
 @pytest.fixture(scope="module")
-def bad_lexemes_result(tmp_path_factory):
-    """One file per bad lexeme, checked in one `riprap check` run."""
-    d = tmp_path_factory.mktemp("badlex")
-    names = {}
-    for i, (label, line) in enumerate(BAD_LEXEMES.items()):
-        name = f"bad{i}.riprap"
-        write(d, name, f"service s{i} {{\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n{line}\n}}\n")
-        names[label] = name
-    return names, riprap("check", *sorted(names.values()), cwd=d)
+def bad_lexemes_result(lang):
+    return BAD_NAMES, lang["badlex"]
 
 
 @pytest.mark.parametrize("label", list(BAD_LEXEMES))
@@ -384,13 +409,15 @@ def test_s2_malformed_lexemes_are_errors_at_their_line(bad_lexemes_result, label
     assert any(d.line == 4 for d in mine), [(d.line, d.col, d.msg) for d in mine]
 
 
-def test_s2_non_utf8_is_an_error_at_the_first_bad_byte(tmp_path):
+LANG["latin1"] = (
+    {"latin1.riprap": b"service a {\n    timeout 1s\n    endpoint http://127.0.0.1:9001 # caf\xc3\xa9 \xff\xfe\n}\n"},
+    ["check", "latin1.riprap"],
+)
+
+
+def test_s2_non_utf8_is_an_error_at_the_first_bad_byte(lang):
     # preamble: a file that is not UTF-8 is an error located at the first bad byte
-    path = tmp_path / "latin1.riprap"
-    path.write_bytes(
-        b"service a {\n    timeout 1s\n    endpoint http://127.0.0.1:9001 # caf\xc3\xa9 \xff\xfe\n}\n"
-    )
-    res = riprap("check", path.name, cwd=tmp_path)
+    res = lang["latin1"]
     assert res.rc == 1
     errs = errors(res)
     assert errs, res.text
@@ -398,12 +425,9 @@ def test_s2_non_utf8_is_an_error_at_the_first_bad_byte(tmp_path):
     assert (errs[0].line, errs[0].col) in {(3, 43), (3, 44)}, (errs[0].line, errs[0].col)
 
 
-def test_names_may_be_used_before_their_declaration(tmp_path):
-    # preamble: names may be used before the statement that declares them
-    path = write(
-        tmp_path,
-        "fwd.riprap",
-        """
+LANG["fwd"] = (
+    {
+        "fwd.riprap": """
         service front {
             use later
             timeout 1s
@@ -425,9 +449,15 @@ def test_names_may_be_used_before_their_declaration(tmp_path):
         policy later {
             breaker failures 4
         }
-        """,
-    )
-    p = compile_plan(path)
+        """
+    },
+    ["compile", "fwd.riprap"],
+)
+
+
+def test_names_may_be_used_before_their_declaration(lang):
+    # preamble: names may be used before the statement that declares them
+    p = plan_of(lang["fwd"])
     assert p["services"]["front"]["breaker"]["failures"] == 4
     assert p["services"]["front"]["fallbacks"][0]["service"] == "back"
     assert p["services"]["sharded"]["sharding"]["default"] == "z"
@@ -438,22 +468,24 @@ def test_names_may_be_used_before_their_declaration(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_s3_defaults_app_is_file_stem_listen_admin(tmp_path):
+LANG["stem"] = (
+    {"my-stem.riprap": "service a {\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n}\n"},
+    ["compile", "my-stem.riprap"],
+)
+
+
+def test_s3_defaults_app_is_file_stem_listen_admin(lang):
     # §3: app defaults to the file's stem; listen 127.0.0.1:7400; admin 127.0.0.1:7401
-    path = write(tmp_path, "my-stem.riprap", "service a {\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n}\n")
-    p = compile_plan(path)
+    p = plan_of(lang["stem"])
     assert p["app"] == "my-stem"
     assert p["listen"] == "127.0.0.1:7400"
     assert p["admin"] == "127.0.0.1:7401"
     assert p["supervise"] is None  # §6: no app block, no supervision
 
 
-def test_s6_app_block_form_compiles(tmp_path):
-    # §3/§6: `app NAME { run ... health ... restart backoff ... }`
-    path = write(
-        tmp_path,
-        "sup.riprap",
-        """
+LANG["sup"] = (
+    {
+        "sup.riprap": """
         app checkout {
             run "python -m shop.checkout"
             health GET http://127.0.0.1:8000/healthz every 5s timeout 1s fall 3
@@ -463,9 +495,15 @@ def test_s6_app_block_form_compiles(tmp_path):
             timeout 1s
             endpoint http://127.0.0.1:9001
         }
-        """,
-    )
-    p = compile_plan(path)
+        """
+    },
+    ["compile", "sup.riprap"],
+)
+
+
+def test_s6_app_block_form_compiles(lang):
+    # §3/§6: `app NAME { run ... health ... restart backoff ... }`
+    p = plan_of(lang["sup"])
     assert p["app"] == "checkout"
     assert set(p["services"]) == {"a"}
     sup = p["supervise"]  # §6: the block form supervises the app
@@ -581,12 +619,15 @@ service chaos_abort {
 """
 
 
+LANG["policies"] = (
+    {"static/answer.json": '{"from": "file"}\n', "policies.riprap": POLICIES},
+    ["compile", "policies.riprap"],
+)
+
+
 @pytest.fixture(scope="module")
-def policies_plan(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("policies")
-    write(d, "static/answer.json", '{"from": "file"}\n')
-    path = write(d, "policies.riprap", POLICIES)
-    return compile_plan(path)["services"]
+def policies_plan(lang) -> dict:
+    return plan_of(lang["policies"])["services"]
 
 
 def test_s4_builtin_timeout_is_15s(policies_plan):
@@ -756,10 +797,12 @@ service u {
 """
 
 
+LANG["precedence"] = ({"prec.riprap": PRECEDENCE}, ["compile", "prec.riprap"])
+
+
 @pytest.fixture(scope="module")
-def precedence_plan(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("precedence")
-    return compile_plan(write(d, "prec.riprap", PRECEDENCE))["services"]
+def precedence_plan(lang) -> dict:
+    return plan_of(lang["precedence"])["services"]
 
 
 def test_s4_precedence_service_lines_win_over_policies_and_defaults(precedence_plan):
@@ -806,12 +849,9 @@ def test_s4_fallback_and_chaos_accumulate_in_precedence_order(precedence_plan):
     assert len(t["fallbacks"]) == 1 and len(t["chaos"]) == 1
 
 
-def test_s4_endpoint_and_failover_only_in_services_and_shards(tmp_path):
-    # §4: endpoint/failover only exist in services and shards
-    write(
-        tmp_path,
-        "ep.riprap",
-        """
+LANG["ep"] = (
+    {
+        "ep.riprap": """
         defaults {
             endpoint http://127.0.0.1:9001
         }
@@ -823,9 +863,15 @@ def test_s4_endpoint_and_failover_only_in_services_and_shards(tmp_path):
             timeout 1s
             endpoint http://127.0.0.1:9003
         }
-        """,
-    )
-    res = riprap("check", "ep.riprap", cwd=tmp_path)
+        """
+    },
+    ["check", "ep.riprap"],
+)
+
+
+def test_s4_endpoint_and_failover_only_in_services_and_shards(lang):
+    # §4: endpoint/failover only exist in services and shards
+    res = lang["ep"]
     assert res.rc == 1
     assert {d.line for d in errors(res)} >= {2, 5}
 
@@ -891,10 +937,12 @@ service by_segment {
 """
 
 
+LANG["services"] = ({"svc.riprap": SERVICES}, ["compile", "svc.riprap"])
+
+
 @pytest.fixture(scope="module")
-def services_plan(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("services")
-    return compile_plan(write(d, "svc.riprap", SERVICES))["services"]
+def services_plan(lang) -> dict:
+    return plan_of(lang["services"])["services"]
 
 
 def test_s5_endpoints_weights_and_failover_tiers(services_plan):
@@ -971,21 +1019,20 @@ def test_s5_shard_overrides_and_inherits(services_plan):
     assert tiers == [("http://127.0.0.1:9001", 0), ("http://127.0.0.1:9002", 1)]
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        pytest.param("    timeout 1s\n", id="neither"),
-        pytest.param(
-            "    timeout 1s\n    endpoint http://127.0.0.1:9001\n    shard by header K\n"
-            "    shard a {\n        endpoint http://127.0.0.1:9002\n    }\n",
-            id="both",
-        ),
-    ],
+LANG["neither"] = ({"x.riprap": "service a {\n    timeout 1s\n}\n"}, ["check", "x.riprap"])
+LANG["both"] = (
+    {
+        "x.riprap": "service a {\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n    shard by header K\n"
+        "    shard a {\n        endpoint http://127.0.0.1:9002\n    }\n}\n"
+    },
+    ["check", "x.riprap"],
 )
-def test_s5_endpoints_or_shards_never_both_at_least_one(tmp_path, body):
+
+
+@pytest.mark.parametrize("case", ["neither", "both"])
+def test_s5_endpoints_or_shards_never_both_at_least_one(lang, case):
     # §5: a service has endpoints or shards, never both, and at least one of them
-    write(tmp_path, "x.riprap", "service a {\n" + body + "}\n")
-    res = riprap("check", "x.riprap", cwd=tmp_path)
+    res = lang[case]
     assert res.rc == 1
     assert errors(res), res.text
 
@@ -996,8 +1043,17 @@ def test_s5_endpoints_or_shards_never_both_at_least_one(tmp_path, body):
 # ---------------------------------------------------------------------------------------
 
 
-def _one_service(tmp_path: Path, line: str) -> Path:
-    return write(tmp_path, "edge.riprap", f"service a {{\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n    {line}\n}}\n")
+def _one_service(line: str) -> dict[str, str]:
+    return {"edge.riprap": f"service a {{\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n    {line}\n}}\n"}
+
+
+LANG["big_retry"] = (_one_service("retry 1100 backoff 10ms..1s budget 20%"), ["check", "edge.riprap"])
+LANG["big_timeout"] = (
+    {"big.riprap": f"service a {{\n    timeout {'9' * 400}h\n    endpoint http://127.0.0.1:9001\n}}\n"},
+    ["check", "big.riprap"],
+)
+LANG["surrogate_check"] = (_one_service('fallback status 503 text "\\ud800 lone"'), ["check", "edge.riprap"])
+LANG["surrogate_compile"] = (_one_service('fallback status 503 text "\\ud800 lone"'), ["compile", "edge.riprap"])
 
 
 @pytest.mark.xfail(
@@ -1005,10 +1061,9 @@ def _one_service(tmp_path: Path, line: str) -> Path:
     reason="BUG: OverflowError in dsl/worstcase.backoff_bound (base * 2.0**(n-1), 3.0**n for "
     "decorrelated) for large retry counts: `check`/`compile` exit 2 with 'internal error'",
 )
-def test_large_retry_count_with_backoff_is_not_an_internal_error(tmp_path):
+def test_large_retry_count_with_backoff_is_not_an_internal_error(lang):
     # also `retry 700 backoff 10ms..1s jitter decorrelated`
-    _one_service(tmp_path, "retry 1100 backoff 10ms..1s budget 20%")
-    checked = riprap("check", "edge.riprap", cwd=tmp_path)
+    checked = lang["big_retry"]
     assert "internal error" not in checked.text, checked.text
     assert checked.rc in (0, 1), checked.text
 
@@ -1021,7 +1076,7 @@ def test_large_retry_count_with_backoff_is_not_an_internal_error(tmp_path):
 def test_huge_retry_count_is_checked_quickly(tmp_path):
     import subprocess
 
-    _one_service(tmp_path, "retry 1000000000000 budget 20%")
+    write(tmp_path, "edge.riprap", _one_service("retry 1000000000000 budget 20%")["edge.riprap"])
     try:
         res = riprap("check", "edge.riprap", cwd=tmp_path, timeout=2)
     except subprocess.TimeoutExpired:
@@ -1034,9 +1089,8 @@ def test_huge_retry_count_is_checked_quickly(tmp_path):
     reason="BUG: a duration or rate too large for a float becomes inf, and is reported as "
     "'RP299 internal error: the compiled plan fails its schema' at 1:1, not at its line",
 )
-def test_overflowing_duration_is_an_error_at_its_line(tmp_path):
-    write(tmp_path, "big.riprap", f"service a {{\n    timeout {'9' * 400}h\n    endpoint http://127.0.0.1:9001\n}}\n")
-    res = riprap("check", "big.riprap", cwd=tmp_path)
+def test_overflowing_duration_is_an_error_at_its_line(lang):
+    res = lang["big_timeout"]
     assert res.rc == 1
     errs = errors(res)
     assert errs and all(d.line == 2 for d in errs), res.text
@@ -1049,12 +1103,11 @@ def test_overflowing_duration_is_an_error_at_its_line(tmp_path):
     "crashes writing the plan (UnicodeEncodeError, exit 2); dsl/transformer string decoding "
     "should reject it as a located error (or the plan writer escape it)",
 )
-def test_lone_surrogate_escape_check_and_compile_agree(tmp_path):
+def test_lone_surrogate_escape_check_and_compile_agree(lang):
     # §2 strings use JSON escapes; §8 compile has the exit codes of check
     # (the same happens with `fallback status 503 json {"k": "\\udfff"}`)
-    _one_service(tmp_path, 'fallback status 503 text "\\ud800 lone"')
-    checked = riprap("check", "edge.riprap", cwd=tmp_path)
-    compiled = riprap("compile", "edge.riprap", cwd=tmp_path)
+    checked = lang["surrogate_check"]
+    compiled = lang["surrogate_compile"]
     assert "internal error" not in compiled.text, compiled.text
     assert compiled.rc == checked.rc
     if compiled.rc == 0:

@@ -26,20 +26,16 @@ from dsl.plan import (
 )
 from policies import errors
 from policies.clock import FakeClock, SystemClock
+from policies.endpoint import EndpointRuntime
+from policies.env import Env
 from policies.fallback import StaleCache
-from policies.pipeline import (
-    CallStream,
-    ClockTimeout,
-    EndpointRuntime,
-    Env,
-    LoopTimeout,
-    PlanRuntime,
-    SafeObserver,
-    StaleTee,
-    _forward_headers,
-    parse_deadline_header,
-)
+from policies.headers import forward_headers as _forward_headers
+from policies.headers import parse_deadline_header
 from policies.health import EndpointState
+from policies.runtime import PlanRuntime
+from policies.safe_observer import SafeObserver
+from policies.streams import CallStream, StaleTee
+from policies.timers import ClockTimeout, LoopTimeout
 from test_transport_clock import VirtualClock, vclock  # noqa: F401 - fixture
 
 

@@ -1,0 +1,145 @@
+"""The chain's terminal `balance` stage: one attempt upstream.
+
+It picks the tier (health, ejection, failover, panic) and the endpoint (the balancer,
+avoiding endpoints already tried), builds the upstream request, applies the per-try
+timeout, sends through the inner transport, and records latency and outlier outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Sequence
+
+import httpx
+
+from policies.answers import STATUS_CLASS, classify
+from policies.context import SPENT, CallContext, Handler
+from policies.endpoint import EndpointRuntime, release_in_flight
+from policies.errors import NoHealthyEndpoint, UpstreamFailed
+from policies.headers import DEADLINE_BYTES
+from policies.health import EndpointState, select_tier
+from policies.streams import on_close
+from policies.timers import deadline_scope, fmt_s
+
+if TYPE_CHECKING:
+    from policies.runtime import ShardRuntime
+
+
+def balance_stage(shard: "ShardRuntime") -> Handler:
+    """The shard's terminal stage (the handler every other stage ends up calling)."""
+    env = shard.env
+    clock = env.clock
+    service_name = shard.service_name
+    states = shard.states
+    by_state = shard.by_state
+    balancer = shard.balancer
+    latency_window = shard.latency
+    outlier = shard.outlier
+    has_fallback = shard.has_fallback
+    retry = shard.spec.retry
+    per_try = retry.per_try_timeout if retry is not None else None
+    where = f"service '{service_name}'" + (f" shard '{shard.name}'" if shard.name else "")
+
+    def record(state: EndpointState, ok: bool, outcome: str, elapsed: float,
+               *, latency: bool) -> None:
+        if latency:
+            latency_window.record(elapsed)
+        if outlier is not None and outlier.record(state, ok, states):
+            env.observer.ejected(service_name, state.url)
+        env.observer.attempt_finished(service_name, state.url, outcome, elapsed)
+
+    # Named `_send`: the chain's terminal, as tests read the chain from the closures' names.
+    async def _send(ctx: CallContext) -> httpx.Response:
+        now = clock.now()
+        candidates, panic = select_tier(states, now)
+        if panic:
+            # Panic ignores outlier ejections (a guess from recent failures), never a
+            # failed active health check (an explicit "down"), and never when a
+            # fallback can answer instead.
+            candidates = [] if has_fallback else panic_candidates(states)
+            if not candidates:
+                raise NoHealthyEndpoint(f"no healthy endpoint for {where}")
+        state = balancer.pick(candidates, ctx.tried)
+        ep = by_state[id(state)]
+        url = state.url
+        ctx.tried.add(url)
+        await ctx.prepare_body()
+        request = upstream_request(ctx, ep, now)
+        state.in_flight += 1
+        ctx.attempts += 1
+        t0 = clock.now()
+        try:
+            if per_try is not None:
+                try:
+                    async with deadline_scope(env, per_try):
+                        resp = await env.inner.handle_async_request(request)
+                except TimeoutError:
+                    raise httpx.ReadTimeout(f"per-try timeout {fmt_s(per_try)}", request=request) from None
+            else:
+                resp = await env.inner.handle_async_request(request)
+        except httpx.HTTPError as exc:
+            state.in_flight -= 1
+            failure, error = classify(exc, url)
+            if failure is None:  # a request that cannot be sent says nothing of the endpoint
+                env.observer.attempt_finished(service_name, url, "invalid-request",
+                                              clock.now() - t0)
+            else:
+                record(state, False, failure, clock.now() - t0, latency=False)
+            raise error from exc
+        except asyncio.CancelledError:
+            state.in_flight -= 1
+            env.observer.attempt_finished(service_name, url, "cancelled", clock.now() - t0)
+            raise
+        except BaseException:
+            state.in_flight -= 1
+            raise
+        elapsed = clock.now() - t0
+        code = resp.status_code
+        record(state, code < 500, STATUS_CLASS.get(code // 100, "5xx"), elapsed, latency=True)
+        on_close(resp, release_in_flight(state))
+        return resp
+
+    return _send
+
+
+def upstream_request(ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx.Request:
+    """The attempt's request: the forwarded headers plus Host, the deadline left and the
+    body's framing; a replayable body from memory, else the caller's stream, sent once."""
+    headers = list(ctx.headers)
+    headers.append((b"host", ep.authority))
+    if ctx.deadline is not None:
+        ms = int((ctx.deadline - now) * 1000)
+        headers.append((DEADLINE_BYTES, str(ms if ms > 1 else 1).encode()))
+    body = ctx.body
+    if body is not None:
+        if body or ctx.method in ("POST", "PUT", "PATCH"):
+            headers.append((b"content-length", str(len(body)).encode()))
+        req = httpx.Request(ctx.method, ep.url_for(ctx.raw_path), headers=headers,
+                            stream=httpx.ByteStream(body))
+        req.read()
+        return req
+    # A body too big to replay: sent once, framed as the caller framed it.
+    length = ctx.request.headers.get("content-length")
+    if length is not None:
+        headers.append((b"content-length", length.encode()))
+    else:
+        headers.append((b"transfer-encoding", b"chunked"))
+    stream = ctx.stream
+    ctx.stream = SPENT
+    if stream is SPENT or stream is None:
+        raise UpstreamFailed("the request body was already sent and cannot be replayed",
+                             failure=None)
+    return httpx.Request(ctx.method, ep.url_for(ctx.raw_path), headers=headers,
+                         stream=stream)
+
+
+def panic_candidates(states: Sequence[EndpointState]) -> list[EndpointState]:
+    """In panic: the lowest tier's endpoints that pass active checks, ejected or not."""
+    best: int | None = None
+    for st in states:
+        if st.healthy and (best is None or st.tier < best):
+            best = st.tier
+    return [st for st in states if st.healthy and st.tier == best]
+
+
+__all__ = ["balance_stage", "panic_candidates", "upstream_request"]

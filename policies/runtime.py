@@ -1,0 +1,322 @@
+"""ServicePlan -> live policies: the runtime of one plan, and its carry-over on reload.
+
+A plan becomes a `PlanRuntime`: one `ServiceRuntime` per service, and in it one
+`ShardRuntime` per shard (an unsharded service has a single, unnamed one). A shard
+runtime owns the live primitives built from its spec (breaker, limiter, bulkhead,
+budget, latency window, endpoints, balancer, health, chaos, fallbacks) and its chain
+(`policies.pipeline`). `ServiceRuntime.call` is the service edge: it picks the shard,
+runs the chain, and turns riprap's failures into answers.
+
+Reload (`PlanRuntime(plan, env, previous=old)`) carries over the live state of
+whatever did not change, piece by piece: an endpoint whose spec is the same keeps its
+health and ejection state; a breaker, limiter, bulkhead or budget whose spec is the
+same is the very same object; latency windows and balancers carry over while the
+endpoint list is the same; the stale cache carries over while the service keeps a
+stale fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import httpx
+
+from dsl.plan import FallbackSpec, Plan, ServicePlan, ShardPlan
+from policies.answers import error_response
+from policies.balancer import Balancer, make_balancer
+from policies.breaker import CircuitBreaker
+from policies.budget import RetryBudget
+from policies.bulkhead import Bulkhead
+from policies.chaos import ChaosInjector
+from policies.context import CallContext, Handler
+from policies.endpoint import EndpointRuntime
+from policies.env import Env
+from policies.errors import BadRequest, ResilienceError
+from policies.fallback import StaleCache, StaticAnswer, cache_key
+from policies.headers import NOT_CACHED
+from policies.health import ActiveHealth, EndpointState, OutlierDetector
+from policies.health_checks import run_health_checks
+from policies.hedge import HedgeDelay
+from policies.latency import LatencyWindow
+from policies.limiter import KeyedLimiter
+from policies.pipeline import build_chain
+from policies.retry import RetryPolicy
+from policies.sharding import Rendezvous, extract_key
+from policies.streams import StaleTee, call_stream
+
+
+def _carry(prev_spec: Any, prev_obj: Any, spec: Any, build: Callable[[], Any]) -> Any:
+    """The previous live object when its spec did not change, else a new one."""
+    if prev_obj is not None and prev_spec == spec:
+        return prev_obj
+    return build()
+
+
+class ShardRuntime:
+    """The live policies of one shard (or of an unsharded service) and its call chain."""
+
+    def __init__(self, service: "ServiceRuntime", name: str | None,
+                 spec: ServicePlan | ShardPlan, env: Env, order: Sequence[str],
+                 shared: "ServiceRuntime | None", previous: "ShardRuntime | None") -> None:
+        self.service = service
+        self.service_name = service.name
+        self.name = name
+        self.spec = spec
+        self.env = env
+        prev = previous
+        clock = env.clock
+        obs = env.observer
+
+        # endpoints: carried one by one when their spec is unchanged
+        prev_eps = {e.spec.url: e for e in prev.endpoints} if prev else {}
+        self.endpoints: list[EndpointRuntime] = []
+        for ep_spec in spec.endpoints:
+            old = prev_eps.get(ep_spec.url)
+            state = old.state if old is not None and old.spec == ep_spec else EndpointState.from_spec(ep_spec)
+            self.endpoints.append(EndpointRuntime(ep_spec, state))
+        self.states = [e.state for e in self.endpoints]
+        self.by_state = {id(e.state): e for e in self.endpoints}
+        same_eps = prev is not None and prev.spec.endpoints == spec.endpoints
+
+        self.latency: LatencyWindow = prev.latency if same_eps and prev else LatencyWindow()
+        self.balancer: Balancer = (
+            prev.balancer if same_eps and prev and prev.spec.balance == spec.balance
+            else make_balancer(spec.balance, env.rng))
+        self.outlier = OutlierDetector(spec.outlier, clock) if spec.outlier else None
+        self.active = ActiveHealth(spec.health) if spec.health else None
+
+        def on_breaker(state: str, _s: str = service.name, _n: str | None = name) -> None:
+            obs.breaker_changed(_s, _n, state)
+
+        self.breaker: CircuitBreaker | None = (
+            _carry(prev.spec.breaker if prev else None, prev.breaker if prev else None,
+                   spec.breaker, lambda: CircuitBreaker(spec.breaker, clock, on_breaker))
+            if spec.breaker else None)
+
+        # limit / concurrency / budget: a shard whose spec is the service's shares the
+        # service's object (the contract scopes these to "calls to the service").
+        def shared_or_own(kind: str, build: Callable[[], Any]) -> Any:
+            mine = getattr(spec, kind) if kind != "budget" else _budget_spec(spec)
+            if mine is None:
+                return None
+            if shared is not None:
+                theirs = getattr(shared.spec, kind) if kind != "budget" else _budget_spec(shared.spec)
+                if theirs == mine:
+                    return shared.shared_objects[kind]
+            prev_obj = prev.objects.get(kind) if prev else None
+            prev_spec = (getattr(prev.spec, kind) if kind != "budget" else _budget_spec(prev.spec)) if prev else None
+            return _carry(prev_spec, prev_obj, mine, build)
+
+        self.limiter: KeyedLimiter | None = shared_or_own(
+            "limit", lambda: KeyedLimiter(spec.limit, clock))
+        self.bulkhead: Bulkhead | None = shared_or_own(
+            "concurrency", lambda: Bulkhead(spec.concurrency, clock))
+        self.budget: RetryBudget | None = shared_or_own(
+            "budget", lambda: RetryBudget(_budget_spec(spec), clock))
+        self.objects: dict[str, Any] = {
+            "limit": self.limiter, "concurrency": self.bulkhead, "budget": self.budget}
+
+        self.retry = RetryPolicy(spec.retry) if spec.retry and spec.retry.retries > 0 else None
+        self.hedge = HedgeDelay(spec.hedge, self.latency) if spec.hedge else None
+        self.chaos = ChaosInjector(spec.chaos, env.rng) if spec.chaos and env.chaos else None
+        self.fallbacks: list[tuple[FallbackSpec, StaticAnswer | None]] = [
+            (f, StaticAnswer.from_spec(f) if f.kind == "static" else None) for f in spec.fallbacks]
+        self.has_fallback = bool(self.fallbacks)
+        # Could a call ever send its body twice? If not, bodies stream straight through.
+        self.needs_replay = bool(self.retry or self.hedge or any(
+            f.kind == "service" for f in spec.fallbacks))
+        self.stale_ages = [f.max_age for f in spec.fallbacks if f.kind == "stale"]
+        self.chain: Handler = build_chain(self, order)
+
+    async def health_loop(self) -> None:
+        """The shard's active health checks, until cancelled (`policies.health_checks`)."""
+        await run_health_checks(self)
+
+    # -- state --------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {
+            "endpoints": [e.state.snapshot(now) for e in self.endpoints],
+            "breaker": _snap(self.breaker),
+            "limiter": _snap(self.limiter),
+            "bulkhead": _snap(self.bulkhead),
+            "budget": _snap(self.budget),
+            "latency": self.latency.snapshot(),
+        }
+
+
+def _budget_spec(spec: ServicePlan | ShardPlan) -> Any:
+    return spec.retry.budget if spec.retry is not None else None
+
+
+class ServiceRuntime:
+    """A service: its shards (or single unnamed shard), shared objects and stale cache."""
+
+    def __init__(self, spec: ServicePlan, env: Env, previous: "ServiceRuntime | None") -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.env = env
+        prev = previous
+        clock = env.clock
+        # Objects a sharded service's shards share when their spec equals the service's.
+        self.shared_objects: dict[str, Any] = {}
+        if spec.shards:
+            prev_shared = prev.shared_objects if prev and prev.spec.shards else {}
+
+            def keep(kind: str, mine: Any, theirs: Any, build: Callable[[], Any]) -> Any:
+                if mine is None:
+                    return None
+                return _carry(theirs, prev_shared.get(kind), mine, build)
+
+            self.shared_objects = {
+                "limit": keep("limit", spec.limit, prev.spec.limit if prev else None,
+                              lambda: KeyedLimiter(spec.limit, clock)),
+                "concurrency": keep("concurrency", spec.concurrency,
+                                    prev.spec.concurrency if prev else None,
+                                    lambda: Bulkhead(spec.concurrency, clock)),
+                "budget": keep("budget", _budget_spec(spec),
+                               _budget_spec(prev.spec) if prev else None,
+                               lambda: RetryBudget(_budget_spec(spec), clock)),
+            }
+        has_stale = any(f.kind == "stale" for f in spec.fallbacks) or any(
+            f.kind == "stale" for s in spec.shards for f in s.fallbacks)
+        self.stale_cache: StaleCache | None = None
+        if has_stale:
+            self.stale_cache = prev.stale_cache if prev is not None and prev.stale_cache is not None else StaleCache()
+
+        prev_shards = prev.shards if prev else {}
+        self.shards: dict[str | None, ShardRuntime] = {}
+        if spec.shards:
+            for shard in spec.shards:
+                self.shards[shard.name] = ShardRuntime(
+                    self, shard.name, shard, env, spec.order, self, prev_shards.get(shard.name))
+            self.shard_names = tuple(s.name for s in spec.shards)
+            self._hrw: Rendezvous | None = Rendezvous(self.shard_names)
+        else:
+            self.shards[None] = ShardRuntime(self, None, spec, env, spec.order, None,
+                                             prev_shards.get(None))
+            self.shard_names = ()
+            self._hrw = None
+        self.sharding = spec.sharding
+        self.single = self.shards.get(None)
+
+    def pick_shard(self, request: httpx.Request) -> ShardRuntime:
+        single = self.single
+        if single is not None:
+            return single
+        sharding = self.sharding
+        assert sharding is not None
+        url = request.url
+        key = extract_key(sharding, url.path, url.query.decode("latin-1"), request.headers)
+        if key is None:
+            if sharding.default is None:
+                raise BadRequest(
+                    f"service '{self.name}' is sharded by {sharding.by} {sharding.key} "
+                    "and the request has no key (and there is no default shard)",
+                    service=self.name)
+            return self.shards[sharding.default]
+        assert self._hrw is not None
+        return self.shards[self._hrw.pick(key)]
+
+    async def call(self, runtime: "PlanRuntime", request: httpx.Request,
+                   incoming_deadline: float | None, depth: int = 0
+                   ) -> tuple[httpx.Response, int, str, str | None]:
+        """One call through the service's chain: (answer, attempts, outcome, fallback kind)."""
+        env = self.env
+        clock = env.clock
+        start = clock.now()
+        try:
+            shard = self.pick_shard(request)
+        except ResilienceError as exc:
+            return error_response(exc), 0, exc.reason, None
+        ctx = CallContext(runtime, self, shard, request, incoming_deadline, start, depth)
+        try:
+            resp = await shard.chain(ctx)
+        except ResilienceError as exc:
+            exc.attempts = ctx.attempts
+            exc.service = self.name
+            return error_response(exc), ctx.attempts, exc.reason, None
+        fallback = ctx.fallback_used
+        status = resp.status_code
+        if fallback is not None:
+            outcome = ctx.fallback_reason or "upstream-failed"
+        elif status >= 500:
+            outcome = "upstream-5xx"
+        elif status >= 400:
+            outcome = "upstream-4xx"
+        else:
+            outcome = "ok"
+            if (shard.stale_ages and self.stale_cache is not None and ctx.method == "GET"
+                    and 200 <= status < 300 and status != 206):
+                self._tee(resp, request)
+        return resp, ctx.attempts, outcome, fallback
+
+    def _tee(self, resp: httpx.Response, request: httpx.Request) -> None:
+        cache = self.stale_cache
+        assert cache is not None
+        key = cache_key("GET", str(request.url))
+        headers = [(k, v) for k, v in resp.headers.multi_items() if k not in NOT_CACHED]
+        if resp.is_closed:  # read in full already (an in-memory inner transport)
+            cache.put(key, resp.status_code, headers, resp.content, self.env.clock.now())
+            return
+        call_stream(resp).tee = StaleTee(cache, key, resp.status_code, headers, self.env.clock)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        data: dict[str, Any] = {"hosts": list(self.spec.hosts)}
+        if self.single is not None:
+            data.update(self.single.snapshot(now))
+        else:
+            data["limiter"] = _snap(self.shared_objects.get("limit"))
+            data["bulkhead"] = _snap(self.shared_objects.get("concurrency"))
+            data["budget"] = _snap(self.shared_objects.get("budget"))
+            data["shards"] = {name: s.snapshot(now) for name, s in self.shards.items()}
+        data["stale_cache"] = self.stale_cache.snapshot() if self.stale_cache is not None else None
+        return data
+
+
+def _snap(obj: Any) -> Any:
+    return obj.snapshot() if obj is not None else None
+
+
+class PlanRuntime:
+    """A whole plan, live: services by name and by host. Immutable once built."""
+
+    def __init__(self, plan: Plan, env: Env, previous: "PlanRuntime | None" = None) -> None:
+        self.plan = plan
+        self.env = env
+        prev_services = previous.services if previous else {}
+        self.services: dict[str, ServiceRuntime] = {}
+        for name, spec in plan.services.items():
+            if spec.name != name:
+                spec = _renamed(spec, name)
+            self.services[name] = ServiceRuntime(spec, env, prev_services.get(name))
+        self.hosts: dict[str, str] = {}
+        for name, spec in plan.services.items():
+            self.hosts.setdefault(name.lower(), name)
+            for host in spec.hosts:
+                self.hosts.setdefault(host.lower(), name)
+
+    def service_for_host(self, host: str) -> str | None:
+        """The service a Host names (its name or a `host` alias; case and port ignored)."""
+        h = host.strip().lower()
+        if h.startswith("["):
+            h = h[: h.find("]") + 1]
+        elif h.count(":") == 1:
+            h = h.split(":", 1)[0]
+        return self.hosts.get(h.rstrip("."))
+
+    def health_shards(self) -> list[ShardRuntime]:
+        return [s for svc in self.services.values() for s in svc.shards.values()
+                if s.active is not None and s.endpoints]
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.env.clock.now()
+        return {"services": {name: svc.snapshot(now) for name, svc in self.services.items()}}
+
+
+def _renamed(spec: ServicePlan, name: str) -> ServicePlan:
+    return dataclasses.replace(spec, name=name)
+
+
+__all__ = ["PlanRuntime", "ServiceRuntime", "ShardRuntime"]
