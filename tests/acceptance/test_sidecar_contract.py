@@ -2179,3 +2179,32 @@ def test_balance_random_uses_every_endpoint(env: dict[str, Any]) -> None:
     sc = env["sc"]
     seen = {sc.get(f"/rnd/x/{uid()}").headers["x-upstream"] for _ in range(30)}
     assert seen == {"A", "B"}
+
+
+def test_client_gone_mid_answer_frees_its_slot(env: dict[str, Any]) -> None:
+    """Section 9: a client that disconnects (here: while the answer streams) cancels its
+    upstream call: its concurrency slot is free again."""
+    sc = env["sc"]
+    with httpx.Client(base_url=sc.url, trust_env=False, timeout=5) as c:
+        with c.stream("GET", f"/capdisc/drip/30/0.1/{uid()}") as resp:
+            assert resp.status_code == 200
+            next(resp.iter_raw())
+            r = sc.get(f"/capdisc/x/{uid()}")
+            assert r.status_code == 503 and reason(r) == "overloaded"  # still streaming
+    # leaving the blocks closed the connection mid-answer
+    r = wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(
+        sc.get(f"/capdisc/x/{uid()}")), 1.0, step=0.1)
+    assert r is not None, "the abandoned call still holds the concurrency slot"
+
+
+def test_reload_vim_style_backup_then_write(rel: dict[str, Any]) -> None:
+    """Section 9: editors that save by rename (vim: rename to a backup, write a new file)."""
+    sc, A = rel["sc"], rel["A"]
+    policy = rel["policy"]
+    extra = f"service vim {{\n    endpoint {A.url}\n}}\n"
+    os.replace(policy, policy.with_name(policy.name + "~"))
+    policy.write_text(RELOAD_BASE.format(extra=extra, **rel["fmt"]), encoding="utf-8")
+    t = time.monotonic()
+    assert wait_for(lambda: sc.get(f"/vim/x/{uid()}").status_code == 200, 3)
+    assert time.monotonic() - t <= 1.2
+    assert wait_for(lambda: sc.admin.get("/plan").json()["last_error"] is None, 2)

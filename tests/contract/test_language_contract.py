@@ -1078,9 +1078,9 @@ def test_huge_retry_count_is_checked_quickly(tmp_path):
 
     write(tmp_path, "edge.riprap", _one_service("retry 1000000000000 budget 20%")["edge.riprap"])
     try:
-        res = riprap("check", "edge.riprap", cwd=tmp_path, timeout=2)
+        res = riprap("check", "edge.riprap", cwd=tmp_path, timeout=1.5)
     except subprocess.TimeoutExpired:
-        pytest.fail("riprap check did not finish within 2 s")
+        pytest.fail("riprap check did not finish within 1.5 s")
     assert res.rc in (0, 1)
 
 
