@@ -25,17 +25,15 @@ class CallContext:
     """Everything one call carries through the chain (shared by its retries and hedges)."""
 
     __slots__ = (
-        "runtime", "service", "shard", "request", "method", "raw_path", "headers",
-        "body", "stream", "replayable", "body_bound", "deadline", "incoming_deadline",
-        "attempts", "tried", "losers", "fallback_depth", "start", "fallback_used",
-        "fallback_reason", "expired",
+        "runtime", "shard", "request", "method", "raw_path", "headers", "body", "stream",
+        "replayable", "body_bound", "deadline", "incoming_deadline", "attempts", "tried",
+        "losers", "fallback_depth", "fallback_used", "fallback_reason", "expired",
     )
 
     def __init__(self, runtime: "PlanRuntime", service: "ServiceRuntime",
                  shard: "ShardRuntime", request: httpx.Request,
                  incoming_deadline: float | None, start: float, depth: int = 0) -> None:
         self.runtime = runtime
-        self.service = service
         self.shard = shard
         self.request = request
         self.method = request.method
@@ -56,7 +54,6 @@ class CallContext:
         self.tried: set[str] = set()
         self.losers: set[asyncio.Task[Any]] | None = None
         self.fallback_depth = depth
-        self.start = start
         self.fallback_used: str | None = None
         self.fallback_reason: str | None = None
         self.expired = False  # the call's deadline fired

@@ -78,6 +78,8 @@ def build_chain(shard: "ShardRuntime", order: Sequence[str]) -> Handler:
 
 
 def _fallback_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
+    """If everything inside failed, answer from the fallback chain (never for a refusal
+    of the caller's own request: rate limit, missing shard key)."""
     if not shard.fallbacks:
         return None
 
@@ -106,6 +108,7 @@ def _fallback_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
 
 
 def _limit_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
+    """Take a token from the bucket (one bucket per header value with `per header`)."""
     limiter = shard.limiter
     if limiter is None:
         return None
@@ -125,6 +128,7 @@ def _limit_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
 
 
 def _concurrency_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
+    """Hold a bulkhead slot until the answer's body is closed."""
     bulkhead = shard.bulkhead
     if bulkhead is None:
         return None
@@ -147,6 +151,7 @@ def _concurrency_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
 
 
 def _timeout_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
+    """Bound everything inside by the call's deadline (capped by an incoming one)."""
     timeout = shard.spec.timeout
     env = shard.env
     clock = env.clock
@@ -177,6 +182,7 @@ def _timeout_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
 
 def _retry_stage(shard: "ShardRuntime", inner: Handler, *,
                  deadline_outside: bool) -> Handler | None:
+    """Run attempts with backoff, `Retry-After`, the budget and the deadline rules."""
     policy = shard.retry
     if policy is None:
         return None
@@ -252,6 +258,7 @@ def _retry_stage(shard: "ShardRuntime", inner: Handler, *,
 
 
 def _hedge_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
+    """Hedge idempotent requests with a replayable body (`policies.hedging`)."""
     hedge = shard.hedge
     if hedge is None:
         return None
@@ -269,6 +276,7 @@ def _hedge_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
 
 
 def _breaker_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
+    """Refuse at once while the breaker is open; otherwise record the outcome."""
     breaker = shard.breaker
     if breaker is None:
         return None
@@ -310,6 +318,7 @@ def _breaker_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
 
 
 def _chaos_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
+    """Inject the plan's chaos (only with `chaos=True`): an abort answers, a delay waits."""
     chaos = shard.chaos
     if chaos is None:
         return None

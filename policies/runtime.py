@@ -97,15 +97,13 @@ class ShardRuntime:
         # limit / concurrency / budget: a shard whose spec is the service's shares the
         # service's object (the contract scopes these to "calls to the service").
         def shared_or_own(kind: str, build: Callable[[], Any]) -> Any:
-            mine = getattr(spec, kind) if kind != "budget" else _budget_spec(spec)
+            mine = _spec_of(spec, kind)
             if mine is None:
                 return None
-            if shared is not None:
-                theirs = getattr(shared.spec, kind) if kind != "budget" else _budget_spec(shared.spec)
-                if theirs == mine:
-                    return shared.shared_objects[kind]
+            if shared is not None and _spec_of(shared.spec, kind) == mine:
+                return shared.shared_objects[kind]
             prev_obj = prev.objects.get(kind) if prev else None
-            prev_spec = (getattr(prev.spec, kind) if kind != "budget" else _budget_spec(prev.spec)) if prev else None
+            prev_spec = _spec_of(prev.spec, kind) if prev else None
             return _carry(prev_spec, prev_obj, mine, build)
 
         self.limiter: KeyedLimiter | None = shared_or_own(
@@ -150,6 +148,11 @@ def _budget_spec(spec: ServicePlan | ShardPlan) -> Any:
     return spec.retry.budget if spec.retry is not None else None
 
 
+def _spec_of(spec: ServicePlan | ShardPlan, kind: str) -> Any:
+    """The spec of a service-scoped object: `limit`, `concurrency` or the retry `budget`."""
+    return _budget_spec(spec) if kind == "budget" else getattr(spec, kind)
+
+
 class ServiceRuntime:
     """A service: its shards (or single unnamed shard), shared objects and stale cache."""
 
@@ -164,20 +167,17 @@ class ServiceRuntime:
         if spec.shards:
             prev_shared = prev.shared_objects if prev and prev.spec.shards else {}
 
-            def keep(kind: str, mine: Any, theirs: Any, build: Callable[[], Any]) -> Any:
+            def keep(kind: str, build: Callable[[], Any]) -> Any:
+                mine = _spec_of(spec, kind)
                 if mine is None:
                     return None
+                theirs = _spec_of(prev.spec, kind) if prev else None
                 return _carry(theirs, prev_shared.get(kind), mine, build)
 
             self.shared_objects = {
-                "limit": keep("limit", spec.limit, prev.spec.limit if prev else None,
-                              lambda: KeyedLimiter(spec.limit, clock)),
-                "concurrency": keep("concurrency", spec.concurrency,
-                                    prev.spec.concurrency if prev else None,
-                                    lambda: Bulkhead(spec.concurrency, clock)),
-                "budget": keep("budget", _budget_spec(spec),
-                               _budget_spec(prev.spec) if prev else None,
-                               lambda: RetryBudget(_budget_spec(spec), clock)),
+                "limit": keep("limit", lambda: KeyedLimiter(spec.limit, clock)),
+                "concurrency": keep("concurrency", lambda: Bulkhead(spec.concurrency, clock)),
+                "budget": keep("budget", lambda: RetryBudget(_budget_spec(spec), clock)),
             }
         has_stale = any(f.kind == "stale" for f in spec.fallbacks) or any(
             f.kind == "stale" for s in spec.shards for f in s.fallbacks)
@@ -191,12 +191,10 @@ class ServiceRuntime:
             for shard in spec.shards:
                 self.shards[shard.name] = ShardRuntime(
                     self, shard.name, shard, env, spec.order, self, prev_shards.get(shard.name))
-            self.shard_names = tuple(s.name for s in spec.shards)
-            self._hrw: Rendezvous | None = Rendezvous(self.shard_names)
+            self._hrw: Rendezvous | None = Rendezvous(tuple(s.name for s in spec.shards))
         else:
             self.shards[None] = ShardRuntime(self, None, spec, env, spec.order, None,
                                              prev_shards.get(None))
-            self.shard_names = ()
             self._hrw = None
         self.sharding = spec.sharding
         self.single = self.shards.get(None)
@@ -271,7 +269,7 @@ class ServiceRuntime:
             data["bulkhead"] = _snap(self.shared_objects.get("concurrency"))
             data["budget"] = _snap(self.shared_objects.get("budget"))
             data["shards"] = {name: s.snapshot(now) for name, s in self.shards.items()}
-        data["stale_cache"] = self.stale_cache.snapshot() if self.stale_cache is not None else None
+        data["stale_cache"] = _snap(self.stale_cache)
         return data
 
 
@@ -289,7 +287,7 @@ class PlanRuntime:
         self.services: dict[str, ServiceRuntime] = {}
         for name, spec in plan.services.items():
             if spec.name != name:
-                spec = _renamed(spec, name)
+                spec = dataclasses.replace(spec, name=name)
             self.services[name] = ServiceRuntime(spec, env, prev_services.get(name))
         self.hosts: dict[str, str] = {}
         for name, spec in plan.services.items():
@@ -313,10 +311,6 @@ class PlanRuntime:
     def snapshot(self) -> dict[str, Any]:
         now = self.env.clock.now()
         return {"services": {name: svc.snapshot(now) for name, svc in self.services.items()}}
-
-
-def _renamed(spec: ServicePlan, name: str) -> ServicePlan:
-    return dataclasses.replace(spec, name=name)
 
 
 __all__ = ["PlanRuntime", "ServiceRuntime", "ShardRuntime"]

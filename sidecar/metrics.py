@@ -96,9 +96,11 @@ class _Counter:
 
     def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
         values = self.values
-        if labels not in values:
+        value = values.get(labels)
+        if value is None:
             labels = _key(values, labels)
-        values[labels] = values.get(labels, 0.0) + amount
+            value = values.get(labels, 0.0)
+        values[labels] = value + amount
 
     def family(self) -> CounterMetricFamily:
         fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
@@ -260,7 +262,8 @@ class SidecarMetrics(Collector):
                       duration: float, fallback: str | None) -> None:
         try:
             key = (service,)
-            self.calls.inc((service, _bounded(outcome, OUTCOMES)))
+            self.calls.inc((service, outcome if outcome in OUTCOMES
+                            else _bounded(outcome, OUTCOMES)))
             self.call_duration.observe(key, duration)
             self.call_attempts.observe(key, attempts)
             if fallback is not None:
@@ -271,7 +274,8 @@ class SidecarMetrics(Collector):
     def attempt_finished(self, service: str, endpoint: str, outcome: str,
                          latency: float) -> None:
         try:
-            self.attempts.inc((service, endpoint, _bounded(outcome, ATTEMPT_OUTCOMES)))
+            self.attempts.inc((service, endpoint, outcome if outcome in ATTEMPT_OUTCOMES
+                               else _bounded(outcome, ATTEMPT_OUTCOMES)))
             self.upstream_latency.observe((service,), latency)
         except Exception:  # noqa: BLE001
             log.debug("metrics: attempt_finished failed", exc_info=True)

@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 from dsl.plan import Plan
 
 # Key set by the sidecar's uvicorn protocol for absolute-form request targets.
 ABSOLUTE_TARGET_KEY = "riprap.absolute_target"
+HOST_CACHE_SIZE = 256  # remembered `Host` spellings per routing table
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """A routed call: the service and the raw path (+query) to send upstream."""
+class Route(NamedTuple):
+    """A routed call: the service and the raw path (+query) to send upstream.
+
+    A named tuple rather than a frozen dataclass: one is made per call, and a frozen
+    dataclass's `__init__` (`object.__setattr__` per field) costs several times more.
+    """
 
     service: str
     raw_path: bytes  # percent-encoded path as it goes upstream (prefix removed)
@@ -66,6 +70,10 @@ class Router:
         self._by_host: Mapping[str, str] = by_host
         self._by_name: Mapping[str, str] = {n: n for n in plan.services}
         self.services: tuple[str, ...] = tuple(sorted(plan.services))
+        # `Host` header as sent -> service, for hosts that name one: skips normalizing the
+        # same few values on every call. Bounded: only plan-named hosts are ever added, and
+        # at most HOST_CACHE_SIZE spellings of them.
+        self._host_cache: dict[str, str] = {}
 
     def refusal(self, status: int, name: str) -> Refusal:
         body = json.dumps({"error": f"unknown service '{name}'", "reason": "unknown-service",
@@ -93,7 +101,11 @@ class Router:
                 return self.refusal(403, host_without_port(absolute_host))
             return Route(name, raw_path)
         if host:
-            name = self._by_host.get(host_without_port(host))
+            name = self._host_cache.get(host)
+            if name is None:
+                name = self._by_host.get(host_without_port(host))
+                if name is not None and len(self._host_cache) < HOST_CACHE_SIZE:
+                    self._host_cache[host] = name
             if name is not None:
                 return Route(name, raw_path)
         # `/NAME/rest` -> NAME, forwarded as `/rest` (`/NAME` alone -> `/`).

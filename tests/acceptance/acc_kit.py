@@ -61,7 +61,7 @@ class _Server(ThreadingHTTPServer):
 class Upstream:
     """A real HTTP/1.1 server on 127.0.0.1 in a thread, recording what it receives."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, host: str = "127.0.0.1") -> None:
         self.name = name
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -154,7 +154,11 @@ class Upstream:
                         seen = self.path in up.flipped
                         up.flipped.add(self.path)
                     if not seen:
-                        self._send(503, b"busy", "text/plain", [("Retry-After", parts[2])])
+                        ra = parts[2]
+                        if ra.startswith("date"):  # an HTTP-date that many seconds ahead
+                            from email.utils import formatdate
+                            ra = formatdate(time.time() + float(ra[4:]), usegmt=True)
+                        self._send(503, b"busy", "text/plain", [("Retry-After", ra)])
                         return
                 elif kind == "big":  # N bytes of a repeating pattern
                     n = int(parts[2])
@@ -207,9 +211,12 @@ class Upstream:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _any
 
-        self.server = _Server(("127.0.0.1", 0), Handler)
+        server_cls = _Server
+        if ":" in host:
+            server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+        self.server = server_cls((host, 0), Handler)
         self.port = int(self.server.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
@@ -244,7 +251,8 @@ class Sidecar:
     """`riprap run FILE [args]` as a subprocess; `port`/`admin_port` are where it serves."""
 
     def __init__(self, policy: Path, port: int, admin_port: int, *args: str,
-                 admin_host: str = "127.0.0.1") -> None:
+                 admin_host: str = "127.0.0.1", cwd: Path | None = None) -> None:
+        self.cwd = cwd or policy.parent
         self.policy = policy
         self.port = port
         self.admin_port = admin_port
@@ -259,7 +267,7 @@ class Sidecar:
     def start(self, timeout: float = 15.0) -> "Sidecar":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([*riprap_cmd(), "run", str(self.policy), *self.args],
-                                     cwd=str(self.policy.parent), stdout=self._log,
+                                     cwd=str(self.cwd), stdout=self._log,
                                      stderr=subprocess.STDOUT, env=clean_env())
         end = time.monotonic() + timeout
         while time.monotonic() < end:

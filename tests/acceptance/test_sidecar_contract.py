@@ -56,7 +56,8 @@ MAIN_SERVICES = ["echo", "pair", "passthru", "halfdead", "dead", "slow", "limite
                  "capdisc", "brkfb", "median", "frbrk", "slowbrk", "shbrk", "pairlr",
                  "resetretry", "hedgegood", "limdef", "budgeted", "hedgep95", "tiers2",
                  "expect", "staleshort", "backoffx", "brkreopen", "outmax", "rise", "wlr",
-                 "hedge3", "brkk2", "fbchain2", "headhc", "usesvc", "useover", "rnd"]
+                 "hedge3", "brkk2", "fbchain2", "headhc", "usesvc", "useover", "rnd",
+                 "retry4xx", "brkhalf"]
 
 
 def main_policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -490,6 +491,17 @@ policy quick {{
     retry 1 on 503 backoff 1ms
 }}
 
+service retry4xx {{
+    retry 1 on 429 backoff 1ms
+    fallback status 200 text "4xx-fallback"
+    endpoint {A}
+}}
+
+service brkhalf {{
+    breaker failures 1 open 200ms
+    endpoint {A}
+}}
+
 service limdef {{
     limit 3/s
     endpoint {A}
@@ -537,6 +549,7 @@ def attempts(r: httpx.Response) -> int:
 # section 8: --listen / --admin override the file
 # --------------------------------------------------------------------------------------
 def test_listen_and_admin_flags_override_the_file(env: dict[str, Any]) -> None:
+    # contract §8 run: "--listen and --admin override the file"
     sc = env["sc"]
     assert sc.admin.get("/healthz").status_code == 200
     assert sc.get("/echo/x").status_code == 200
@@ -560,6 +573,7 @@ def test_route_by_host_name_port_ignored(env: dict[str, Any]) -> None:
 
 
 def test_absolute_form_request_through_http_proxy(env: dict[str, Any]) -> None:
+    # contract §9 Routing: "absolute-form requests ... are routed the same way"
     proxy, A = env["proxy"], env["A"]
     for host in ("echo", "echo.internal:9999", "alias.example"):
         i = uid()
@@ -571,6 +585,7 @@ def test_absolute_form_request_through_http_proxy(env: dict[str, Any]) -> None:
 
 
 def test_path_prefix_routes_and_is_removed(env: dict[str, Any]) -> None:
+    # contract §9 Routing: "a path /NAME/rest goes to service NAME with the prefix removed"
     sc, A = env["sc"], env["A"]
     i = uid()
     r = sc.get(f"/echo/a/{i}/b?k=v")  # Host is 127.0.0.1:PORT, not a service
@@ -587,6 +602,7 @@ def _names_all_services(r: httpx.Response) -> None:
 
 
 def test_unknown_host_forward_proxy_form_is_403(env: dict[str, Any]) -> None:
+    # contract §9: "never forwards to a host that the plan does not name: 403 (forward proxy form)"
     proxy, A, B = env["proxy"], env["A"], env["B"]
     i = uid()
     r = proxy.get(f"http://evil.example/{i}")
@@ -600,6 +616,7 @@ def test_unknown_host_forward_proxy_form_is_403(env: dict[str, Any]) -> None:
 
 
 def test_unknown_host_and_unknown_prefix_is_404(env: dict[str, Any]) -> None:
+    # contract §9: "404 (anything else), x-riprap-reason: unknown-service, JSON body naming the known services"
     sc, A, B = env["sc"], env["A"], env["B"]
     i = uid()
     r = sc.get(f"/{i}", host="nope.example")
@@ -644,6 +661,7 @@ def test_deadline_header_sent_upstream(env: dict[str, Any]) -> None:
 
 
 def test_incoming_deadline_header_is_honoured(env: dict[str, Any]) -> None:
+    # contract §9 Deadlines: "a call that arrives with that header gets the smaller of it and the service's timeout"
     sc = env["sc"]
     r = sc.get(f"/roomy/dl/{uid()}", headers={"x-riprap-deadline-ms": "200"})
     ms = float(r.json()["headers"]["x-riprap-deadline-ms"])
@@ -669,18 +687,21 @@ def test_timeout_is_504(env: dict[str, Any]) -> None:
 
 
 def test_refused_is_502_upstream_failed(env: dict[str, Any]) -> None:
+    # contract §9: "upstream-failed (502, no answer could be had: refused, ...)"
     r = env["sc"].get(f"/dead/x/{uid()}")
     assert r.status_code == 502 and reason(r) == "upstream-failed"
     attempts(r)
 
 
 def test_reset_is_502_upstream_failed(env: dict[str, Any]) -> None:
+    # contract §9: "upstream-failed (502, ... reset ...)"
     r = env["sc"].get(f"/resetter/reset/{uid()}")
     assert r.status_code == 502 and reason(r) == "upstream-failed"
     attempts(r)
 
 
 def test_limit_burst_then_429_with_retry_after(env: dict[str, Any]) -> None:
+    # contract §4 limit: "Over the limit: 429 with Retry-After"; §5 "A token bucket starts full"
     sc = env["sc"]
     codes = [sc.get(f"/limited/x/{uid()}") for _ in range(3)]
     assert [r.status_code for r in codes[:2]] == [200, 200]  # the bucket starts full (5)
@@ -691,6 +712,7 @@ def test_limit_burst_then_429_with_retry_after(env: dict[str, Any]) -> None:
 
 
 def test_concurrency_cap_overloaded_503(env: dict[str, Any]) -> None:
+    # contract §4 concurrency: "the rest get 503 at once"; §9 overloaded (503)
     sc, A = env["sc"], env["A"]
     i = uid()
     out: dict[str, Any] = {}
@@ -715,6 +737,7 @@ def test_concurrency_cap_overloaded_503(env: dict[str, Any]) -> None:
 
 
 def test_breaker_opens_after_consecutive_failures(env: dict[str, Any]) -> None:
+    # contract §4 breaker failures N: "opens after N consecutive failures"; §9 breaker-open (503)
     sc, A = env["sc"], env["A"]
     for _ in range(2):
         assert sc.get(f"/brk/s/500/{uid()}").status_code == 500
@@ -726,6 +749,7 @@ def test_breaker_opens_after_consecutive_failures(env: dict[str, Any]) -> None:
 
 
 def test_no_healthy_endpoint_503(env: dict[str, Any]) -> None:
+    # contract §9: "no-healthy-endpoint (503)"; §5 health checks
     sc, A = env["sc"], env["A"]
     assert wait_for(lambda: A.hits("/s/503/health"), 3), "no active health checks seen"
     r = wait_for(lambda: (lambda r: r if reason(r) == "no-healthy-endpoint" else None)(
@@ -735,6 +759,7 @@ def test_no_healthy_endpoint_503(env: dict[str, Any]) -> None:
 
 
 def test_upstream_5xx_passed_through_after_retries(env: dict[str, Any]) -> None:
+    # contract §9: "An upstream's own 5xx that survives retries and has no fallback is passed through as the upstream sent it"
     sc, A = env["sc"], env["A"]
     i = uid()
     r = sc.get(f"/passthru/s/500/{i}")
@@ -750,6 +775,7 @@ def test_upstream_5xx_passed_through_after_retries(env: dict[str, Any]) -> None:
 # section 4: retries
 # --------------------------------------------------------------------------------------
 def test_retry_goes_to_another_endpoint(env: dict[str, Any]) -> None:
+    # contract §4 retry: "A retry goes to a different endpoint when one is available"; N+1 attempts
     sc, A, B = env["sc"], env["A"], env["B"]
     for _ in range(3):
         i = uid()
@@ -759,6 +785,7 @@ def test_retry_goes_to_another_endpoint(env: dict[str, Any]) -> None:
 
 
 def test_retry_recovers_on_other_endpoint(env: dict[str, Any]) -> None:
+    # contract §4 retry: "A retry goes to a different endpoint when one is available"
     sc = env["sc"]
     for _ in range(4):
         r = sc.get(f"/pair/failon/A/{uid()}")
@@ -767,6 +794,7 @@ def test_retry_recovers_on_other_endpoint(env: dict[str, Any]) -> None:
 
 
 def test_post_not_retried(env: dict[str, Any]) -> None:
+    # contract §4 retry: "Only idempotent methods ... are retried"
     sc, A = env["sc"], env["A"]
     i = uid()
     r = sc.get(f"/passthru/s/503/{i}", method="POST", content=b"payload")
@@ -775,6 +803,7 @@ def test_post_not_retried(env: dict[str, Any]) -> None:
 
 
 def test_post_with_idempotency_key_is_retried(env: dict[str, Any]) -> None:
+    # contract §4 retry: "... or requests with an Idempotency-Key header are retried"
     sc, A = env["sc"], env["A"]
     i = uid()
     r = sc.get(f"/passthru/s/503/{i}", method="POST", content=b"payload",
@@ -785,6 +814,7 @@ def test_post_with_idempotency_key_is_retried(env: dict[str, Any]) -> None:
 
 
 def test_post_retried_on_connect_failure(env: dict[str, Any]) -> None:
+    # contract §4 retry: "except on connect-failure (nothing was sent)"
     sc, A = env["sc"], env["A"]
     for _ in range(4):  # round-robin: some of these go to the dead endpoint first
         i = uid()
@@ -795,6 +825,7 @@ def test_post_retried_on_connect_failure(env: dict[str, Any]) -> None:
 
 
 def test_hedge_answers_from_the_fast_endpoint(env: dict[str, Any]) -> None:
+    # contract §4 hedge after D: "send extra copies, to other endpoints; the first good answer wins"
     sc = env["sc"]
     for _ in range(2):  # round-robin: one of the two starts on the slow A
         t = time.monotonic()
@@ -816,6 +847,7 @@ def test_static_json_fallback(env: dict[str, Any]) -> None:
 
 
 def test_static_fallback_after_5xx_but_never_for_4xx(env: dict[str, Any]) -> None:
+    # contract §4: "A fallback answers ... a 5xx answer after retries. It never replaces an upstream 4xx."
     sc, A = env["sc"], env["A"]
     i = uid()
     r = sc.get(f"/fb5xx/s/500/{i}")
@@ -830,6 +862,7 @@ def test_static_fallback_after_5xx_but_never_for_4xx(env: dict[str, Any]) -> Non
 
 
 def test_stale_fallback(env: dict[str, Any]) -> None:
+    # contract §4 fallback stale D: "the last good response to the same method and URL"; §9 x-riprap-fallback: stale
     sc = env["sc"]
     path = f"/stalesvc/flip/{uid()}"
     first = sc.get(path)
@@ -843,6 +876,7 @@ def test_stale_fallback(env: dict[str, Any]) -> None:
 
 
 def test_service_fallback(env: dict[str, Any]) -> None:
+    # contract §4 fallback service NAME; §9 x-riprap-fallback: service
     sc, A = env["sc"], env["A"]
     i = uid()
     r = sc.get(f"/fbsvc/via/{i}")
@@ -855,6 +889,7 @@ def test_service_fallback(env: dict[str, Any]) -> None:
 # section 5: failover tiers and sharding
 # --------------------------------------------------------------------------------------
 def test_failover_tier_unused_while_primary_up(env: dict[str, Any]) -> None:
+    # contract §5 failover: "a tier is used only when every endpoint of the tiers before it is unhealthy"
     sc = env["sc"]
     for _ in range(6):
         r = sc.get(f"/tiersok/x/{uid()}")
@@ -862,6 +897,7 @@ def test_failover_tier_unused_while_primary_up(env: dict[str, Any]) -> None:
 
 
 def test_failover_tier_used_when_primaries_down(env: dict[str, Any]) -> None:
+    # contract §5 failover: tier 1 used when every primary is unhealthy
     sc = env["sc"]
     r = wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(
         sc.get(f"/tiers/x/{uid()}")), 3)
@@ -873,6 +909,7 @@ def test_failover_tier_used_when_primaries_down(env: dict[str, Any]) -> None:
 
 
 def test_shard_by_header_is_stable_and_spread(env: dict[str, Any]) -> None:
+    # contract §5 shard: "A key maps to a shard by rendezvous hashing with a stable hash"
     sc = env["sc"]
     where: dict[str, str] = {}
     for k in range(16):
@@ -900,6 +937,7 @@ def test_shard_default_and_400_without_one(env: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------
 def test_chaos_inactive_without_flag(env: dict[str, Any]) -> None:
     for _ in range(3):
+    # contract §4 chaos: "active only when the sidecar runs with --chaos"
         r = env["sc"].get(f"/chaotic/x/{uid()}")
         assert r.status_code == 200
 
@@ -908,12 +946,14 @@ def test_chaos_inactive_without_flag(env: dict[str, Any]) -> None:
 # section 9: admin
 # --------------------------------------------------------------------------------------
 def test_admin_healthz_readyz(env: dict[str, Any]) -> None:
+    # contract §9 Admin: "/healthz 200 while the process lives; /readyz 200 once a plan is loaded"
     adm = env["sc"].admin
     assert adm.get("/healthz").status_code == 200
     assert adm.get("/readyz").status_code == 200
 
 
 def test_admin_metrics_is_prometheus_text(env: dict[str, Any]) -> None:
+    # contract §9 Admin: "GET /metrics Prometheus text"
     from prometheus_client.parser import text_string_to_metric_families
 
     env["sc"].get(f"/echo/m/{uid()}")
@@ -939,6 +979,7 @@ def test_admin_plan(env: dict[str, Any]) -> None:
 
 
 def test_admin_state_names_services_shards_endpoints(env: dict[str, Any]) -> None:
+    # contract §9 Admin: "/state health, ejection, breaker and limiter state of every service, shard and endpoint"
     r = env["sc"].admin.get("/state")
     assert r.status_code == 200
     text = json.dumps(r.json())
@@ -1010,6 +1051,8 @@ service delayed {{
         i = uid()
         r = sc.get(f"/chaotic/x/{i}")
         assert r.status_code == 418
+        assert "x-riprap-reason" in r.headers  # section 9: an answer riprap made itself
+        attempts(r)
         assert A.hits(i) == []  # injected before the call leaves
         assert sc.get(f"/calm/x/{uid()}").status_code == 200
         assert sc.get(f"/abortdef/x/{uid()}").status_code == 503  # default status 503
@@ -1069,7 +1112,9 @@ def rel(tmp_path_factory: pytest.TempPathFactory, ups: dict[str, Any]) -> Iterat
     (d / "fb.json").write_text('{"v": 1}', encoding="utf-8")
     policy = d / "rel.riprap"
     policy.write_text(RELOAD_BASE.format(extra="", **fmt), encoding="utf-8")
-    sc = Sidecar(policy, port, admin).start()  # addresses from the file itself
+    # addresses from the file itself; run from elsewhere: the fallback file's path is
+    # relative to the policy file (section 4), not to the working directory
+    sc = Sidecar(policy, port, admin, cwd=d.parent).start()
     try:
         yield {"sc": sc, "dir": d, "policy": policy, "fmt": fmt, "A": ups["A"]}
     finally:
@@ -1083,6 +1128,7 @@ def save_by_rename(path: Path, text: str) -> None:
 
 
 def test_reload_named_file_within_1s(rel: dict[str, Any]) -> None:
+    # contract §9 Hot reload: "a saved change ... to a file it names, takes effect within 1 s"
     sc = rel["sc"]
     r = sc.get("/one/x")
     assert r.json() == {"v": 1} and r.headers.get("x-riprap-fallback") == "static"
@@ -1096,6 +1142,7 @@ def test_reload_named_file_within_1s(rel: dict[str, Any]) -> None:
 
 
 def test_reload_policy_saved_by_rename_within_1s(rel: dict[str, Any]) -> None:
+    # contract §9 Hot reload: "within 1 s"; "Editors that save by rename ... are handled"
     sc, A = rel["sc"], rel["A"]
     extra = f"service two {{\n    endpoint {A.url}\n}}\n"
     before = sc.admin.get("/plan").json()
@@ -1128,6 +1175,7 @@ def _reload_error_count(sc: Sidecar) -> float:
 
 
 def test_broken_change_keeps_plan_and_reports_then_clears(rel: dict[str, Any]) -> None:
+    # contract §9: "A change that does not compile leaves the running plan in force, logs ..., shows them at /plan and counts them in the metrics"; last_error "null again after a successful one"
     sc, A = rel["sc"], rel["A"]
     extra = f"service two {{\n    endpoint {A.url}\n}}\n"
     good = RELOAD_BASE.format(extra=extra, **rel["fmt"])
@@ -1315,6 +1363,7 @@ def test_retry_after_is_honoured(env: dict[str, Any]) -> None:
 
 
 def test_retry_after_beyond_deadline_is_not_waited(env: dict[str, Any]) -> None:
+    # contract §4: "A Retry-After from the upstream is honoured within the deadline"
     sc = env["sc"]
     t = time.monotonic()
     r = sc.get(f"/rashort/raflip/5/{uid()}")
@@ -1333,6 +1382,7 @@ def test_retries_stop_at_the_whole_call_deadline(env: dict[str, Any]) -> None:
 
 
 def test_retry_methods_option(env: dict[str, Any]) -> None:
+    # contract §4 retry: "unless methods names others"
     sc, A = env["sc"], env["A"]
     i = uid()
     r = sc.get(f"/methods/s/503/{i}", method="POST", content=b"p")
@@ -1340,6 +1390,7 @@ def test_retry_methods_option(env: dict[str, Any]) -> None:
 
 
 def test_per_try_timeout_retries_elsewhere(env: dict[str, Any]) -> None:
+    # contract §4 retry COND timeout: "per-try timeout hit"; retry goes to a different endpoint
     sc = env["sc"]
     for _ in range(2):  # round-robin: one of these starts on the slow A
         t = time.monotonic()
@@ -1364,6 +1415,7 @@ def test_put_body_retried_small_not_above_1mib(env: dict[str, Any]) -> None:
 
 
 def test_bodies_stream_both_ways(env: dict[str, Any]) -> None:
+    # contract §9: "Bodies stream in both directions"
     sc = env["sc"]
     n = 3_000_001
     r = sc.get(f"/echo/big/{n}/{uid()}")
@@ -1401,6 +1453,7 @@ def test_client_disconnect_cancels_upstream_call(env: dict[str, Any]) -> None:
 
 
 def test_limit_per_header_keeps_separate_buckets(env: dict[str, Any]) -> None:
+    # contract §4 limit: "per header keeps one bucket per header value"
     sc = env["sc"]
     assert sc.get(f"/perkey/x/{uid()}", headers={"X-User": "u1"}).status_code == 200
     r = sc.get(f"/perkey/x/{uid()}", headers={"X-User": "u1"})
@@ -1409,6 +1462,7 @@ def test_limit_per_header_keeps_separate_buckets(env: dict[str, Any]) -> None:
 
 
 def test_concurrency_queue_and_queue_timeout(env: dict[str, Any]) -> None:
+    # contract §4 concurrency N queue Q queue-timeout D: "up to Q wait, each at most D; the rest get 503 at once"
     sc, A = env["sc"], env["A"]
     res: dict[str, Any] = {}
     clients = [httpx.Client(base_url=sc.url, trust_env=False, timeout=10) for _ in range(2)]
@@ -1450,6 +1504,7 @@ def test_concurrency_queue_and_queue_timeout(env: dict[str, Any]) -> None:
 
 
 def test_overloaded_goes_to_fallback(env: dict[str, Any]) -> None:
+    # contract §4: "A fallback answers a call that failed: ... overloaded"
     sc, A = env["sc"], env["A"]
     i = uid()
     cli = httpx.Client(base_url=sc.url, trust_env=False, timeout=10)
@@ -1475,6 +1530,7 @@ def test_rate_limited_is_not_a_failure_for_fallback(env: dict[str, Any]) -> None
 
 
 def test_breaker_probe_closes_it_again(env: dict[str, Any]) -> None:
+    # contract §4 breaker: "then K probe calls are let through; all succeed: closed"
     sc = env["sc"]
     assert sc.get(f"/brkprobe/s/500/{uid()}").status_code == 500
     r = sc.get(f"/brkprobe/x/{uid()}")
@@ -1495,6 +1551,7 @@ def test_breaker_ignores_4xx(env: dict[str, Any]) -> None:
 
 
 def test_breaker_open_goes_to_fallback(env: dict[str, Any]) -> None:
+    # contract §4: "A fallback answers a call that failed: ... breaker open"
     sc, A = env["sc"], env["A"]
     r = sc.get(f"/brkfb/s/500/{uid()}")
     assert r.headers.get("x-riprap-fallback") == "static"  # a 5xx: the fallback answers
@@ -1505,6 +1562,7 @@ def test_breaker_open_goes_to_fallback(env: dict[str, Any]) -> None:
 
 
 def test_timeout_goes_to_fallback(env: dict[str, Any]) -> None:
+    # contract §4: "A fallback answers a call that failed: ... timed out"
     t = time.monotonic()
     r = env["sc"].get(f"/timeoutfb/sleep/2/{uid()}")
     assert r.status_code == 200 and r.text == "slow-fallback"
@@ -1521,6 +1579,7 @@ def test_fallback_chain_in_order(env: dict[str, Any]) -> None:
 
 
 def test_no_healthy_endpoint_with_stale_fallback_and_no_copy(env: dict[str, Any]) -> None:
+    # contract §9: "no-healthy-endpoint (503)" when the fallback chain has nothing
     sc, A = env["sc"], env["A"]
     i = uid()
     r = wait_for(lambda: (lambda r: r if reason(r) == "no-healthy-endpoint" else None)(
@@ -1540,6 +1599,7 @@ def test_outlier_ejection_stops_using_failing_endpoint(env: dict[str, Any]) -> N
 
 
 def test_weights_respected(env: dict[str, Any]) -> None:
+    # contract §5 balance: "weights respected" (round-robin)
     sc = env["sc"]
     ups = [sc.get(f"/weighted/x/{uid()}").headers["x-upstream"] for _ in range(40)]
     assert 24 <= ups.count("A") <= 36, ups.count("A")
@@ -1561,6 +1621,7 @@ def test_shard_by_path_segment_counts_in_path_sent_upstream(env: dict[str, Any])
 
 
 def test_shard_by_query_and_cookie(env: dict[str, Any]) -> None:
+    # contract §5: "shard by query NAME | cookie NAME"; no key, no default: 400
     sc = env["sc"]
     for svc in ("qshard", "cshard"):
         seen: dict[str, str] = {}
@@ -1578,6 +1639,7 @@ def test_shard_by_query_and_cookie(env: dict[str, Any]) -> None:
 
 
 def test_shard_policy_overrides_service(env: dict[str, Any]) -> None:
+    # contract §5 shard: "any policy statements, which override the service's for that shard"
     sc = env["sc"]
     t = time.monotonic()
     r = sc.get(f"/shardpol/sleep/1/{uid()}")  # no key: shard a, timeout 300ms
@@ -1600,11 +1662,13 @@ def test_hedge_not_for_post(env: dict[str, Any]) -> None:
 
 
 def test_smaller_of_incoming_deadline_and_timeout(env: dict[str, Any]) -> None:
+    # contract §9 Deadlines: "the smaller of it and the service's timeout"
     r = env["sc"].get(f"/slow/dl/{uid()}", headers={"x-riprap-deadline-ms": "60000"})
     assert 0 < float(r.json()["headers"]["x-riprap-deadline-ms"]) <= 300
 
 
 def test_path_details_preserved(env: dict[str, Any]) -> None:
+    # contract §9 Routing: "/NAME/rest ... with the prefix removed" (/NAME alone, encoding kept)
     sc = env["sc"]
     assert sc.get("/echo").json()["path"] == "/"
     assert sc.get("/echo?a=1").json()["path"] in ("/?a=1",)
@@ -1612,6 +1676,7 @@ def test_path_details_preserved(env: dict[str, Any]) -> None:
 
 
 def test_head_and_empty_answers(env: dict[str, Any]) -> None:
+    # contract §9: "Every proxied answer carries x-riprap-attempts"
     sc = env["sc"]
     r = sc.get(f"/echo/x/{uid()}", method="HEAD")
     assert r.status_code == 200 and r.content == b"" and attempts(r) == 1
@@ -1633,6 +1698,7 @@ def test_connect_to_unknown_host_refused(env: dict[str, Any]) -> None:
 # section 9: in-flight calls keep their plan; Kubernetes ConfigMap symlink swaps
 # --------------------------------------------------------------------------------------
 def test_inflight_call_finishes_on_its_plan(rel: dict[str, Any]) -> None:
+    # contract §9: "Calls in flight finish on the plan they started with"
     sc, A = rel["sc"], rel["A"]
     extra = f"service gone {{\n    timeout 5s\n    endpoint {A.url}\n}}\n"
     save_by_rename(rel["policy"], RELOAD_BASE.format(extra=extra, **rel["fmt"]))
@@ -1656,7 +1722,9 @@ def test_kubernetes_configmap_symlink_swap(tmp_path: Path, ups: dict[str, Any]) 
     A = ups["A"]
     port, admin = free_port(), free_port()
     v1, v2 = tmp_path / "..2026_11_27_v1", tmp_path / "..2026_11_27_v2"
+    six = Upstream("SIX", host="::1")  # section 2: [IPv6] addresses, in an endpoint URL too
     body = ("service k8s {{\n    endpoint {A}\n    fallback status 200 text \"{t}\"\n}}\n"
+            "service six {{\n    endpoint " + six.url + "\n}}\n"
             "service dead {{\n    endpoint http://127.0.0.1:{d}\n"
             "    fallback status 200 text \"{t}\"\n}}\n")
     for v, t in ((v1, "one"), (v2, "two")):
@@ -1670,6 +1738,8 @@ def test_kubernetes_configmap_symlink_swap(tmp_path: Path, ups: dict[str, Any]) 
     try:
         assert sc.get("/dead/x").text == "one"
         assert sc.admin.get("/plan").json()["plan"]["app"] == "k8s"  # section 3: file stem
+        r = sc.get(f"/six/x/{uid()}")
+        assert r.status_code == 200 and r.headers["x-upstream"] == "SIX"
         tmp_link = tmp_path / "..data_tmp"
         tmp_link.symlink_to(v2.name)
         os.replace(tmp_link, tmp_path / "..data")  # the kubelet's atomic swap
@@ -1678,6 +1748,7 @@ def test_kubernetes_configmap_symlink_swap(tmp_path: Path, ups: dict[str, Any]) 
         assert time.monotonic() - t <= 1.2
     finally:
         sc.stop()
+        six.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -1744,6 +1815,7 @@ def test_supervised_app_restarted_when_health_fails(tmp_path: Path) -> None:
 
 
 def test_never_healthy_app_restarted_after_fall_checks(tmp_path: Path) -> None:
+    # contract §6: "restarts it when ... its health check fails fall times in a row"
     sc, log = _health_app_sidecar(tmp_path, "never")
     try:
         # every 100ms, fall 2: a few hundred ms after it starts, plus the 100ms backoff
@@ -1756,6 +1828,7 @@ def test_never_healthy_app_restarted_after_fall_checks(tmp_path: Path) -> None:
 # section 8: riprap run with a file that does not compile / does not exist
 # --------------------------------------------------------------------------------------
 def test_run_refuses_broken_and_missing_files(tmp_path: Path) -> None:
+    # contract §8: run FILE; exit codes as check (1 errors, 2 I/O)
     bad = tmp_path / "bad.riprap"
     bad.write_text("service x {\n    retry lots\n}\n")
     cp = subprocess.run([*riprap_cmd(), "run", str(bad), "--listen", f"127.0.0.1:{free_port()}",
@@ -1784,6 +1857,7 @@ def test_retry_not_started_when_time_left_below_median(env: dict[str, Any]) -> N
 
 
 def test_retry_deadline_header_shrinks(env: dict[str, Any]) -> None:
+    # contract §9 Deadlines: "the remaining time is sent upstream as x-riprap-deadline-ms"
     sc, A, B = env["sc"], env["A"], env["B"]
     i = uid()
     sc.get(f"/median/sleepcode/0.05/503/{i}")
@@ -1794,6 +1868,7 @@ def test_retry_deadline_header_shrinks(env: dict[str, Any]) -> None:
 
 
 def test_breaker_failure_rate(env: dict[str, Any]) -> None:
+    # contract §4 breaker failure-rate P% window N min M
     sc = env["sc"]
     assert sc.get(f"/frbrk/x/{uid()}").status_code == 200
     assert sc.get(f"/frbrk/s/500/{uid()}").status_code == 500
@@ -1804,6 +1879,7 @@ def test_breaker_failure_rate(env: dict[str, Any]) -> None:
 
 
 def test_breaker_slow_calls_count_as_failures(env: dict[str, Any]) -> None:
+    # contract §4 breaker: "with slow D, a call slower than D counts as a failure"
     sc = env["sc"]
     assert sc.get(f"/slowbrk/sleep/0.2/{uid()}").status_code == 200
     assert sc.get(f"/slowbrk/sleep/0.2/{uid()}").status_code == 200
@@ -1828,6 +1904,7 @@ def test_breaker_scope_is_each_shard(env: dict[str, Any]) -> None:
 
 
 def test_retry_goes_elsewhere_with_default_balancer(env: dict[str, Any]) -> None:
+    # contract §4: "A retry goes to a different endpoint"; §5 default least-request
     sc, A, B = env["sc"], env["A"], env["B"]
     for _ in range(4):
         i = uid()
@@ -1836,6 +1913,7 @@ def test_retry_goes_elsewhere_with_default_balancer(env: dict[str, Any]) -> None
 
 
 def test_retry_on_reset(env: dict[str, Any]) -> None:
+    # contract §4 retry COND reset; non-idempotent methods not retried
     sc = env["sc"]
     for _ in range(2):
         r = sc.get(f"/resetretry/reseton/A/{uid()}")
@@ -1848,6 +1926,7 @@ def test_retry_on_reset(env: dict[str, Any]) -> None:
 
 
 def test_stale_copy_is_per_method(env: dict[str, Any]) -> None:
+    # contract §4 fallback stale: "to the same method and URL"
     sc = env["sc"]
     path = f"/stalesvc/flip/{uid()}"
     assert sc.get(path).status_code == 200
@@ -1867,6 +1946,7 @@ def test_hedge_first_good_answer_wins(env: dict[str, Any]) -> None:
 
 
 def test_limit_default_burst_is_one_second(env: dict[str, Any]) -> None:
+    # contract §4 limit: "burst B (default: one second of R)"
     sc = env["sc"]
     codes = [sc.get(f"/limdef/x/{uid()}").status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429]
@@ -1894,20 +1974,24 @@ def test_request_body_streams_upstream_without_retries(env: dict[str, Any]) -> N
 
 
 def test_request_body_above_bound_streams_upstream(env: dict[str, Any]) -> None:
+    # contract §9: "Bodies stream"; above the bound "the call is not retried"
     _slow_upload(env, 1_200_000)
 
 
 def test_host_routing_wins_over_path_prefix(env: dict[str, Any]) -> None:
+    # contract §9 Routing: Host first, "Otherwise, a path /NAME/rest"
     r = env["sc"].get("/pair/x", host="echo")
     assert r.status_code == 200 and r.json()["path"] == "/pair/x"
 
 
 def test_garbage_deadline_header_ignored(env: dict[str, Any]) -> None:
+    # contract §9 Deadlines (silent on garbage: Envoy ignores a bad x-envoy-expected-rq-timeout-ms)
     r = env["sc"].get(f"/echo/x/{uid()}", headers={"x-riprap-deadline-ms": "soon"})
     assert r.status_code == 200
 
 
 def test_retry_budget_caps_retries(env: dict[str, Any]) -> None:
+    # contract §4 retry budget: "caps retries at P% of requests over a 10 s window"
     sc, A = env["sc"], env["A"]
     i = uid()
     for n in range(20):
@@ -1918,6 +2002,7 @@ def test_retry_budget_caps_retries(env: dict[str, Any]) -> None:
 
 
 def test_hedge_at_p95_starts_at_100ms_before_20_calls(env: dict[str, Any]) -> None:
+    # contract §4 hedge at pNN: "100ms until 20 calls were seen"
     sc = env["sc"]
     for _ in range(2):
         t = time.monotonic()
@@ -1928,6 +2013,7 @@ def test_hedge_at_p95_starts_at_100ms_before_20_calls(env: dict[str, Any]) -> No
 
 
 def test_failover_tier_2_after_tier_1(env: dict[str, Any]) -> None:
+    # contract §5 failover tier T: "a tier is used only when every endpoint of the tiers before it is unhealthy"
     sc = env["sc"]
     r = wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(
         sc.get(f"/tiers2/x/{uid()}")), 3)
@@ -1935,6 +2021,7 @@ def test_failover_tier_2_after_tier_1(env: dict[str, Any]) -> None:
 
 
 def test_health_expect_status(env: dict[str, Any]) -> None:
+    # contract §5 health: "expect STATUS"
     sc, A = env["sc"], env["A"]
     assert wait_for(lambda: len(A.hits("/s/404/expect")) >= 3, 3)
     for _ in range(3):
@@ -1953,6 +2040,7 @@ def test_stale_copy_expires(env: dict[str, Any]) -> None:
 
 
 def test_exponential_backoff_without_jitter(env: dict[str, Any]) -> None:
+    # contract §4 retry: "backoff A..B is exponential from A doubling up to B"; jitter none
     sc, A = env["sc"], env["A"]
     i = uid()
     r = sc.get(f"/backoffx/s/503/{i}")
@@ -1992,11 +2080,13 @@ def _raw(port: int, data: bytes) -> bytes:
 
 
 def test_broken_upstream_answer_is_502(env: dict[str, Any]) -> None:
+    # contract §9: "upstream-failed (502, no answer could be had: refused, reset, broken)"
     r = env["sc"].get(f"/resetter/garbage/{uid()}")
     assert r.status_code == 502 and reason(r) == "upstream-failed"
 
 
 def test_http10_request_without_host_uses_path_prefix(env: dict[str, Any]) -> None:
+    # contract §9 Routing: "Otherwise, a path /NAME/rest goes to service NAME"
     i = uid()
     out = _raw(env["sc"].port, f"GET /echo/h10/{i} HTTP/1.0\r\n\r\n".encode())
     assert out.split(b"\r\n", 1)[0].split(b" ")[1] == b"200", out[:200]
@@ -2036,6 +2126,7 @@ def test_outlier_never_ejects_more_than_max(env: dict[str, Any]) -> None:
 
 
 def test_encoded_answer_passed_untouched(env: dict[str, Any]) -> None:
+    # contract §9: bodies stream, passed "as the upstream sent it"
     import gzip
 
     r = env["sc"].get(f"/echo/gzip/{uid()}")
@@ -2047,6 +2138,7 @@ def test_encoded_answer_passed_untouched(env: dict[str, Any]) -> None:
 
 
 def test_redirect_not_followed(env: dict[str, Any]) -> None:
+    # contract §9: a proxy passes the upstream's answer (Envoy/nginx never follow redirects)
     sc, A = env["sc"], env["A"]
     i = uid()
     r = sc.get(f"/echo/redirect/{i}")
@@ -2055,12 +2147,14 @@ def test_redirect_not_followed(env: dict[str, Any]) -> None:
 
 
 def test_repeated_headers_preserved(env: dict[str, Any]) -> None:
+    # contract §9: only hop-by-hop headers are dropped
     r = env["sc"].get(f"/echo/cookies/{uid()}")
     assert sorted(r.headers.get_list("set-cookie")) == ["a=1; Path=/", "b=2; Path=/"]
     assert ",".join(r.headers.get_list("x-multi")).replace(" ", "") == "one,two"
 
 
 def test_health_rise_needs_consecutive_passes(env: dict[str, Any]) -> None:
+    # contract §5 health: "rise N"
     sc, A = env["sc"], env["A"]
     assert wait_for(lambda: sc.get("/rise/x").headers.get("x-upstream") == "A", 2)
     A.unhealthy.add("rise")
@@ -2073,12 +2167,14 @@ def test_health_rise_needs_consecutive_passes(env: dict[str, Any]) -> None:
 
 
 def test_weights_respected_by_least_request(env: dict[str, Any]) -> None:
+    # contract §5 balance: "default least-request (power of two choices), weights respected"
     sc = env["sc"]
     ups = [sc.get(f"/wlr/x/{uid()}").headers["x-upstream"] for _ in range(60)]
     assert 33 <= ups.count("A") <= 56, ups.count("A")
 
 
 def test_hedge_max_sends_more_copies(env: dict[str, Any]) -> None:
+    # contract §4 hedge: "send up to N extra copies, to other endpoints"
     sc = env["sc"]
     for _ in range(3):
         t = time.monotonic()
@@ -2116,6 +2212,7 @@ def test_breaker_all_probes_must_succeed(env: dict[str, Any]) -> None:
 
 
 def test_service_fallback_gets_the_request_body(env: dict[str, Any]) -> None:
+    # contract §4 fallback service NAME: "send the failed call to another declared service"
     sc, A = env["sc"], env["A"]
     i = uid()
     r = sc.get(f"/fbsvc/post/{i}", method="POST", content=b"the-body",
@@ -2127,17 +2224,20 @@ def test_service_fallback_gets_the_request_body(env: dict[str, Any]) -> None:
 
 
 def test_fallback_chain_after_failed_service_fallback(env: dict[str, Any]) -> None:
+    # contract §4: "Several fallback lines form a chain, tried in order"
     r = env["sc"].get(f"/fbchain2/x/{uid()}")
     assert r.status_code == 200 and r.text == "second-fallback"
     assert r.headers.get("x-riprap-fallback") == "static"
 
 
 def test_path_segment_shard_without_segment_is_400(env: dict[str, Any]) -> None:
+    # contract §5 shard default: "without it they get 400"
     r = env["sc"].get("/pathshard/")
     assert r.status_code == 400
 
 
 def test_deleted_fallback_file_keeps_plan(rel: dict[str, Any]) -> None:
+    # contract §9: "A change that does not compile leaves the running plan in force"
     sc, d = rel["sc"], rel["dir"]
     save_by_rename(rel["policy"], RELOAD_BASE.format(extra="", **rel["fmt"]))
     (d / "fb.json").write_text('{"v": 7}')
@@ -2156,6 +2256,7 @@ def test_deleted_fallback_file_keeps_plan(rel: dict[str, Any]) -> None:
 
 
 def test_health_check_method(env: dict[str, Any]) -> None:
+    # contract §5 health [METHOD] PATH
     A = env["A"]
     assert wait_for(lambda: A.hits("/hchead"), 3)
     assert {h["method"] for h in A.hits("/hchead")} == {"HEAD"}
@@ -2176,6 +2277,7 @@ def test_use_policy_and_service_override(env: dict[str, Any]) -> None:
 
 
 def test_balance_random_uses_every_endpoint(env: dict[str, Any]) -> None:
+    # contract §5 balance random
     sc = env["sc"]
     seen = {sc.get(f"/rnd/x/{uid()}").headers["x-upstream"] for _ in range(30)}
     assert seen == {"A", "B"}
@@ -2208,3 +2310,68 @@ def test_reload_vim_style_backup_then_write(rel: dict[str, Any]) -> None:
     assert wait_for(lambda: sc.get(f"/vim/x/{uid()}").status_code == 200, 3)
     assert time.monotonic() - t <= 1.2
     assert wait_for(lambda: sc.admin.get("/plan").json()["last_error"] is None, 2)
+
+
+def test_run_refuses_a_plan_json_that_fails_the_schema(tmp_path: Path) -> None:
+    """Section 7: the plan is validated against its schema on every load."""
+    src = tmp_path / "ok.riprap"
+    src.write_text("service s {\n    endpoint http://127.0.0.1:9\n}\n")
+    out = tmp_path / "ok.json"
+    cp = subprocess.run([*riprap_cmd(), "compile", str(src), "-o", str(out)],
+                        capture_output=True, env=clean_env(), timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    doc = json.loads(out.read_text())
+    doc["version"] = 99
+    doc["services"]["s"]["timeout"] = "soon"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    cp = subprocess.run([*riprap_cmd(), "run", str(bad), "--listen", f"127.0.0.1:{free_port()}",
+                         "--admin", f"127.0.0.1:{free_port()}"],
+                        capture_output=True, env=clean_env(), timeout=20)
+    assert cp.returncode not in (0, None)
+    assert b"Traceback" not in cp.stderr
+
+
+def test_retried_4xx_is_still_never_replaced_by_fallback(env: dict[str, Any]) -> None:
+    # contract §4: retry on a status; "It never replaces an upstream 4xx."
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/retry4xx/s/429/{i}")
+    assert len(A.hits(i)) == 2 and attempts(r) == 2
+    assert r.status_code == 429 and r.text == "A says 429"
+    assert "x-riprap-fallback" not in r.headers
+
+
+def test_half_open_breaker_lets_only_k_probes_through(env: dict[str, Any]) -> None:
+    # contract §4 breaker: "then K (default 1) probe calls are let through"
+    sc, A = env["sc"], env["A"]
+    assert sc.get(f"/brkhalf/s/500/{uid()}").status_code == 500
+    time.sleep(0.25)
+    i = uid()
+    out: dict[str, Any] = {}
+    cli = httpx.Client(base_url=sc.url, trust_env=False, timeout=10)
+    th = threading.Thread(target=lambda: out.setdefault("r", cli.get(f"/brkhalf/sleep/0.4/{i}")))
+    th.start()
+    try:
+        assert wait_for(lambda: A.hits(i), 2)  # the one probe is in flight
+        j = uid()
+        r = sc.get(f"/brkhalf/x/{j}")
+        assert r.status_code == 503 and reason(r) == "breaker-open" and A.hits(j) == []
+    finally:
+        th.join(5)
+        cli.close()
+    assert out["r"].status_code == 200
+    assert sc.get(f"/brkhalf/x/{uid()}").status_code == 200  # the probe closed it
+
+
+def test_plan_endpoint_serves_the_compiled_plan(env: dict[str, Any]) -> None:
+    # contract §9 Admin: "/plan ... plan (the running plan)"; §7 the plan `riprap compile` prints
+    cp = subprocess.run([*riprap_cmd(), "compile", str(env["policy"])], capture_output=True,
+                        env=clean_env(), timeout=30, cwd=str(env["dir"]))
+    assert cp.returncode == 0, cp.stderr
+    compiled = json.loads(cp.stdout)
+    running = env["sc"].admin.get("/plan").json()["plan"]
+    for doc in (compiled, running):  # the addresses may show the command-line overrides
+        doc.pop("listen", None)
+        doc.pop("admin", None)
+    assert running == compiled

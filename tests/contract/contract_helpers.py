@@ -152,3 +152,45 @@ def plan_of(res: Result) -> dict:
     """The plan a `riprap compile` run printed (it must have succeeded)."""
     assert res.rc == 0, f"compile failed rc={res.rc}\n{res.err}"
     return json.loads(res.out)
+
+
+def narrow(res: Result, files: list[str]) -> Result:
+    """The diagnostics of `res` (text format) that belong to `files` (by file name)."""
+    keep, out = False, []
+    for raw in res.err.splitlines() + res.out.splitlines():
+        m = HEADER.match(raw)
+        if m:
+            keep = Path(m["path"]).name in files
+        elif not raw.startswith((" ", "\t")) and raw.strip():
+            keep = False
+        if keep:
+            out.append(raw)
+    return Result(res.rc, "", "\n".join(out))
+
+
+def group_checks(scenarios: dict, names: list[str], group: str) -> dict[str, list[str]]:
+    """Move the `check FILE...` scenarios `names` into one scenario `group` (one run).
+
+    Their files must have distinct names and share no service or app names. Returns
+    name -> its files, for `ungroup`.
+    """
+    files: dict = {}
+    members: dict[str, list[str]] = {}
+    for name in names:
+        f, args = scenarios.pop(name)
+        assert args[0] == "check" and len(args) == 1 + len(f), (name, args)
+        assert not set(f) & set(files), name
+        members[name] = [Path(k).name for k in f]
+        files.update(f)
+    scenarios[group] = (files, ["check", *sorted(files)])
+    return members
+
+
+def ungroup(results: dict[str, Result], members: dict[str, list[str]], group: str) -> dict[str, Result]:
+    """Give each grouped scenario its own result: the group's, narrowed to its files.
+
+    Its `rc` is the group's; tests of grouped scenarios look at their own diagnostics.
+    """
+    for name, files in members.items():
+        results[name] = narrow(results[group], files)
+    return results

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from contract_helpers import errors, parse_diags, run_scenarios, warnings
+from contract_helpers import errors, group_checks, parse_diags, run_scenarios, ungroup, warnings
 
 
 def svc(name: str, timeout: str = "1s", extra: str = "", port: int = 9001) -> str:
@@ -70,6 +70,10 @@ SCENARIOS: dict[str, tuple[dict[str, str], list[str]]] = {
          + svc("r", port=9003, extra="fallback service p")},
         ["check", "shop.riprap"],
     ),
+    "fb_cycle_compile": (
+        {"shop.riprap": svc("p", extra="fallback service q") + svc("q", port=9002, extra="fallback service p")},
+        ["compile", "shop.riprap"],
+    ),
     "fb_self": ({"self.riprap": svc("p", extra="fallback service p")}, ["check", "self.riprap"]),
     "fb_chain": (
         {"chain.riprap": svc("p", extra="fallback service q") + svc("q", port=9002, extra='fallback status 503 text "x"')},
@@ -88,9 +92,14 @@ SCENARIOS: dict[str, tuple[dict[str, str], list[str]]] = {
 }
 
 
+# one-file `check` scenarios share one run (grouped at the end of this module); each still
+# gets a result of its own, narrowed to its files (its `rc` is the group's)
+ONE_FILE_GROUP: dict[str, list[str]] = {}
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    return run_scenarios(tmp_path_factory.mktemp("mesh"), SCENARIOS)
+    return ungroup(run_scenarios(tmp_path_factory.mktemp("mesh"), SCENARIOS), ONE_FILE_GROUP, "one_file")
 
 
 def _mentions(diag, *names: str) -> bool:
@@ -195,19 +204,26 @@ def test_s10_acyclic_diamond_is_not_a_cycle(mesh):
 
 def test_s10_fallback_cycle_is_an_error(mesh):
     # §10: cycles in fallback chains are errors (one file is enough)
-    res = mesh["fb_cycle"]
-    assert res.rc == 1, res.text
-    assert errors(res), res.text
+    assert errors(mesh["fb_cycle"]), mesh["fb_cycle"].text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: `riprap compile` exits 0 and prints a plan for a file with a fallback cycle "
+    "(RP404, an error for `check`): dsl/cli._compile never runs the one-file analysis "
+    "(dsl.analysis.analyse), so compile's exit codes differ from check's",
+)
+def test_s8_s10_compile_rejects_a_fallback_cycle_like_check(mesh):
+    # §8: compile: exit codes as check; §10: a fallback cycle is an error
+    assert mesh["fb_cycle_compile"].rc == 1, mesh["fb_cycle_compile"].out[:200]
 
 
 def test_s10_fallback_to_itself_is_an_error(mesh):
-    assert mesh["fb_self"].rc == 1, mesh["fb_self"].text
+    assert errors(mesh["fb_self"]), mesh["fb_self"].text
 
 
 def test_s10_fallback_chain_without_cycle_is_fine(mesh):
-    res = mesh["fb_chain"]
-    assert res.rc == 0, res.text
-    assert not errors(res)
+    assert not errors(mesh["fb_chain"]), mesh["fb_chain"].text
 
 
 @pytest.mark.xfail(
@@ -217,7 +233,6 @@ def test_s10_fallback_chain_without_cycle_is_fine(mesh):
 )
 def test_s8_s10_fallback_cycle_reported_alongside_other_errors(mesh):
     res = mesh["fb_cycle_and_error"]
-    assert res.rc == 1
     lines = {d.line for d in errors(res)}
     assert 11 in lines, res.text  # service w (line 11): no endpoints
     assert lines & set(range(1, 11)), res.text  # the p -> q -> p cycle, on p's or q's lines
@@ -266,11 +281,10 @@ def single_file_run(mesh):
 def test_s10_single_file_warnings(single_file_run, case):
     # §10: in one file, warn when retries can never all run within the timeout, and when a
     # service has no timeout below the built-in default or no retry budget; §8: warnings only
-    # -> exit 0
+    # -> exit 0 (that exit code is asserted in test_cli_contract)
     res = single_file_run
-    assert res.rc == 0, res.text
-    assert not errors(res), res.text
     mine = [d for d in parse_diags(res.text) if Path(d.path).name == f"{case}.riprap"]
+    assert not [d for d in mine if d.sev == "error"], res.text
     expect_warning = SINGLE_FILE_CASES[case][1]
     if expect_warning:
         assert mine and all(d.sev == "warning" for d in mine), res.text
@@ -323,6 +337,14 @@ def test_s10_single_file_warnings_see_shard_policies(shard_run, case):
 )
 def test_s8_s10_warnings_reported_alongside_errors(mesh):
     res = mesh["warn_and_error"]
-    assert res.rc == 1
     assert errors(res)
     assert warnings(res), res.text
+
+
+ONE_FILE_GROUP.update(
+    group_checks(
+        SCENARIOS,
+        ["fb_cycle", "fb_self", "fb_chain", "fb_cycle_and_error", "warn_and_error", "single", "shards"],
+        "one_file",
+    )
+)
