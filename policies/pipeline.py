@@ -95,7 +95,7 @@ def _fallback_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
             return answer
         if resp.status_code >= 500:
             try:
-                answer = await fallback_answer(shard, ctx, "upstream-failed")
+                answer = await fallback_answer(shard, ctx, "upstream-5xx")
             except BaseException:
                 await resp.aclose()  # cancelled while the fallback was asked
                 raise
