@@ -18,7 +18,10 @@ with several files appends `explain_mesh`. Findings (codes in docs/analysis.md):
   default burst is max(1, rate).
 - RP407 two files declare the same app (warning): the first file keeps the name.
 
-Units without a plan (files with errors) are skipped.
+The mesh joins only units with a plan (files without errors). The one-file findings
+(RP404-RP406) are also made on a file with errors, over the services its errors leave
+intact (`CompiledUnit.resolved`), since every problem in a file is reported; for such a
+file this also reports the compiler's plan-level warnings (`CompiledUnit.findings`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Sequence
 
 from dsl import mesh as m
 from dsl.diagnostics import Diagnostic, Span, sort_key
-from dsl.plan import ServicePlan, ShardPlan
+from dsl.plan import Plan, ServicePlan, ShardPlan
 from dsl.units import CompiledUnit
 from dsl.worstcase import breakdown, fmt_seconds
 
@@ -41,7 +44,9 @@ def analyse(units: Sequence[CompiledUnit], max_amplification: float = 10.0) -> l
     """Findings over the compiled files taken together (and per file), sorted by place."""
     diags: list[Diagnostic] = []
     for u in units:
-        if u.plan is not None:
+        if u.plan is None:
+            diags.extend(u.findings)  # plan-level warnings on the intact part of a broken file
+        if _resolved(u) is not None:
             diags.extend(file_findings(u))
     mesh = m.build(units)
     diags.extend(_duplicates(mesh))
@@ -163,11 +168,17 @@ def inversions(mesh: m.Mesh) -> list[Diagnostic]:
 # ---- single-file findings -------------------------------------------------------------
 
 
+def _resolved(u: CompiledUnit) -> Plan | None:
+    """The plan, or for a file with errors the partial plan of its intact services."""
+    return u.plan if u.plan is not None else u.resolved
+
+
 def file_findings(u: CompiledUnit) -> list[Diagnostic]:
     """RP404-RP406 in one file: fallback cycles, breakers, hedges."""
-    assert u.plan is not None
+    plan = _resolved(u)
+    assert plan is not None
     out = fallback_cycles(u)
-    for svc in u.plan.services.values():
+    for svc in plan.services.values():
         span = u.service_spans.get(svc.name) or _app_span(u)
         scopes: list[tuple[str, ServicePlan | ShardPlan]] = [(f"service '{svc.name}'", svc)]
         scopes += [(f"shard '{s.name}' of service '{svc.name}'", s) for s in svc.shards]
@@ -216,8 +227,9 @@ def _scope_findings(
 
 def fallback_cycles(u: CompiledUnit) -> list[Diagnostic]:
     """RP404: services whose `fallback service` chains lead back to themselves."""
-    assert u.plan is not None
-    services = u.plan.services
+    plan = _resolved(u)
+    assert plan is not None
+    services = plan.services
     succ = {
         name: [t for t in m.fallback_targets(svc) if t in services] for name, svc in services.items()
     }

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from dsl.ast import File, Lit, Stmt
 from dsl.diagnostics import Diagnostic, Span, did_you_mean
 from dsl.plan import BUILTIN_TIMEOUT, Plan, ServicePlan, ShardPlan
+from dsl.transformer import BadJson, string_problem
 
 POLICY_KINDS = frozenset(
     {"timeout", "retry", "hedge", "breaker", "limit", "concurrency", "fallback", "chaos"}
@@ -86,6 +87,14 @@ OPTIONS: dict[tuple[str, str | None], frozenset[str]] = {
     ("endpoint", None): frozenset({"weight"}),
     ("failover", None): frozenset({"weight", "tier"}),
     ("outlier", None): frozenset({"eject", "max"}),
+}
+MAX_RETRIES = 100  # `retry N`: N is 0..100 (docs/language.md)
+MAX_SECONDS = 365 * 24 * 3600  # a duration is at most a year
+# kind -> (largest value, hint): beyond these a number is an error (RP227) at its place
+NUMBER_LIMITS: dict[str, tuple[float, str]] = {
+    "int": (2**53 - 1, "a count is at most 9007199254740991"),
+    "duration": (MAX_SECONDS, "a duration is at most a year (8760h)"),
+    "rate": (1e9, "a rate is at most 1000000000/s"),
 }
 HEALTH_OPTIONS = frozenset({"method", "every", "timeout", "fall", "rise", "expect"})
 APP_HEALTH_OPTIONS = frozenset({"method", "every", "timeout", "fall"})
@@ -177,6 +186,7 @@ class _Checker:
 
     def check_stmt(self, stmt: Stmt, block: str) -> None:
         self.check_options(stmt, block)
+        self.numbers(stmt)
         handler = getattr(self, "v_" + stmt.kind.replace("-", "_"), None)
         if handler is not None:
             handler(stmt, block)
@@ -264,7 +274,17 @@ class _Checker:
 
     def string(self, lit: Lit) -> None:
         if lit.kind == "string" and lit.value is None:
-            self.error("RP109", lit.span, "invalid escape in string", 'use JSON escapes: \\" \\\\ \\n \\t \\uXXXX')
+            self.error("RP109", lit.span, string_problem(lit.text), 'use JSON escapes: \\" \\\\ \\n \\t \\uXXXX')
+
+    def numbers(self, stmt: Stmt) -> None:
+        """RP227: a number too large to mean anything (or for a float to hold) is an error at it."""
+        for lit in stmt.args + tuple(a for o in stmt.opts for a in o.args):
+            limit = NUMBER_LIMITS.get(lit.kind)
+            if limit is None:
+                continue
+            value = lit.value
+            if isinstance(value, (int, float)) and not (math.isfinite(value) and value <= limit[0]):
+                self.error("RP227", lit.span, f"{lit.text if len(lit.text) <= 24 else lit.text[:20] + '...'} is too large", limit[1])
 
     # statement handlers (v_KIND) ---------------------------------------------------
     def v_listen(self, stmt: Stmt, block: str) -> None:
@@ -285,7 +305,15 @@ class _Checker:
         self.positive(stmt.args[0], "timeout")
 
     def v_retry(self, stmt: Stmt, block: str) -> None:
-        self.at_least(stmt.args[0], 0, "the number of retries")
+        n = stmt.args[0]
+        self.at_least(n, 0, "the number of retries")
+        if isinstance(n.value, int) and MAX_RETRIES < n.value <= NUMBER_LIMITS["int"][0]:
+            self.error(
+                "RP227",
+                n.span,
+                f"retry {n.text} is too many: at most {MAX_RETRIES} retries",
+                "a few retries (1-3) with a budget is usual; more only multiply load on a failing service",
+            )
         for opt in stmt.opts:
             if opt.key == "on":
                 for cond in opt.args:
@@ -302,7 +330,8 @@ class _Checker:
             elif opt.key == "per-try":
                 self.positive(opt.args[0], "per-try timeout")
             elif opt.key == "budget":
-                self.percent(opt.args[0], "retry budget", allow_zero=False)
+                # 0% is meaningful: only the floor (`min R`, default 10/s) lets retries through
+                self.percent(opt.args[0], "retry budget")
                 if len(opt.args) > 1:
                     self.positive(opt.args[1], "the budget's minimum rate")
             elif opt.key == "methods":
@@ -369,6 +398,9 @@ class _Checker:
             self.status(stmt.args[0], allow_class=False)
             if stmt.form in ("text", "file"):
                 self.string(stmt.args[1])
+            elif isinstance(stmt.args[1].value, BadJson):
+                for bad in stmt.args[1].value.bad:
+                    self.error("RP109", bad.span, bad.problem, 'use JSON escapes: \\" \\\\ \\n \\t \\uXXXX')
             elif not _finite(stmt.args[1].value):
                 self.error("RP109", stmt.args[1].span, "a number in this JSON value is too large", "JSON numbers must be finite")
         elif stmt.form == "stale":
@@ -672,21 +704,31 @@ def check_plan(
 ) -> list[Diagnostic]:
     """RP301-RP303: retries that cannot fit, timeouts not below 15s, retries without budget.
 
-    `retry_spans`/`timeout_spans` locate the line each service's retry/timeout came from
-    (its own, a policy's or the defaults'), keyed by service name (and `svc/shard`).
+    `retry_spans`/`timeout_spans` locate the line each scope's retry/timeout came from
+    (its own, a policy's or the defaults'), keyed by service name and `svc/shard`. Each
+    shard's resolved policy is checked too; a finding a shard only inherits from its
+    service (same cause, same line) is reported once, for the service.
     """
-    from dsl.worstcase import backoff_bound, fmt_seconds
+    from dsl.worstcase import backoff_total, fmt_seconds
 
     out: list[Diagnostic] = []
     for name, svc in plan.services.items():
         scopes: list[tuple[str, ServicePlan | ShardPlan]] = [(name, svc)]
         scopes += [(f"{name}/{s.name}", s) for s in svc.shards]
+        said: set[tuple[object, ...]] = set()
+
+        def add(key: tuple[object, ...], code: str, span: Span, message: str, hint: str) -> None:
+            if key not in said:
+                said.add(key)
+                out.append(Diagnostic(code, "warning", span, message, hint))
+
         for key, p in scopes:
             label = f"service '{name}'" if key == name else f"shard '{key}'"
-            where = retry_spans.get(key) or retry_spans.get(name)
-            if p.retry is not None and p.retry.retries > 0 and where is not None:
+            retry_at = retry_spans.get(key) or retry_spans.get(name)
+            timeout_at = timeout_spans.get(key) or timeout_spans.get(name)
+            if p.retry is not None and p.retry.retries > 0 and retry_at is not None:
                 r = p.retry
-                backoff = sum(backoff_bound(r.backoff, k) for k in range(1, r.retries + 1))
+                backoff = backoff_total(r.backoff, r.retries)
                 if r.per_try_timeout is not None:
                     need = (r.retries + 1) * r.per_try_timeout + backoff
                     detail = f"{r.retries + 1} tries × {fmt_seconds(r.per_try_timeout)} per try + {fmt_seconds(backoff)} backoff"
@@ -694,37 +736,33 @@ def check_plan(
                     need = backoff
                     detail = f"{fmt_seconds(backoff)} of backoff alone"
                 if need > p.timeout + 1e-9:
-                    out.append(
-                        Diagnostic(
-                            "RP301",
-                            "warning",
-                            where,
-                            f"{label}: retries cannot all run within its timeout: {detail} = "
-                            f"{fmt_seconds(need)} > {fmt_seconds(p.timeout)}",
-                            "lower the retries, per-try or backoff, or raise the timeout",
-                        )
+                    # at the retry line, or at the shard's own timeout when only that differs
+                    own_timeout = key != name and timeout_at != timeout_spans.get(name)
+                    own_retry = key == name or retry_at != retry_spans.get(name)
+                    at = timeout_at if own_timeout and not own_retry and timeout_at else retry_at
+                    add(
+                        ("RP301", r, p.timeout),
+                        "RP301",
+                        at,
+                        f"{label}: retries cannot all run within its timeout: {detail} = "
+                        f"{fmt_seconds(need)} > {fmt_seconds(p.timeout)}",
+                        "lower the retries, per-try or backoff, or raise the timeout",
                     )
-                if r.budget is None and key == name:
-                    out.append(
-                        Diagnostic(
-                            "RP303",
-                            "warning",
-                            where,
-                            f"{label}: retries without a retry budget can multiply load during an outage",
-                            "add e.g. `budget 20%` to the retry line",
-                        )
+                if r.budget is None:
+                    add(
+                        ("RP303", retry_at),
+                        "RP303",
+                        retry_at,
+                        f"{label}: retries without a retry budget can multiply load during an outage",
+                        "add e.g. `budget 20%` to the retry line",
                     )
-            if key == name and p.timeout >= BUILTIN_TIMEOUT:
-                span = timeout_spans.get(name)
-                if span is not None:
-                    out.append(
-                        Diagnostic(
-                            "RP302",
-                            "warning",
-                            span,
-                            f"{label}: timeout {fmt_seconds(p.timeout)} is not below the built-in default "
-                            f"of {fmt_seconds(BUILTIN_TIMEOUT)}",
-                            "set a deadline the caller can wait for, e.g. `timeout 2s`",
-                        )
-                    )
+            if p.timeout >= BUILTIN_TIMEOUT and timeout_at is not None:
+                add(
+                    ("RP302", timeout_at),
+                    "RP302",
+                    timeout_at,
+                    f"{label}: timeout {fmt_seconds(p.timeout)} is not below the built-in default "
+                    f"of {fmt_seconds(BUILTIN_TIMEOUT)}",
+                    "set a deadline the caller can wait for, e.g. `timeout 2s`",
+                )
     return out

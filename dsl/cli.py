@@ -117,17 +117,25 @@ def _delegate(command: str, argv: list[str]) -> int:
 def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[Diagnostic]]:
     """Files to compile: each file as given, each directory's *.riprap (recursive, sorted)."""
     files: list[str] = []
+    seen: set[Path] = set()  # resolved paths: `a.riprap` and `./a.riprap` are one file
     problems: list[Diagnostic] = []
+
+    def add(name: str) -> None:
+        key = Path(name).resolve()
+        if key not in seen:
+            seen.add(key)
+            files.append(name)
+
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             found = sorted(str(p) for p in path.rglob("*.riprap") if p.is_file())
             if not found:
                 problems.append(Diagnostic("RP003", "error", None, f"{raw}: directory has no .riprap files"))
-            files += [f for f in found if f not in files]
+            for f in found:
+                add(f)
         elif path.exists():
-            if raw not in files:
-                files.append(raw)
+            add(raw)
         else:
             problems.append(Diagnostic("RP001", "error", None, f"{raw}: no such file or directory"))
     return files, problems
@@ -189,6 +197,7 @@ def plan_json(unit: CompiledUnit) -> str:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from dsl.analysis import analyse
     from dsl.compiler import compile_file
 
     files, diags = expand_paths([args.file])
@@ -198,9 +207,12 @@ def _compile(args: argparse.Namespace) -> int:
     if os.path.isdir(args.file):
         raise _Usage(f"compile takes one file, not a directory: {args.file}")
     unit = compile_file(args.file)
-    _emit(unit.diagnostics, [unit], args.format, sys.stderr)
-    code = _exit_code(unit.diagnostics)
-    if unit.plan is None:
+    # the same one-file analysis as `check FILE` (fallback cycles are errors), so the exit
+    # codes agree
+    diags = list(unit.diagnostics) + analyse([unit])
+    _emit(diags, [unit], args.format, sys.stderr)
+    code = _exit_code(diags)
+    if unit.plan is None or code:
         return code or 1
     text = plan_json(unit)
     if args.output:

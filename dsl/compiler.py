@@ -331,11 +331,15 @@ class _Builder:
         )
 
     def note_spans(self, key: str, layer: _Layer, svc: Stmt | None) -> None:
+        """Where the retry and timeout in force come from; a shard without a `timeout`
+        line of its own (or its service's) is located by its service's entry."""
         if "retry" in layer.last:
             self.retry_spans[key] = layer.last["retry"].span
+        timeout = layer.last.get("timeout")
         if svc is not None:
-            timeout = layer.last.get("timeout")
             self.timeout_spans[key] = timeout.span if timeout else svc.args[0].span
+        elif timeout is not None:
+            self.timeout_spans[key] = timeout.span
 
     def supervise(self, app: Stmt) -> SuperviseSpec | None:
         if app.body is None:
@@ -354,7 +358,9 @@ class _Builder:
                 restart_max = s.args[-1].value
         return SuperviseSpec(run=str(run.args[0].value), health=health, restart_base=restart_base, restart_max=restart_max)
 
-    def plan(self, source: str) -> Plan:
+    def plan(self, source: str, only: frozenset[str] | None = None) -> Plan:
+        """The plan of the file; with `only`, just those services and no supervision
+        (a partial plan of a file with errors, for the findings that can still be made)."""
         top = self.file.stmts
         app_name = Path(source).stem
         listen, admin = DEFAULT_LISTEN, DEFAULT_ADMIN
@@ -364,7 +370,8 @@ class _Builder:
         for s in top:
             if s.kind == "app":
                 app_name = s.name or app_name
-                supervise = self.supervise(s)
+                if only is None:
+                    supervise = self.supervise(s)
             elif s.kind == "listen":
                 listen = s.args[0].text
             elif s.kind == "admin":
@@ -376,7 +383,8 @@ class _Builder:
         services: dict[str, ServicePlan] = {}
         for s in top:
             if s.kind == "service" and s.name is not None and s.name not in services:
-                services[s.name] = self.service(s, defaults, policies)
+                if only is None or s.name in only:
+                    services[s.name] = self.service(s, defaults, policies)
         return Plan(
             app=app_name,
             listen=listen,
@@ -401,12 +409,25 @@ def _spans(file: File) -> tuple[Span, dict[str, Span]]:
 
 def compile_ast(file: File, source_path: str) -> tuple[Plan | None, list[Diagnostic]]:
     """Check a parsed file and, when it has no error, build and validate its plan."""
+    plan, diags, _, _ = _compile_ast(file, source_path)
+    return plan, diags
+
+
+def _compile_ast(
+    file: File, source_path: str
+) -> tuple[Plan | None, list[Diagnostic], Plan | None, list[Diagnostic]]:
+    """(plan, diagnostics, resolved, findings): `resolved` is the plan itself, or for a
+    file with errors the partial plan of the services those errors leave untouched;
+    `findings` are then the plan-level warnings (RP301-RP303) on that partial plan.
+    They are kept apart from the diagnostics, which say why the file does not compile
+    (what `riprap run` shows for a failed reload); dsl.analysis reports them with the
+    other one-file findings, so `check` and `compile` show every problem."""
     from dsl.schema import validate_plan_dict
 
     if not file.stmts and not file.recovered:
         return None, [
             Diagnostic("RP007", "error", Span(file.path, 1, 1), "the file is empty: no statements", "a policy file declares at least one service")
-        ]
+        ], None, []
     diags = check_file(file)
     builder = _Builder(file, Path(source_path).parent)
     # fallback files are read even when there are other errors, so all are reported
@@ -415,7 +436,11 @@ def compile_ast(file: File, source_path: str) -> tuple[Plan | None, list[Diagnos
             builder.fallback_file(int(stmt.args[0].value), stmt.args[1])
     diags += builder.diags
     if any(d.is_error for d in diags) or file.recovered:
-        return None, diags
+        builder.diags = []
+        intact = intact_services(file, [d for d in diags if d.is_error])
+        partial = builder.plan(source_path, only=intact) if intact else None
+        findings = check_plan(partial, builder.retry_spans, builder.timeout_spans) if partial else []
+        return None, diags, partial, findings
     builder.diags = []
     plan = builder.plan(source_path)
     diags += builder.diags
@@ -426,8 +451,56 @@ def compile_ast(file: File, source_path: str) -> tuple[Plan | None, list[Diagnos
             Diagnostic("RP299", "error", Span(file.path, 1, 1), f"internal error: the compiled plan fails its schema: {problem}")
         )
     if any(d.is_error for d in diags):
-        return None, diags
-    return plan, diags
+        return None, diags, None, []
+    return plan, diags, plan, []
+
+
+def intact_services(file: File, errors: Iterable[Diagnostic]) -> frozenset[str]:
+    """The services of a file with errors whose resolved policy those errors cannot touch.
+
+    A service is intact when no error and no statement lost to a syntax error lies in it,
+    in a policy it uses, or in `defaults`. A block lost to a syntax error at the top, in a
+    file with no `defaults`, may have been the defaults: then nothing is intact.
+    """
+    top = file.stmts
+    inside: dict[int, bool] = {}  # id(top statement) -> holds an error or a lost statement
+    places = [(d.span.line, d.span.col) for d in errors if d.span is not None]
+    for stmt in top:
+        inside[id(stmt)] = stmt.kind == "recovered" or _holds(stmt, places) or any(
+            s.kind == "recovered" for s in _walk(stmt.body or ())
+        )
+    defaults = [s for s in top if s.kind == "defaults"]
+    if not defaults and any(s.kind == "recovered" and s.body is not None for s in top):
+        return frozenset()
+    if any(inside[id(d)] for d in defaults):
+        return frozenset()
+    policies: dict[str, Stmt] = {}
+    for s in top:
+        if s.kind == "policy" and s.name is not None:
+            policies.setdefault(s.name, s)
+    intact: set[str] = set()
+    seen: set[str] = set()
+    for svc in top:
+        if svc.kind != "service" or svc.name is None or svc.name in seen:
+            continue
+        seen.add(svc.name)
+        if inside[id(svc)]:
+            continue
+        used = [policies.get(str(u.args[0].value)) for u in svc.body or () if u.kind == "use"]
+        if any(p is None or inside[id(p)] for p in used):
+            continue
+        intact.add(svc.name)
+    return frozenset(intact)
+
+
+def _holds(stmt: Stmt, places: list[tuple[int, int]]) -> bool:
+    """Whether one of `places` (line, col) lies within the statement's span."""
+    span = stmt.span
+    start = (span.line, span.col)
+    end = (span.end_line or span.line, span.end_col or span.col)
+    if stmt.end is not None:
+        end = max(end, (stmt.end.line, stmt.end.col + 1))
+    return any(start <= place <= end for place in places)
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
@@ -496,10 +569,12 @@ def _compile_source(text: str, path: str) -> CompiledUnit:
     file = parsed.file
     if file is None:
         return CompiledUnit(path, text, None, tuple(_sorted(diags)))
-    plan, more = compile_ast(file, source_path)
+    plan, more, resolved, findings = _compile_ast(file, source_path)
     diags += more
     app_span, service_spans = _spans(file)
-    return CompiledUnit(path, text, plan, tuple(_sorted(diags)), app_span, service_spans)
+    return CompiledUnit(
+        path, text, plan, tuple(_sorted(diags)), app_span, service_spans, resolved, tuple(_sorted(findings))
+    )
 
 
 def compile_file(path: str) -> CompiledUnit:

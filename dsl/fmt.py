@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from dsl.ast import Comment, File, Lit, Opt, Stmt
 from dsl.diagnostics import Diagnostic
+from dsl.transformer import BadJson, dump_json
 
 INDENT = "    "
 
@@ -42,6 +43,8 @@ _LIST_OPTIONS = ("on", "methods", "expect")
 
 def _lit(lit: Lit) -> str:
     if lit.kind == "json":
+        if isinstance(lit.value, BadJson):  # an invalid string inside: keep it as written
+            return dump_json(lit.value.raw, ", ", ": ")
         return json.dumps(lit.value, separators=(", ", ": "), ensure_ascii=False)
     return lit.text
 

@@ -52,6 +52,7 @@ class _PostLexer:
         self.new_stmt = True  # the next token starts a statement
         self.open_blocks: list[Token] = []
         self.comments: list[Token] = []
+        self.json_from = -1  # inside an inline JSON value: the offset just after `json`
 
     def current_stmt_start(self, error_pos: int) -> int:
         """Where the statement holding an error at `error_pos` began."""
@@ -61,6 +62,7 @@ class _PostLexer:
         self.stmt_start = 0
         self.open_blocks = []
         self.new_stmt = True
+        self.json_from = -1
         last_nl = True  # at the start of the file: drop leading newlines
         json_depth = -1  # -1: not in JSON; 0: a JSON value is expected next
         for tok in stream:
@@ -85,8 +87,10 @@ class _PostLexer:
                     json_depth -= 1
                 if json_depth == 0 and kind not in ("COLON", "COMMA"):
                     json_depth = -1
+                    self.json_from = -1
             elif kind == "JSON":
                 json_depth = 0
+                self.json_from = tok.end_pos or 0
             elif kind == "LBRACE":
                 self.open_blocks.append(tok)
                 yield tok
@@ -182,7 +186,7 @@ def _parse_locked(built: _Built, text: str, path: str) -> ParseResult:
                 )
             )
             pos = tok.start_pos or 0
-            work = _blank(work, built.postlex.current_stmt_start(pos), pos)
+            work = _blank(work, built.postlex.current_stmt_start(pos), pos, built.postlex.json_from)
         except UnexpectedInput as exc:
             diag, pos = _diagnose(exc, work, path, built.postlex)
             diags.append(diag)
@@ -196,9 +200,12 @@ def _parse_locked(built: _Built, text: str, path: str) -> ParseResult:
                     break
             else:
                 if pos <= last_pos:
+                    # the text before the last error parsed, so an error there again comes
+                    # from the placeholder, not from the file: not a problem of its own
+                    diags.pop()
                     break
                 last_pos = pos
-                work = _blank(work, built.postlex.current_stmt_start(pos), pos)
+                work = _blank(work, built.postlex.current_stmt_start(pos), pos, built.postlex.json_from)
         else:
             comments = tuple(
                 Comment(c.line or 1, c.column or 1, str(c)) for c in built.postlex.comments
@@ -247,22 +254,34 @@ def _offset(exc: UnexpectedInput, text: str) -> int:
     return pos if pos is not None else len(text)
 
 
-def _blank(text: str, start: int, error_pos: int) -> str:
+def _blank(text: str, start: int, error_pos: int, json_from: int = -1) -> str:
     """Replace the statement from `start` to the end of the error's line by the placeholder.
 
     Newlines are kept (line numbers stay right); a net opening or closing brace is kept so
-    that the block structure around the statement survives.
+    that the block structure around the statement survives. When the error is inside an
+    inline JSON value (`json_from` >= 0: the offset after the word `json`), the whole value
+    goes, up to the end of the line where it closes, and its brackets are not block braces.
     """
     start = min(start, error_pos)
     end = text.find("\n", error_pos)
     if end == -1:
         end = len(text)
+    json_close = _json_end(text, json_from) if 0 <= json_from <= error_pos else -1
+    if json_close > end:
+        end = text.find("\n", json_close)
+        if end == -1:
+            end = len(text)
     region = text[start:end]
     if not region.strip():
         # the error is at a newline of its own: blank just the character there
         end = min(len(text), error_pos + 1)
         region = text[start:end]
-    net = _net_braces(region)
+    if 0 <= json_from <= error_pos and start <= json_from <= end:
+        # brackets of the JSON value are not blocks: count only around it
+        tail = text[json_close:end] if json_close != -1 else ""
+        net = _net_braces(text[start:json_from]) + _net_braces(tail)
+    else:
+        net = _net_braces(region)
     chars = ["\n" if ch == "\n" else " " for ch in region]
     if chars:
         chars[0] = SENTINEL
@@ -275,6 +294,45 @@ def _blank(text: str, start: int, error_pos: int) -> str:
             else:
                 chars[last] = "}" if net == -1 else " "
     return text[:start] + "".join(chars) + text[end:]
+
+
+def _json_end(text: str, start: int) -> int:
+    """The offset just after the inline JSON value that begins at or after `start`
+    (whitespace and comments skipped), or -1 when it is not a bracketed value that closes."""
+    i = start
+    n = len(text)
+    while i < n and text[i] in " \t\r\n":
+        i += 1
+    if i >= n or text[i] not in "{[":
+        return -1
+    depth = 0
+    in_str = False
+    esc = False
+    while i < n:
+        ch = text[i]
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"' or ch == "\n":
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch == "#":
+            nl = text.find("\n", i)
+            if nl == -1:
+                return -1
+            i = nl
+            continue
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
 
 
 def _net_braces(region: str) -> int:

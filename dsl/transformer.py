@@ -7,6 +7,8 @@ Literals are converted to plan units here, once (`250ms` -> 0.25, `20%` -> 0.2,
 from __future__ import annotations
 
 import json
+import math
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -23,6 +25,7 @@ DURATION_UNITS = {
     "h": Decimal(3600),
 }
 RATE_UNITS = {"s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+MAX_INT_DIGITS = 30  # longer integer literals become inf (past int()'s digit limit too)
 
 
 def duration_seconds(text: str) -> float:
@@ -43,17 +46,83 @@ def rate_per_second(text: str) -> float:
     return float(Decimal(number) / RATE_UNITS[unit])
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def _decode_string(text: str) -> str | None:
+    """A double-quoted string with JSON escapes, decoded; None when it is not valid.
+
+    JSON's decoder lets a lone surrogate escape (`"\\ud800"`) through; that is not a
+    character and cannot be written as UTF-8 (the plan, a response body), so it is invalid
+    here. A surrogate pair (`"\\ud83d\\ude00"`) decodes to one character and is fine.
+    """
     try:
         value = json.loads(text)
     except ValueError:
         return None
-    return value if isinstance(value, str) else None
+    if not isinstance(value, str) or _SURROGATE.search(value):
+        return None
+    return value
+
+
+def string_problem(text: str) -> str:
+    """Why `_decode_string(text)` is None, in words."""
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            if _SURROGATE.search(json.loads(text)):
+                return "lone surrogate escape in string: it is not a character and cannot be UTF-8"
+        except ValueError:
+            pass
+    return "invalid escape in string"
+
+
+def _int(text: str) -> float | int:
+    """An integer literal; inf past any sane size (the checker reports it at its place)."""
+    return int(text) if len(text) <= MAX_INT_DIGITS else math.inf
+
+
+class RawString(str):
+    """A JSON string that did not decode, kept as written (quotes included), so that
+    `riprap fmt` writes it back unchanged; the checker reports it (RP109)."""
+
+
+def dump_json(value: Any, item_sep: str = ",", key_sep: str = ":") -> str:
+    """`json.dumps` that writes RawString as written (for a value holding an invalid string)."""
+    if isinstance(value, RawString):
+        return str(value)
+    if isinstance(value, dict):
+        items = (f"{dump_json(k, item_sep, key_sep)}{key_sep}{dump_json(v, item_sep, key_sep)}" for k, v in value.items())
+        return "{" + item_sep.join(items) + "}"
+    if isinstance(value, list):
+        return "[" + item_sep.join(dump_json(v, item_sep, key_sep) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+class BadString:
+    """A string in inline JSON that is not valid: where, and why."""
+
+    __slots__ = ("span", "problem")
+
+    def __init__(self, span: Span, problem: str) -> None:
+        self.span = span
+        self.problem = problem
+
+
+class BadJson:
+    """The value of an inline JSON holding invalid strings (`bad`), with those strings
+    kept as written (`raw`, for the formatter)."""
+
+    __slots__ = ("bad", "raw")
+
+    def __init__(self, bad: tuple[BadString, ...], raw: Any) -> None:
+        self.bad = bad
+        self.raw = raw
 
 
 _CONVERT: dict[str, tuple[str, Any]] = {
     "NAME": ("name", str),
-    "INT": ("int", int),
+    "INT": ("int", _int),
     "DURATION": ("duration", duration_seconds),
     "PERCENT": ("percent", lambda t: float(Decimal(t[:-1]) / 100)),
     "RATE": ("rate", rate_per_second),
@@ -138,11 +207,12 @@ class _Block:
 
 
 class _Json:
-    __slots__ = ("value", "span")
+    __slots__ = ("value", "span", "bad")
 
-    def __init__(self, value: Any, span: Span) -> None:
+    def __init__(self, value: Any, span: Span, bad: tuple[BadString, ...] = ()) -> None:
         self.value = value
         self.span = span
+        self.bad = bad  # the invalid strings inside, in order
 
 
 def _start_of(child: Any) -> tuple[int, int]:
@@ -194,6 +264,9 @@ class ToAst(Transformer[Token, Any]):
             found = self._values[key] = (kind, convert(text))
         span = Span(self.path, tok.line or 1, tok.column or 1, tok.end_line, tok.end_column)
         return Lit(span, found[0], text, found[1])  # type: ignore[arg-type]
+
+    def lit_span(self, tok: Token) -> Span:
+        return Span(self.path, tok.line or 1, tok.column or 1, tok.end_line, tok.end_column)
 
     def _split(self, children: list[Any]) -> tuple[tuple[Lit, ...], tuple[Opt, ...], _Block | None]:
         args: list[Lit] = []
@@ -297,26 +370,39 @@ class ToAst(Transformer[Token, Any]):
     def fallback_json(self, children: list[Any]) -> Stmt:
         status_tok = next(c for c in children if isinstance(c, Token) and c.type == "INT")
         value = children[-1]
+        if value.bad:  # the checker reports them (RP109); `text` keeps them as written
+            lit = Lit(value.span, "json", dump_json(value.value), BadJson(value.bad, value.value))
+            return Stmt(self._span(children), "fallback", "json", (self.lit(status_tok), lit))
         text = json.dumps(value.value, separators=(",", ":"), ensure_ascii=False)
         lit = Lit(value.span, "json", text, value.value)
         return Stmt(self._span(children), "fallback", "json", (self.lit(status_tok), lit))
 
     def json_object(self, children: list[Any]) -> _Json:
         pairs = [c for c in children if isinstance(c, tuple)]
-        return _Json({k: v.value for k, v in pairs}, self._span(children))
+        bad = tuple(b for _, _, pair_bad in pairs for b in pair_bad)
+        return _Json({k: v.value for k, v, _ in pairs}, self._span(children), bad)
 
-    def json_pair(self, children: list[Any]) -> tuple[str, _Json]:
-        raw = str(children[0])
+    def json_pair(self, children: list[Any]) -> tuple[str, _Json, tuple[BadString, ...]]:
+        tok = children[0]
+        raw = str(tok)
         key = _decode_string(raw)
-        return (key if key is not None else raw[1:-1], children[-1])
+        value = children[-1]
+        if key is None:
+            key = RawString(raw)
+            return (key, value, (BadString(self.lit_span(tok), string_problem(raw)),) + value.bad)
+        return (key, value, value.bad)
 
     def json_array(self, children: list[Any]) -> _Json:
-        return _Json([c.value for c in children if isinstance(c, _Json)], self._span(children))
+        items = [c for c in children if isinstance(c, _Json)]
+        return _Json([c.value for c in items], self._span(children), tuple(b for i in items for b in i.bad))
 
     def json_string(self, children: list[Any]) -> _Json:
         raw = str(children[0])
         decoded = _decode_string(raw)
-        return _Json(decoded if decoded is not None else raw[1:-1], self._span(children))
+        span = self._span(children)
+        if decoded is None:
+            return _Json(RawString(raw), span, (BadString(span, string_problem(raw)),))
+        return _Json(decoded, span)
 
     def json_number(self, children: list[Any]) -> _Json:
         value: Any = json.loads(str(children[0]))

@@ -14,7 +14,11 @@ class CompiledUnit:
 
     `plan` is None when the file had errors. `service_spans` locates each `service`
     statement and `app_span` the `app` statement (or line 1 when the app is the file's
-    stem), so mesh findings can point at the line that causes them.
+    stem), so mesh findings can point at the line that causes them. `resolved` is the
+    plan when there is one; for a file with errors, the partial plan of the services its
+    errors leave intact (dsl.compiler.intact_services), so one-file findings are still
+    made on them: `findings` holds the compiler's (RP301-RP303) and dsl.analysis adds its
+    own. Only `plan` is ever run or joined into a mesh.
     """
 
     path: str
@@ -23,6 +27,8 @@ class CompiledUnit:
     diagnostics: tuple[Diagnostic, ...] = ()
     app_span: Span | None = None
     service_spans: dict[str, Span] = field(default_factory=dict)
+    resolved: Plan | None = None
+    findings: tuple[Diagnostic, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -29,12 +29,14 @@ Definitions (section 10 of the contract, issue 5):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
 from dsl.plan import BackoffSpec, ServicePlan, ShardPlan
 
 PolicyHolder = Union[ServicePlan, ShardPlan]
+MAX_LISTED = 1000  # constant backoff terms listed one by one in a Breakdown; the rest are counted
 
 
 def _scopes(svc: PolicyHolder) -> tuple[PolicyHolder, ...]:
@@ -56,15 +58,67 @@ def _own_attempts(p: PolicyHolder) -> int:
     return _own_retries(p) + 1 + _own_hedges(p)
 
 
+def _growth(backoff: BackoffSpec) -> tuple[float, int]:
+    """The growth factor of a backoff's bound and the power of it for retry 1."""
+    if backoff.jitter == "decorrelated":
+        return 3.0, 1
+    return 2.0, 0
+
+
+def _saturated(backoff: BackoffSpec, power: int, factor: float) -> bool:
+    """Whether base * factor**power reaches the cap (decided without overflowing)."""
+    if backoff.base <= 0 or power <= 0:
+        return backoff.base >= backoff.max
+    if backoff.base >= backoff.max:
+        return True
+    return power >= math.log(backoff.max / backoff.base, factor)
+
+
 def backoff_bound(backoff: BackoffSpec | None, retry_number: int) -> float:
-    """The longest wait before retry `retry_number` (1 = the first retry); 0 without backoff."""
+    """The longest wait before retry `retry_number` (1 = the first retry); 0 without backoff.
+
+    Once the doubling (tripling for `decorrelated`) passes `max` the bound stays at `max`,
+    so the power is never computed past that point: no overflow for any retry number.
+    """
     if backoff is None or retry_number < 1:
         return 0.0
     if backoff.kind == "constant":
         return backoff.base
-    if backoff.jitter == "decorrelated":
-        return min(backoff.max, backoff.base * 3.0**retry_number)
-    return min(backoff.max, backoff.base * 2.0 ** (retry_number - 1))
+    factor, first = _growth(backoff)
+    power = retry_number - 1 + first
+    if _saturated(backoff, power, factor):
+        return backoff.max
+    return min(backoff.max, backoff.base * factor**power)
+
+
+def backoff_terms(backoff: BackoffSpec | None, retries: int) -> tuple[tuple[float, ...], int]:
+    """The bounds before retries 1..`retries`, as (the growing terms, how many more at `max`).
+
+    O(log(max/base)) whatever `retries` is: the terms stop growing at `max`, and the rest
+    are counted, not listed. Constant backoff lists every term up to MAX_LISTED.
+    """
+    if backoff is None or retries < 1:
+        return (), 0
+    if backoff.kind == "constant":
+        listed = min(retries, MAX_LISTED)
+        return (backoff.base,) * listed, retries - listed
+    terms: list[float] = []
+    k = 1
+    while k <= retries:
+        b = backoff_bound(backoff, k)
+        terms.append(b)
+        if b >= backoff.max:
+            break
+        k += 1
+    return tuple(terms), retries - len(terms)
+
+
+def backoff_total(backoff: BackoffSpec | None, retries: int) -> float:
+    """The sum of the backoff bounds before retries 1..`retries` (closed form, no loop over N)."""
+    if backoff is None or retries < 1:
+        return 0.0
+    terms, rest = backoff_terms(backoff, retries)
+    return sum(terms) + rest * (backoff.base if backoff.kind == "constant" else backoff.max)
 
 
 def _own_time(p: PolicyHolder) -> float:
@@ -112,7 +166,8 @@ class Breakdown:
     timeout: float
     per_try: float | None
     try_limit: float  # per_try, or timeout when there is none
-    backoffs: tuple[float, ...]  # the bound before each retry
+    backoffs: tuple[float, ...]  # the bound before each retry, up to where it stops changing
+    backoffs_more: int  # retries after `backoffs`, each waiting the last bound (`max`)
     uncapped: float  # (retries + 1) * try_limit + sum(backoffs)
     worst_time: float  # min(timeout, uncapped)
     budget_ratio: float | None  # retry budget as a fraction, when one is set
@@ -128,6 +183,8 @@ class Breakdown:
         """The time formula with its numbers, e.g. `min(2s, 4 × 600ms + 100ms + 200ms + 400ms) = 2s`."""
         tries = f"{self.retries + 1} × {fmt_seconds(self.try_limit)}"
         parts = [tries] + [fmt_seconds(b) for b in self.backoffs if b > 0]
+        if self.backoffs_more and self.backoffs and self.backoffs[-1] > 0:
+            parts.append(f"{self.backoffs_more} × {fmt_seconds(self.backoffs[-1])}")
         return (
             f"min({fmt_seconds(self.timeout)}, {' + '.join(parts)}) = {fmt_seconds(self.worst_time)}"
         )
@@ -160,8 +217,12 @@ def _breakdown_of(p: PolicyHolder, shard: str | None) -> Breakdown:
     per_try = p.retry.per_try_timeout if p.retry is not None else None
     try_limit = min(per_try, p.timeout) if per_try is not None else p.timeout
     backoff = p.retry.backoff if p.retry is not None else None
-    backoffs = tuple(backoff_bound(backoff, k) for k in range(1, retries + 1))
-    uncapped = (retries + 1) * try_limit + sum(backoffs)
+    backoffs, more = backoff_terms(backoff, retries)
+    if more and len(backoffs) < MAX_LISTED and backoff is not None and backoff.kind != "constant":
+        # list the saturated terms too while they are few (explain's formula shows each)
+        extra = min(more, MAX_LISTED - len(backoffs))
+        backoffs, more = backoffs + (backoffs[-1],) * extra, more - extra
+    uncapped = (retries + 1) * try_limit + backoff_total(backoff, retries)
     budget = p.retry.budget if p.retry is not None else None
     full = _own_attempts(p)
     conc = p.concurrency
@@ -174,6 +235,7 @@ def _breakdown_of(p: PolicyHolder, shard: str | None) -> Breakdown:
         per_try=per_try,
         try_limit=try_limit,
         backoffs=backoffs,
+        backoffs_more=more,
         uncapped=uncapped,
         worst_time=min(p.timeout, uncapped),
         budget_ratio=budget.ratio if budget is not None else None,

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from logging.handlers import QueueHandler, QueueListener
+from typing import Any
 
 ACCESS_LOGGER = "riprap.access"
 ACCESS_QUEUE_SIZE = 10_000  # lines waiting for stdout; beyond this, lines are dropped
@@ -93,6 +94,18 @@ def stop_logging() -> None:
         _listener = None
 
 
+_stamp: list[Any] = [-1, ""]  # [unix second, its ISO-8601 text]
+
+
+def _utc_stamp() -> str:
+    """`2026-01-01T10:00:00Z` for now; formatted once per second, not once per line."""
+    now = int(time.time())
+    if now != _stamp[0]:
+        _stamp[1] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        _stamp[0] = now
+    return _stamp[1]  # type: ignore[no-any-return]
+
+
 @dataclass(slots=True)
 class CallRecord:
     """What one call's access-log line says; filled while the call runs."""
@@ -122,7 +135,7 @@ class AccessLog:
             outcome: str | None = None, attempts: int | None = None) -> None:
         _current.reset(token)
         line = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "ts": _utc_stamp(),
             "service": rec.service,
             "method": rec.method,
             "path": rec.path,

@@ -215,7 +215,7 @@ def _fast_request_factory() -> Callable[[str, httpx.URL, list[tuple[bytes, bytes
             headers._list = items  # type: ignore[attr-defined]
             headers._encoding = None  # type: ignore[attr-defined]
             request = new_request(Request)
-            request.method = method
+            request.method = method.upper()  # as `Request.__init__` does
             request.url = url
             request.headers = headers
             request.extensions = {SERVICE_EXTENSION: service}
@@ -227,7 +227,7 @@ def _fast_request_factory() -> Callable[[str, httpx.URL, list[tuple[bytes, bytes
             return request
 
         url = httpx.URL("http://svc/a?b=1")
-        for method, stream in (("GET", None), ("POST", httpx.ByteStream(b"x"))):
+        for method, stream in (("GET", None), ("post", httpx.ByteStream(b"x"))):
             items = [(b"accept", b"accept", b"*/*"), (b"x-two", b"x-two", b"1"),
                      (b"x-two", b"x-two", b"2"), (b"content-length", b"content-length", b"1")]
             a = fast(method, url, list(items), stream, "svc")

@@ -309,9 +309,10 @@ class Sidecar:
         return rc
 
     def get(self, path: str, host: str | None = None, **kw: Any) -> httpx.Response:
-        headers = dict(kw.pop("headers", {}) or {})
+        headers: Any = kw.pop("headers", None) or {}
         if host is not None:
-            headers["Host"] = host
+            headers = [*(headers.items() if isinstance(headers, dict) else headers),
+                       ("Host", host)]
         return self.client.request(kw.pop("method", "GET"), path, headers=headers, **kw)
 
 

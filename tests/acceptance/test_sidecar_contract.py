@@ -2375,3 +2375,15 @@ def test_plan_endpoint_serves_the_compiled_plan(env: dict[str, Any]) -> None:
         doc.pop("listen", None)
         doc.pop("admin", None)
     assert running == compiled
+
+
+def test_repeated_request_headers_preserved(env: dict[str, Any]) -> None:
+    # contract §9: only hop-by-hop headers are dropped (both directions)
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/echo/dup/{i}", headers=[("X-Two", "1"), ("X-Two", "2"), ("Accept", "a/b")],
+               method="PATCH", content=b"patch-body")
+    assert r.status_code == 200
+    hit = A.hits(i)[0]
+    assert [v for k, v in hit["raw_headers"] if k == "x-two"] == ["1", "2"]
+    assert hit["method"] == "PATCH" and hit["body"] == "patch-body"

@@ -302,11 +302,6 @@ def test_s8_errors_after_a_syntax_error_are_still_reported(cli, i):
     assert 5 in lines and 11 in lines, res.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a malformed inline JSON value spanning lines hides every later problem "
-    "(and adds a bogus \"got '{'\" error): dsl/parser.py _blank keeps the JSON '{' as a block brace",
-)
 def test_s8_errors_after_bad_multiline_json_are_still_reported(cli):
     # §2 inline JSON may span lines; §8 every problem in a file is reported
     res = cli["multiline_json"]

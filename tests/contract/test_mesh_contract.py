@@ -207,12 +207,6 @@ def test_s10_fallback_cycle_is_an_error(mesh):
     assert errors(mesh["fb_cycle"]), mesh["fb_cycle"].text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `riprap compile` exits 0 and prints a plan for a file with a fallback cycle "
-    "(RP404, an error for `check`): dsl/cli._compile never runs the one-file analysis "
-    "(dsl.analysis.analyse), so compile's exit codes differ from check's",
-)
 def test_s8_s10_compile_rejects_a_fallback_cycle_like_check(mesh):
     # §8: compile: exit codes as check; §10: a fallback cycle is an error
     assert mesh["fb_cycle_compile"].rc == 1, mesh["fb_cycle_compile"].out[:200]
@@ -226,11 +220,6 @@ def test_s10_fallback_chain_without_cycle_is_fine(mesh):
     assert not errors(mesh["fb_chain"]), mesh["fb_chain"].text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a fallback cycle is not reported when the file has any other error "
-    "(dsl/analysis.py skips units without a plan); §8 says every problem in a file is reported",
-)
 def test_s8_s10_fallback_cycle_reported_alongside_other_errors(mesh):
     res = mesh["fb_cycle_and_error"]
     lines = {d.line for d in errors(res)}
@@ -315,12 +304,6 @@ def shard_run(mesh):
     return mesh["shards"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RP302/RP303 only look at the service level (`key == name` in "
-    "dsl/checker.check_plan): a shard's retries without budget or a shard's timeout of 15s "
-    "or more are not warned about",
-)
 @pytest.mark.parametrize("case", list(SHARD_CASES))
 def test_s10_single_file_warnings_see_shard_policies(shard_run, case):
     # §5: a shard's policy statements override the service's for that shard; §10: warn when a
@@ -329,12 +312,6 @@ def test_s10_single_file_warnings_see_shard_policies(shard_run, case):
     assert mine, shard_run.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: single-file warnings (timeout not below 15s, retries that cannot fit, no budget) "
-    "vanish when the file has any error (no plan -> dsl/checker.check_plan never runs); "
-    "§8 says every problem in a file is reported",
-)
 def test_s8_s10_warnings_reported_alongside_errors(mesh):
     res = mesh["warn_and_error"]
     assert errors(res)

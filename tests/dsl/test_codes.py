@@ -59,6 +59,7 @@ CASES: dict[str, tuple[str, int, int]] = {
     "RP224": ("service a {\n" + EP + "    balance fastest\n}\n", 3, 13),
     "RP225": ('app shop {\n    restart backoff 1s..5s\n}\nservice a {\n' + EP + "}\n", 1, 1),
     "RP226": ('service a {\n' + EP + '    fallback status 503 file "missing.json"\n}\n', 3, 30),
+    "RP227": ("service a {\n" + EP + "    retry 101 budget 10%\n}\n", 3, 11),
     "RP301": ("service a {\n" + EP + "    timeout 1s\n    retry 3 per-try 400ms budget 10%\n}\n", 4, 5),
     "RP302": ("service a {\n" + EP + "    timeout 20s\n}\n", 3, 5),
     "RP303": ("service a {\n" + EP + "    timeout 2s\n    retry 2\n}\n", 4, 5),
