@@ -266,7 +266,7 @@ def _blank(text: str, start: int, error_pos: int, json_from: int = -1) -> str:
     end = text.find("\n", error_pos)
     if end == -1:
         end = len(text)
-    json_close = _json_end(text, json_from) if 0 <= json_from <= error_pos else -1
+    json_close, stray = _json_scan(text, json_from) if 0 <= json_from <= error_pos else (-1, [])
     if json_close > end:
         end = text.find("\n", json_close)
         if end == -1:
@@ -277,9 +277,13 @@ def _blank(text: str, start: int, error_pos: int, json_from: int = -1) -> str:
         end = min(len(text), error_pos + 1)
         region = text[start:end]
     if 0 <= json_from <= error_pos and start <= json_from <= end:
-        # brackets of the JSON value are not blocks: count only around it
-        tail = text[json_close:end] if json_close != -1 else ""
-        net = _net_braces(text[start:json_from]) + _net_braces(tail)
+        # brackets of the JSON value are not blocks: count only around it (and the `}`
+        # after a value that never closes)
+        net = _net_braces(text[start:json_from])
+        if json_close != -1:
+            net += _net_braces(text[json_close:end])
+        else:
+            net -= sum(1 for i in stray if i < end)
     else:
         net = _net_braces(region)
     chars = ["\n" if ch == "\n" else " " for ch in region]
@@ -296,16 +300,23 @@ def _blank(text: str, start: int, error_pos: int, json_from: int = -1) -> str:
     return text[:start] + "".join(chars) + text[end:]
 
 
-def _json_end(text: str, start: int) -> int:
-    """The offset just after the inline JSON value that begins at or after `start`
-    (whitespace and comments skipped), or -1 when it is not a bracketed value that closes."""
+def _json_scan(text: str, start: int) -> tuple[int, list[int]]:
+    """Scan the inline JSON value that begins at or after `start` (whitespace and comments
+    skipped): the offset just after it, or -1 when it is not a bracketed value that closes,
+    and the offsets of the `}` that close no bracket of the value (block braces).
+
+    A closer that matches a bracket further down closes the ones above it too (a missing
+    `]` before the `}` does not swallow the rest of the file); one that matches none is
+    not part of the value.
+    """
     i = start
     n = len(text)
     while i < n and text[i] in " \t\r\n":
         i += 1
+    stray: list[int] = []
     if i >= n or text[i] not in "{[":
-        return -1
-    depth = 0
+        return -1, stray
+    stack: list[str] = []
     in_str = False
     esc = False
     while i < n:
@@ -322,17 +333,22 @@ def _json_end(text: str, start: int) -> int:
         elif ch == "#":
             nl = text.find("\n", i)
             if nl == -1:
-                return -1
+                break
             i = nl
             continue
         elif ch in "{[":
-            depth += 1
+            stack.append(ch)
         elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
+            opener = "{" if ch == "}" else "["
+            if opener in stack:
+                while stack.pop() != opener:
+                    pass
+                if not stack:
+                    return i + 1, stray
+            elif ch == "}":
+                stray.append(i)
         i += 1
-    return -1
+    return -1, stray
 
 
 def _net_braces(region: str) -> int:

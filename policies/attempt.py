@@ -8,13 +8,13 @@ timeout, sends through the inner transport, and records latency and outlier outc
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import httpx
 
 from policies.answers import STATUS_CLASS, classify
 from policies.context import SPENT, CallContext, Handler
-from policies.endpoint import EndpointRuntime, release_in_flight
+from policies.endpoint import EndpointRuntime
 from policies.errors import NoHealthyEndpoint, UpstreamFailed
 from policies.headers import DEADLINE_BYTES
 from policies.health import EndpointState, select_tier
@@ -63,7 +63,8 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
         ep = by_state[id(state)]
         url = state.url
         ctx.tried.add(url)
-        await ctx.prepare_body()
+        if ctx.body is None and ctx.stream is None:  # else ready (by the hedge stage)
+            await ctx.prepare_body()
         request = upstream_request(ctx, ep, now)
         state.in_flight += 1
         ctx.attempts += 1
@@ -96,41 +97,97 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
         elapsed = clock.now() - t0
         code = resp.status_code
         record(state, code < 500, STATUS_CLASS.get(code // 100, "5xx"), elapsed, latency=True)
-        on_close(resp, release_in_flight(state))
+        on_close(resp, ep.release)
         return resp
 
     return _send
+
+
+def _request_factory() -> Callable[[str, httpx.URL, list[tuple[bytes, bytes, bytes]],
+                                    httpx.AsyncByteStream, bytes | None], httpx.Request]:
+    """Builds an attempt's `httpx.Request` from `(name, lower-cased name, value)` items.
+
+    `httpx.Request(...)` normalizes every header again (`Headers.__init__`), for headers
+    that already are httpx's own items. The fast way fills the same attributes directly.
+    It is used only when a self-check at import shows it builds what the public
+    constructor builds; otherwise the public constructor is used. `content` is the body
+    already in memory (marked as read, as `Request.read()` does), None for a stream.
+    """
+    def public(method: str, url: httpx.URL, items: list[tuple[bytes, bytes, bytes]],
+               stream: httpx.AsyncByteStream, content: bytes | None) -> httpx.Request:
+        req = httpx.Request(method, url, headers=[(k, v) for k, _, v in items], stream=stream)
+        if content is not None:
+            req.read()
+        return req
+
+    try:
+        new_request = httpx.Request.__new__
+        new_headers = httpx.Headers.__new__
+        Request, Headers = httpx.Request, httpx.Headers
+
+        def fast(method: str, url: httpx.URL, items: list[tuple[bytes, bytes, bytes]],
+                 stream: httpx.AsyncByteStream, content: bytes | None) -> httpx.Request:
+            headers = new_headers(Headers)
+            headers._list = items  # type: ignore[attr-defined]
+            headers._encoding = None  # type: ignore[attr-defined]
+            req = new_request(Request)
+            req.method = method  # the caller's request's method: upper-case already
+            req.url = url
+            req.headers = headers
+            req.extensions = {}
+            req.stream = stream
+            if content is not None:
+                req._content = content  # type: ignore[attr-defined]
+            return req
+
+        url = httpx.URL("http://svc/a?b=1")
+        for body in (b"", b"xy", None):
+            items = [(b"Accept", b"accept", b"*/*"), (b"x-two", b"x-two", b"1"),
+                     (b"X-Two", b"x-two", b"2"), (b"content-length", b"content-length", b"2")]
+            stream = httpx.ByteStream(body if body is not None else b"z")
+            a = fast("POST", url, list(items), stream, body)
+            b = public("POST", url, list(items), stream, body)
+            if (vars(a).keys() != vars(b).keys() or a.method != b.method or a.url != b.url
+                    or vars(a.headers) != vars(b.headers) or a.headers != b.headers
+                    or a.headers.raw != b.headers.raw
+                    or a.headers.get("X-Two") != b.headers.get("X-Two")
+                    or a.extensions != b.extensions or a.stream is not b.stream
+                    or (body is not None and a.content != b.content)):
+                return public
+        return fast
+    except Exception:  # noqa: BLE001 - any httpx internals change: the public way
+        return public
+
+
+make_request = _request_factory()
 
 
 def upstream_request(ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx.Request:
     """The attempt's request: the forwarded headers plus Host, the deadline left and the
     body's framing; a replayable body from memory, else the caller's stream, sent once."""
     headers = list(ctx.headers)
-    headers.append((b"host", ep.authority))
+    headers.append((b"host", b"host", ep.authority))
     if ctx.deadline is not None:
         ms = int((ctx.deadline - now) * 1000)
-        headers.append((DEADLINE_BYTES, str(ms if ms > 1 else 1).encode()))
+        headers.append((DEADLINE_BYTES, DEADLINE_BYTES, str(ms if ms > 1 else 1).encode()))
     body = ctx.body
     if body is not None:
         if body or ctx.method in ("POST", "PUT", "PATCH"):
-            headers.append((b"content-length", str(len(body)).encode()))
-        req = httpx.Request(ctx.method, ep.url_for(ctx.raw_path), headers=headers,
-                            stream=httpx.ByteStream(body))
-        req.read()
-        return req
+            headers.append((b"content-length", b"content-length", str(len(body)).encode()))
+        return make_request(ctx.method, ep.url_for(ctx.raw_path), headers,
+                            httpx.ByteStream(body), body)
     # A body too big to replay: sent once, framed as the caller framed it.
     length = ctx.request.headers.get("content-length")
     if length is not None:
-        headers.append((b"content-length", length.encode()))
+        headers.append((b"content-length", b"content-length", length.encode()))
     else:
-        headers.append((b"transfer-encoding", b"chunked"))
+        headers.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
     stream = ctx.stream
     ctx.stream = SPENT
     if stream is SPENT or stream is None:
         raise UpstreamFailed("the request body was already sent and cannot be replayed",
                              failure=None)
-    return httpx.Request(ctx.method, ep.url_for(ctx.raw_path), headers=headers,
-                         stream=stream)
+    return make_request(ctx.method, ep.url_for(ctx.raw_path), headers, stream, None)
 
 
 def panic_candidates(states: Sequence[EndpointState]) -> list[EndpointState]:

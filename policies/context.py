@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import httpx
 
-from policies.headers import forward_headers, parse_deadline_header
+from policies.headers import forward_items, parse_deadline_header
 from policies.streams import PrefixedStream, iter_chunks
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class CallContext:
         self.method = request.method
         url = request.url
         self.raw_path = url.raw_path
-        self.headers, header_deadline = forward_headers(request.headers.raw)
+        self.headers, header_deadline = forward_items(request.headers)
         if header_deadline is not None:  # the caller's own x-riprap-deadline-ms
             parsed = parse_deadline_header(header_deadline.decode("latin-1"), start)
             if parsed is not None and (incoming_deadline is None or parsed < incoming_deadline):

@@ -13,7 +13,7 @@ from policies.health import EndpointState
 class EndpointRuntime:
     """An endpoint's live state plus what is needed to address it (URL prefix, Host)."""
 
-    __slots__ = ("spec", "state", "prefix", "authority", "_urls")
+    __slots__ = ("spec", "state", "prefix", "authority", "_urls", "release")
 
     def __init__(self, spec: EndpointSpec, state: EndpointState) -> None:
         self.spec = spec
@@ -27,6 +27,8 @@ class EndpointRuntime:
         base = url.raw_path.decode("ascii").split("?", 1)[0].rstrip("/")
         self.prefix = f"{url.scheme}://{host}{port}{base}"
         self._urls: dict[bytes, httpx.URL] = {}
+        # lowers the in-flight count once an answer is closed (built once, not per attempt)
+        self.release = release_in_flight(state)
 
     def url_for(self, raw_path: bytes) -> httpx.URL:
         """The upstream URL for a request path+query (parsed once per distinct path)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import httpx
+
 from policies.errors import ATTEMPTS_HEADER, DEADLINE_HEADER, FALLBACK_HEADER, REASON_HEADER
 
 # Request headers never forwarded as they are: hop-by-hop ones (RFC 9110 7.6.1), and the
@@ -46,6 +48,34 @@ def forward_headers(raw: Iterable[tuple[bytes, bytes]]
     return out, deadline
 
 
+def forward_items(headers: httpx.Headers
+                  ) -> tuple[list[tuple[bytes, bytes, bytes]], bytes | None]:
+    """`forward_headers` on an `httpx.Headers`, as httpx's own `(name, lower-cased name,
+    value)` items (so each attempt's `Headers` is built without normalizing them again),
+    and the incoming `x-riprap-deadline-ms` found on the same pass."""
+    items = getattr(headers, "_list", None)
+    if items is None:  # not httpx's internals as known: the public way
+        items = [(k, k.lower(), v) for k, v in headers.raw]
+    out: list[tuple[bytes, bytes, bytes]] = []
+    extra: set[bytes] | None = None
+    deadline: bytes | None = None
+    for item in items:
+        low = item[1]
+        if low in HOP_BY_HOP:
+            if low == b"connection":
+                extra = extra or set()
+                extra.update(v.strip().lower() for v in item[2].split(b","))
+            continue
+        if low in PER_ATTEMPT:
+            if low == DEADLINE_BYTES:
+                deadline = item[2]
+            continue
+        out.append(item)
+    if extra:
+        out = [item for item in out if item[1] not in extra]
+    return out, deadline
+
+
 def parse_deadline_header(value: str | None, now: float) -> float | None:
     """An incoming `x-riprap-deadline-ms` as an absolute clock time (None if absent or bad)."""
     if value is None:
@@ -60,4 +90,4 @@ def parse_deadline_header(value: str | None, now: float) -> float | None:
 
 
 __all__ = ["DEADLINE_BYTES", "HOP_BY_HOP", "NOT_CACHED", "PER_ATTEMPT", "forward_headers",
-           "parse_deadline_header"]
+           "forward_items", "parse_deadline_header"]

@@ -147,6 +147,10 @@ class HedgeRun:
             raise
         self.inline = False
         if resp is not None and resp.status_code < 500:
+            if not self.copies:  # the common case: no extra copy was sent
+                self._stop_timer()
+                self.settled = True
+                return resp
             await self._cleanup_or_close(resp)
             return resp
         # The inline copy failed: wait for extra copies in flight, if any.

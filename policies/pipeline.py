@@ -267,7 +267,8 @@ def _hedge_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
     async def hedged(ctx: CallContext) -> httpx.Response:
         if not idempotent(ctx, methods):
             return await inner(ctx)
-        await ctx.prepare_body()
+        if ctx.body is None and ctx.stream is None:
+            await ctx.prepare_body()
         if not ctx.replayable:
             return await inner(ctx)
         return await HedgeRun(shard, hedge, inner, ctx).run()

@@ -218,12 +218,14 @@ class ServiceRuntime:
         return self.shards[self._hrw.pick(key)]
 
     async def call(self, runtime: "PlanRuntime", request: httpx.Request,
-                   incoming_deadline: float | None, depth: int = 0
+                   incoming_deadline: float | None, depth: int = 0,
+                   start: float | None = None
                    ) -> tuple[httpx.Response, int, str, str | None]:
-        """One call through the service's chain: (answer, attempts, outcome, fallback kind)."""
-        env = self.env
-        clock = env.clock
-        start = clock.now()
+        """One call through the service's chain: (answer, attempts, outcome, fallback kind).
+
+        `start`: the clock reading at the call's start, when the caller has one."""
+        if start is None:
+            start = self.env.clock.now()
         try:
             shard = self.pick_shard(request)
         except ResilienceError as exc:

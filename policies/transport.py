@@ -87,7 +87,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         env = self._env
         start = env.clock.now()
         # an incoming x-riprap-deadline-ms is read by the call context, on its header pass
-        resp, attempts, outcome, fallback = await service.call(runtime, request, None)
+        resp, attempts, outcome, fallback = await service.call(runtime, request, None,
+                                                             start=start)
         resp.headers[ATTEMPTS_HEADER] = str(attempts)
         env.observer.call_finished(service.name, outcome, resp.status_code, attempts,
                                    env.clock.now() - start, fallback)

@@ -372,3 +372,21 @@ def test_fmt_keeps_invalid_json_strings_as_written() -> None:
     assert '{"k": "\\udfff", "\\q": [1, "\\x"], "ok": "é"}' in result.formatted
     again = format_source(result.formatted, "t.riprap")
     assert again.formatted == result.formatted
+
+
+def test_json_missing_a_bracket_does_not_swallow_the_block_after_it() -> None:
+    # the `]` is missing: the `}` on line 4 closes the value, and `defaults` still closes
+    text = (
+        'defaults {\n    fallback status 503 json {\n      "a": [1,\n      "b" }\n}\n'
+        "service a {\n    timeout 0s\n" + EP + "}\n"
+    )
+    diags = _all(text)
+    assert [(d.code, d.span.line, d.span.col) for d in diags if d.is_error and d.span] == [
+        ("RP101", 4, 11),
+        ("RP222", 7, 13),
+    ]
+
+
+def test_json_that_never_closes_reports_the_open_block_once() -> None:
+    diags = _all("service a {\n" + EP + "    fallback status 503 json [[[\n")
+    assert _places(diags, "RP104") == [(1, 11)]
