@@ -104,7 +104,7 @@ def load_plan_source(path: str) -> CompiledUnit:
     from dsl.schema import validate_plan_dict
 
     if not path.endswith(".json"):
-        return compile_file(path)
+        return _refuse_errors_of_analysis(compile_file(path))
     text, diags = read_source(path)
     if text is None:
         return CompiledUnit(path, "", None, tuple(diags))
@@ -135,4 +135,17 @@ def load_plan_source(path: str) -> CompiledUnit:
     # the plan file itself is the source the reloader watches (fallback bodies are inline)
     here = os.path.abspath(path)
     plan = dataclasses.replace(Plan.from_dict(data), source=here, watch=(here,))
-    return CompiledUnit(path, text, plan, ())
+    return _refuse_errors_of_analysis(CompiledUnit(path, text, plan, ()))
+
+
+def _refuse_errors_of_analysis(unit: CompiledUnit) -> CompiledUnit:
+    """A plan whose one-file analysis finds errors (a fallback cycle) is not loaded either:
+    `run` refuses what `check` and `compile` refuse. Warnings do not block a load."""
+    if unit.plan is None:
+        return unit
+    from dsl.analysis import analyse
+
+    errors = tuple(d for d in analyse([unit]) if d.is_error)
+    if not errors:
+        return unit
+    return dataclasses.replace(unit, plan=None, diagnostics=unit.diagnostics + errors)

@@ -71,11 +71,21 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
         t0 = clock.now()
         try:
             if per_try is not None:
+                # `async with deadline_scope(...)`, unrolled (no __aenter__/__aexit__ coroutines)
+                scope = deadline_scope(env, per_try)
+                scope.enter()
                 try:
-                    async with deadline_scope(env, per_try):
-                        resp = await env.inner.handle_async_request(request)
-                except TimeoutError:
-                    raise httpx.ReadTimeout(f"per-try timeout {fmt_s(per_try)}", request=request) from None
+                    resp = await env.inner.handle_async_request(request)
+                except BaseException as exc:
+                    try:
+                        scope.leave(exc)
+                    except TimeoutError:
+                        exc = TimeoutError()
+                    if isinstance(exc, TimeoutError):
+                        raise httpx.ReadTimeout(f"per-try timeout {fmt_s(per_try)}",
+                                                request=request) from None
+                    raise
+                scope.leave(None)
             else:
                 resp = await env.inner.handle_async_request(request)
         except httpx.HTTPError as exc:

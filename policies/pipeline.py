@@ -168,14 +168,24 @@ def _timeout_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
         left = end - now
         if left <= 0:
             raise DeadlineExceeded(f"no time left for service '{name}'")
+        # `async with deadline_scope(...)`, unrolled (no __aenter__/__aexit__ coroutines)
+        scope = deadline_scope(env, left, ctx)
+        scope.enter()
         try:
-            async with deadline_scope(env, left, ctx):
-                return await inner(ctx)
-        except TimeoutError:
-            # failure="timeout": a retry stage placed outside the timeout retries it
-            raise DeadlineExceeded(
-                f"service '{name}' did not answer within {fmt_s(left)}",
-                failure="timeout") from None
+            resp = await inner(ctx)
+        except BaseException as exc:
+            try:
+                scope.leave(exc)
+            except TimeoutError:
+                exc = TimeoutError()
+            if isinstance(exc, TimeoutError):
+                # failure="timeout": a retry stage placed outside the timeout retries it
+                raise DeadlineExceeded(
+                    f"service '{name}' did not answer within {fmt_s(left)}",
+                    failure="timeout") from None
+            raise
+        scope.leave(None)
+        return resp
 
     return deadline
 

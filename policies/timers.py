@@ -31,12 +31,17 @@ class LoopTimeout:
         self.fired = False
 
     async def __aenter__(self) -> "LoopTimeout":
+        self.enter()
+        return self
+
+    def enter(self) -> None:
+        """`__aenter__` without the coroutine: the engine's stages call `enter` and
+        `leave` around their await (one scope per call and per attempt)."""
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
         self._arm(task)
-        return self
 
     def _arm(self, task: asyncio.Task[Any]) -> None:
         loop = task.get_loop()
@@ -50,12 +55,18 @@ class LoopTimeout:
         self._task.cancel()
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.leave(exc)
+        return False
+
+    def leave(self, exc: BaseException | None) -> None:
+        """`__aexit__` without the coroutine: stop the timer; if it fired, turn its
+        cancellation (`exc`) into `TimeoutError`. Called in the `except` clause that
+        caught `exc` (or with None after a normal exit); the caller re-raises `exc`."""
         self._timer.cancel()
         if self.fired:
             assert self._task is not None
-            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+            if self._task.uncancel() <= self._cancelling and type(exc) is asyncio.CancelledError:
                 raise TimeoutError from exc
-        return False
 
 
 class ClockTimeout(LoopTimeout):
