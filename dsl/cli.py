@@ -2,7 +2,8 @@
 
 Exit codes: 0 clean or warnings only, 1 any error in a file, 2 a usage or I/O error
 (a missing path, a directory with no `.riprap` files, an unreadable file). Diagnostics
-go to stderr as text, or to stdout as a JSON list with `--format json`. No input ever
+of `check` go to stdout (text, or a JSON list with `--format json`); the other commands
+print theirs on stderr, since their stdout is their product. No input ever
 ends in a traceback: an unexpected exception is reported in one line with exit 2.
 
 `graph`, `run` and `demo` belong to other layers and are imported only when called
@@ -148,7 +149,7 @@ def _emit(diags: Sequence[Diagnostic], units: Sequence[CompiledUnit], fmt: str, 
         return
     sources = {u.path: u.source for u in units}
     for d in ordered:
-        print(render_text(d, sources), file=sys.stderr)
+        print(render_text(d, sources), file=out)
 
 
 def _summary(n_files: int, diags: Sequence[Diagnostic]) -> str:
@@ -180,8 +181,10 @@ def _check(args: argparse.Namespace) -> int:
     diags += analyse(units, max_amplification=args.max_amplification)
     if args.strict:
         diags = [d.as_error() for d in diags]
+    # check's output is its diagnostics: stdout, like ruff and mypy; the summary line joins
+    # them in text mode and stays off stdout when stdout must be a pure JSON list
     _emit(diags, units, args.format, sys.stdout)
-    print(_summary(len(files), diags), file=sys.stderr)
+    print(_summary(len(files), diags), file=sys.stdout if args.format == "text" else sys.stderr)
     return _exit_code(diags)
 
 

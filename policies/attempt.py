@@ -63,12 +63,13 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
         ep = by_state[id(state)]
         url = state.url
         ctx.tried.add(url)
+        t0 = now  # nothing below waits before the send, unless the body is read
         if ctx.body is None and ctx.stream is None:  # else ready (by the hedge stage)
             await ctx.prepare_body()
+            t0 = clock.now()
         request = upstream_request(ctx, ep, now)
         state.in_flight += 1
         ctx.attempts += 1
-        t0 = clock.now()
         try:
             if per_try is not None:
                 # `async with deadline_scope(...)`, unrolled (no __aenter__/__aexit__ coroutines)

@@ -45,24 +45,34 @@ def _weight(ep: EndpointState) -> int:
     return w if w > 0 else 1
 
 
-def _weighted_index(
-    candidates: Sequence[EndpointState], rng: random.Random, skip: int = -1
-) -> int:
-    """Index of one candidate drawn with probability weight / total (ignoring `skip`)."""
+def _weights(candidates: Sequence[EndpointState]) -> list[int]:
+    """Each candidate's weight, as `_weight` gives it."""
+    return [w if w > 0 else 1 for w in [c.weight for c in candidates]]
+
+
+def _draw(weights: list[int], rng: random.Random, skip: int = -1) -> int:
+    """`_weighted_index` over weights already computed."""
     total = 0
-    for i, c in enumerate(candidates):
+    for i, w in enumerate(weights):
         if i != skip:
-            total += _weight(c)
+            total += w
     r = rng.random() * total
     last = -1
-    for i, c in enumerate(candidates):
+    for i, w in enumerate(weights):
         if i == skip:
             continue
-        r -= _weight(c)
+        r -= w
         last = i
         if r < 0:
             return i
     return last  # float rounding at the very top of the range
+
+
+def _weighted_index(
+    candidates: Sequence[EndpointState], rng: random.Random, skip: int = -1
+) -> int:
+    """Index of one candidate drawn with probability weight / total (ignoring `skip`)."""
+    return _draw(_weights(candidates), rng, skip)
 
 
 class RoundRobin:
@@ -109,11 +119,12 @@ class LeastRequest:
         if len(candidates) == 1:
             return candidates[0]
         rng = self._rng
-        i = _weighted_index(candidates, rng)
-        j = _weighted_index(candidates, rng, skip=i)
+        weights = _weights(candidates)
+        i = _draw(weights, rng)
+        j = _draw(weights, rng, i)
         a, b = candidates[i], candidates[j]
         # a.in_flight / a.weight <= b.in_flight / b.weight, without division
-        if a.in_flight * _weight(b) <= b.in_flight * _weight(a):
+        if a.in_flight * weights[j] <= b.in_flight * weights[i]:
             return a
         return b
 

@@ -54,7 +54,8 @@ class HedgeRun:
     def _arm(self) -> None:
         delay = self.hedge.delay()
         if self.env.system_clock:
-            self.timer = self.loop.call_later(delay, self._fire)
+            loop = self.loop
+            self.timer = loop.call_at(loop.time() + delay, self._fire)  # = call_later
         else:
             self.timer = self.loop.create_task(self._sleep_then_fire(delay))
 

@@ -275,7 +275,7 @@ def _hedge_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
     methods = shard.spec.retry.methods if shard.spec.retry else IDEMPOTENT_METHODS
 
     async def hedged(ctx: CallContext) -> httpx.Response:
-        if not idempotent(ctx, methods):
+        if ctx.method not in methods and not idempotent(ctx, methods):
             return await inner(ctx)
         if ctx.body is None and ctx.stream is None:
             await ctx.prepare_body()

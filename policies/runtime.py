@@ -196,6 +196,7 @@ class ServiceRuntime:
             self.shards[None] = ShardRuntime(self, None, spec, env, spec.order, None,
                                              prev_shards.get(None))
             self._hrw = None
+        self._picked: dict[str, str] = {}  # shard key -> shard name (bounded)
         self.sharding = spec.sharding
         self.single = self.shards.get(None)
 
@@ -205,8 +206,11 @@ class ServiceRuntime:
             return single
         sharding = self.sharding
         assert sharding is not None
-        url = request.url
-        key = extract_key(sharding, url.path, url.query.decode("latin-1"), request.headers)
+        if sharding.by in ("header", "cookie"):  # the key is in the headers: skip the URL
+            key = extract_key(sharding, "", "", request.headers)
+        else:
+            url = request.url
+            key = extract_key(sharding, url.path, url.query.decode("latin-1"), request.headers)
         if key is None:
             if sharding.default is None:
                 raise BadRequest(
@@ -214,8 +218,17 @@ class ServiceRuntime:
                     "and the request has no key (and there is no default shard)",
                     service=self.name)
             return self.shards[sharding.default]
-        assert self._hrw is not None
-        return self.shards[self._hrw.pick(key)]
+        # The key's shard: rendezvous hashing is a pure function of the key (and the
+        # shard names, fixed for this runtime), so recent keys' answers are kept.
+        picked = self._picked
+        name = picked.get(key)
+        if name is None:
+            assert self._hrw is not None
+            name = self._hrw.pick(key)
+            if len(picked) >= 4096:
+                picked.clear()
+            picked[key] = name
+        return self.shards[name]
 
     async def call(self, runtime: "PlanRuntime", request: httpx.Request,
                    incoming_deadline: float | None, depth: int = 0,
@@ -279,6 +292,9 @@ def _snap(obj: Any) -> Any:
     return obj.snapshot() if obj is not None else None
 
 
+_UNSEEN: Any = object()
+
+
 class PlanRuntime:
     """A whole plan, live: services by name and by host. Immutable once built."""
 
@@ -292,6 +308,7 @@ class PlanRuntime:
                 spec = dataclasses.replace(spec, name=name)
             self.services[name] = ServiceRuntime(spec, env, prev_services.get(name))
         self.hosts: dict[str, str] = {}
+        self._seen_hosts: dict[str, str | None] = {}
         for name, spec in plan.services.items():
             self.hosts.setdefault(name.lower(), name)
             for host in spec.hosts:
@@ -299,6 +316,16 @@ class PlanRuntime:
 
     def service_for_host(self, host: str) -> str | None:
         """The service a Host names (its name or a `host` alias; case and port ignored)."""
+        seen = self._seen_hosts  # recent answers: the runtime is immutable
+        name = seen.get(host, _UNSEEN)
+        if name is _UNSEEN:
+            name = self._service_for_host(host)
+            if len(seen) >= 1024:
+                seen.clear()
+            seen[host] = name
+        return name  # type: ignore[return-value]
+
+    def _service_for_host(self, host: str) -> str | None:
         h = host.strip().lower()
         if h.startswith("["):
             h = h[: h.find("]") + 1]

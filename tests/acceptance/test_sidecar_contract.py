@@ -2387,3 +2387,13 @@ def test_repeated_request_headers_preserved(env: dict[str, Any]) -> None:
     hit = A.hits(i)[0]
     assert [v for k, v in hit["raw_headers"] if k == "x-two"] == ["1", "2"]
     assert hit["method"] == "PATCH" and hit["body"] == "patch-body"
+
+
+def test_retry_after_http_date_is_honoured(env: dict[str, Any]) -> None:
+    # contract §4: "A Retry-After from the upstream is honoured within the deadline"
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/ra/raflip/date2/{i}")
+    assert r.status_code == 200 and attempts(r) == 2
+    hits = A.hits(i)
+    assert len(hits) == 2 and hits[1]["t0"] - hits[0]["t0"] >= 0.9

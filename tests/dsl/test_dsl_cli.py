@@ -31,7 +31,7 @@ def _write(tmp_path: Path, name: str, data: str | bytes) -> Path:
 
 def test_check_contract_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(CONTRACT)]) == 0
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out
     assert "checked 1 file: 0 errors" in err
 
 
@@ -50,7 +50,7 @@ def test_check_reports_every_error_and_exits_1(tmp_path: Path, capsys: pytest.Ca
         "    endpoint http://127.0.0.1:9001 weight 0\n}\n",
     )
     assert main(["check", str(path)]) == 1
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out
     assert f"{path}:5:9: error[RP201]: unknown policy 'critcal'" in err
     assert "did you mean 'critical'?" in err
     assert f"{path}:6:5: error[RP102]" in err
@@ -73,7 +73,7 @@ def test_check_strict_turns_warnings_into_errors(tmp_path: Path, capsys: pytest.
     path = _write(tmp_path, "w.riprap", "service a {\n    timeout 20s\n    endpoint http://127.0.0.1:9001\n}\n")
     assert main(["check", str(path)]) == 0
     assert main(["check", "--strict", str(path)]) == 1
-    assert "error[RP302]" in capsys.readouterr().err
+    assert "error[RP302]" in capsys.readouterr().out
 
 
 def test_check_directory_recurses_sorted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,7 +82,7 @@ def test_check_directory_recurses_sorted(tmp_path: Path, capsys: pytest.CaptureF
     _write(tmp_path, "a.riprap", GOOD)
     _write(tmp_path, "notes.txt", "not a policy")
     assert main(["check", str(tmp_path), "--format", "json"]) == 0
-    assert "checked 2 files" in capsys.readouterr().err
+    assert "checked 2 files" in capsys.readouterr().err  # with --format json the summary stays off stdout
 
 
 def test_check_calls_mesh_analysis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,45 +106,45 @@ def test_check_calls_mesh_analysis(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_missing_path_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(tmp_path / "nope.riprap")]) == 2
-    assert "no such file or directory" in capsys.readouterr().err
+    assert "no such file or directory" in capsys.readouterr().out
 
 
 def test_directory_without_policies_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(tmp_path)]) == 2
-    assert "RP003" in capsys.readouterr().err
+    assert "RP003" in capsys.readouterr().out
 
 
 def test_binary_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path, "bin.riprap", b"\x7fELF\x02\x01\x01\x00\x00\x00garbage\xff\xfe")
     assert main(["check", str(path)]) == 1
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out
     assert "error[RP005]" in err and "binary" in err
 
 
 def test_non_utf8_is_located_at_first_bad_byte(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path, "latin1.riprap", "service caf\u00e9 {\n".encode("latin-1") + b"}\n")
     assert main(["check", str(path)]) == 1
-    assert f"{path}:1:12: error[RP004]" in capsys.readouterr().err
+    assert f"{path}:1:12: error[RP004]" in capsys.readouterr().out
 
 
 def test_ten_megabyte_file_is_refused_quickly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path, "big.riprap", ("# padding " + "x" * 90 + "\n") * 100_000)
     assert main(["check", str(path)]) == 1
-    assert "error[RP006]" in capsys.readouterr().err
+    assert "error[RP006]" in capsys.readouterr().out
 
 
 def test_ten_thousand_nested_braces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for text in ("{" * 10_000, "service a {\n" + "{\n" * 10_000, "service a {\n    fallback status 503 json " + "[" * 10_000):
         path = _write(tmp_path, "deep.riprap", text)
         assert main(["check", str(path)]) == 1
-        err = capsys.readouterr().err
+        err = capsys.readouterr().out
         assert "error[RP1" in err and "Traceback" not in err
 
 
 def test_empty_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path, "empty.riprap", "")
     assert main(["check", str(path)]) == 1
-    assert "error[RP007]" in capsys.readouterr().err
+    assert "error[RP007]" in capsys.readouterr().out
 
 
 def test_unreadable_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
