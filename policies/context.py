@@ -8,11 +8,16 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import httpx
 
-from policies.headers import forward_items, parse_deadline_header
+from policies.headers import forward_items, header_value, parse_deadline_header
 from policies.streams import PrefixedStream, iter_chunks
 
 if TYPE_CHECKING:
     from policies.runtime import PlanRuntime, ServiceRuntime, ShardRuntime
+
+# What `forward_items` finds in the caller's headers: forwarded items, deadline, wanted values.
+Scanned = tuple[list[tuple[bytes, bytes, bytes]], bytes | None, dict[bytes, list[bytes]]]
+
+IDEMPOTENCY_KEY = b"idempotency-key"
 
 # A stage of the chain: takes the call, answers it (or raises a `policies.errors` failure).
 Handler = Callable[["CallContext"], Awaitable[httpx.Response]]
@@ -28,18 +33,26 @@ class CallContext:
         "runtime", "shard", "request", "method", "raw_path", "headers", "body", "stream",
         "replayable", "body_bound", "deadline", "incoming_deadline", "attempts", "tried",
         "losers", "fallback_depth", "fallback_used", "fallback_reason", "expired",
+        "wanted", "found",
     )
 
     def __init__(self, runtime: "PlanRuntime", service: "ServiceRuntime",
                  shard: "ShardRuntime", request: httpx.Request,
-                 incoming_deadline: float | None, start: float, depth: int = 0) -> None:
+                 incoming_deadline: float | None, start: float, depth: int = 0,
+                 scanned: "Scanned | None" = None) -> None:
         self.runtime = runtime
         self.shard = shard
         self.request = request
         self.method = request.method
         url = request.url
         self.raw_path = url.raw_path
-        self.headers, header_deadline = forward_items(request.headers)
+        # the caller's headers, scanned once (by the service edge, when it has): what is
+        # forwarded, an incoming deadline, and the values of the headers `wanted`
+        wanted = service.wanted_headers
+        if scanned is None:
+            scanned = forward_items(request.headers, wanted)
+        self.headers, header_deadline, self.found = scanned
+        self.wanted = wanted
         if header_deadline is not None:  # the caller's own x-riprap-deadline-ms
             parsed = parse_deadline_header(header_deadline.decode("latin-1"), start)
             if parsed is not None and (incoming_deadline is None or parsed < incoming_deadline):
@@ -97,11 +110,21 @@ class CallContext:
                 return
         self.body = b"".join(chunks)
 
+    def header(self, lname: bytes | None, name: str) -> str | None:
+        """`self.request.headers.get(name)` (`lname`: the name lower-cased, as bytes),
+        from the one pass over the headers when the service wanted it."""
+        if lname in self.wanted:
+            return header_value(self.found.get(lname), self.request.headers, name)
+        found: str | None = self.request.headers.get(name)
+        return found
+
 
 def idempotent(ctx: CallContext, methods: Sequence[str]) -> bool:
     """Safe to send twice: a method in `methods`, or the caller sent an Idempotency-Key."""
     if ctx.method in methods:
         return True
+    if IDEMPOTENCY_KEY in ctx.wanted:
+        return IDEMPOTENCY_KEY in ctx.found
     return "idempotency-key" in ctx.request.headers
 
 

@@ -32,6 +32,7 @@ from policies.errors import (
     ResilienceError,
 )
 from policies.fallback_chain import fallback_answer
+from policies.headers import lower_ascii
 from policies.hedging import HedgeRun
 from policies.retry import parse_retry_after, retry_fits
 from policies.streams import on_close
@@ -113,11 +114,12 @@ def _limit_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
     if limiter is None:
         return None
     per_header = limiter.per_header
+    lname = lower_ascii(per_header) if per_header else None
     obs = shard.env.observer
     name = shard.service_name
 
     async def limit(ctx: CallContext) -> httpx.Response:
-        key = ctx.request.headers.get(per_header) if per_header else None
+        key = ctx.header(lname, per_header) if per_header else None  # = request.headers.get
         wait = limiter.try_take(key)
         if wait:
             obs.rejected(name, "limit")

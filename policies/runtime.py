@@ -34,7 +34,7 @@ from policies.endpoint import EndpointRuntime
 from policies.env import Env
 from policies.errors import BadRequest, ResilienceError
 from policies.fallback import StaleCache, StaticAnswer, cache_key
-from policies.headers import NOT_CACHED
+from policies.headers import NOT_CACHED, forward_items, header_value, lower_ascii
 from policies.health import ActiveHealth, EndpointState, OutlierDetector
 from policies.health_checks import run_health_checks
 from policies.hedge import HedgeDelay
@@ -198,15 +198,39 @@ class ServiceRuntime:
             self._hrw = None
         self._picked: dict[str, str] = {}  # shard key -> shard name (bounded)
         self.sharding = spec.sharding
+        # The headers a call looks up (shard key, per-header limit, Idempotency-Key),
+        # lower-cased: their values are collected on the one pass over the headers.
+        wanted: set[bytes] = set()
+        names: list[str] = []
+        if spec.sharding is not None and spec.sharding.by == "header":
+            names.append(spec.sharding.key)
+        for shard_rt in self.shards.values():
+            if shard_rt.limiter is not None and shard_rt.limiter.per_header:
+                names.append(shard_rt.limiter.per_header)
+            if shard_rt.hedge is not None:
+                names.append("idempotency-key")
+        for n in names:
+            low = lower_ascii(n)
+            if low is not None:  # else looked up the public way
+                wanted.add(low)
+        self.wanted_headers: frozenset[bytes] = frozenset(wanted)
+        self._shard_header = lower_ascii(spec.sharding.key) if spec.sharding is not None else None
         self.single = self.shards.get(None)
 
-    def pick_shard(self, request: httpx.Request) -> ShardRuntime:
+    def pick_shard(self, request: httpx.Request,
+                   found: dict[bytes, list[bytes]] | None = None) -> ShardRuntime:
+        """The call's shard. `found`: the wanted headers' values (`forward_items`)."""
         single = self.single
         if single is not None:
             return single
         sharding = self.sharding
         assert sharding is not None
-        if sharding.by in ("header", "cookie"):  # the key is in the headers: skip the URL
+        lname = self._shard_header
+        if found is not None and sharding.by == "header" and lname in self.wanted_headers:
+            # = extract_key(sharding, ..., request.headers), from the one header pass
+            key = header_value(found.get(lname),  # type: ignore[arg-type]
+                               request.headers, sharding.key) or None
+        elif sharding.by in ("header", "cookie"):  # the key is in the headers: skip the URL
             key = extract_key(sharding, "", "", request.headers)
         else:
             url = request.url
@@ -225,9 +249,10 @@ class ServiceRuntime:
         if name is None:
             assert self._hrw is not None
             name = self._hrw.pick(key)
-            if len(picked) >= 4096:
-                picked.clear()
-            picked[key] = name
+            if len(key) <= 256:  # bounded: at most 4096 keys of at most 256 characters
+                if len(picked) >= 4096:
+                    picked.clear()
+                picked[key] = name
         return self.shards[name]
 
     async def call(self, runtime: "PlanRuntime", request: httpx.Request,
@@ -239,11 +264,13 @@ class ServiceRuntime:
         `start`: the clock reading at the call's start, when the caller has one."""
         if start is None:
             start = self.env.clock.now()
+        scanned = forward_items(request.headers, self.wanted_headers)  # the one pass
         try:
-            shard = self.pick_shard(request)
+            shard = self.pick_shard(request, scanned[2])
         except ResilienceError as exc:
             return error_response(exc), 0, exc.reason, None
-        ctx = CallContext(runtime, self, shard, request, incoming_deadline, start, depth)
+        ctx = CallContext(runtime, self, shard, request, incoming_deadline, start, depth,
+                          scanned)
         try:
             resp = await shard.chain(ctx)
         except ResilienceError as exc:
@@ -320,9 +347,10 @@ class PlanRuntime:
         name = seen.get(host, _UNSEEN)
         if name is _UNSEEN:
             name = self._service_for_host(host)
-            if len(seen) >= 1024:
-                seen.clear()
-            seen[host] = name
+            if len(host) <= 256:  # bounded: at most 1024 hosts of at most 256 characters
+                if len(seen) >= 1024:
+                    seen.clear()
+                seen[host] = name
         return name  # type: ignore[return-value]
 
     def _service_for_host(self, host: str) -> str | None:

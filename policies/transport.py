@@ -29,6 +29,7 @@ from policies.answers import error_response
 from policies.clock import Clock, SystemClock
 from policies.env import Env
 from policies.errors import ATTEMPTS_HEADER, UnknownService
+from policies.headers import set_header
 from policies.observer import Observer
 from policies.runtime import PlanRuntime, ShardRuntime
 from policies.safe_observer import SafeObserver
@@ -36,6 +37,7 @@ from policies.safe_observer import SafeObserver
 log = logging.getLogger("riprap.transport")
 
 SERVICE_EXTENSION = "riprap.service"
+ATTEMPTS_BYTES = ATTEMPTS_HEADER.encode("ascii")
 
 
 class ResilientTransport(httpx.AsyncBaseTransport):
@@ -89,7 +91,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         # an incoming x-riprap-deadline-ms is read by the call context, on its header pass
         resp, attempts, outcome, fallback = await service.call(runtime, request, None,
                                                              start=start)
-        resp.headers[ATTEMPTS_HEADER] = str(attempts)
+        set_header(resp.headers, ATTEMPTS_BYTES, str(attempts))  # headers[ATTEMPTS_HEADER] = ..
         env.observer.call_finished(service.name, outcome, resp.status_code, attempts,
                                    env.clock.now() - start, fallback)
         return resp
