@@ -718,8 +718,8 @@ def check_plan(
         said: set[tuple[object, ...]] = set()
 
         def add(key: tuple[object, ...], code: str, span: Span, message: str, hint: str) -> None:
-            if key not in said:
-                said.add(key)
+            if key not in said:  # noqa: B023 - called within the same iteration
+                said.add(key)  # noqa: B023
                 out.append(Diagnostic(code, "warning", span, message, hint))
 
         for key, p in scopes:

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as exc:  # the last line of defence: a message, never a traceback
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, never a traceback
         print(f"riprap: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 

@@ -242,7 +242,7 @@ class _Builder:
             timeout=float(opt("timeout", 1.0)),  # type: ignore[arg-type]
             fall=int(opt("fall", 3)),  # type: ignore[call-overload]
             rise=int(opt("rise", 2)),  # type: ignore[call-overload]
-            expect=tuple(l.text for l in expect.args) if expect else ("2xx",),
+            expect=tuple(lit.text for lit in expect.args) if expect else ("2xx",),
         )
 
     @staticmethod
@@ -319,7 +319,7 @@ class _Builder:
         hosts: list[str] = []
         for s in body:
             if s.kind == "host":
-                hosts += [str(l.value) for l in s.args if str(l.value) not in hosts]
+                hosts += [str(lit.value) for lit in s.args if str(lit.value) not in hosts]
         return ServicePlan(
             name=name,
             hosts=tuple(hosts),

@@ -50,7 +50,7 @@ def _lit(lit: Lit) -> str:
 
 
 def _range(lits: tuple[Lit, ...]) -> str:
-    return "..".join(l.text for l in lits)
+    return "..".join(lit.text for lit in lits)
 
 
 def _opt(opt: Opt) -> str:

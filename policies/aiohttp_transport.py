@@ -175,7 +175,7 @@ class AiohttpResponseStream(httpx.AsyncByteStream):
                 if not chunk:
                     break
                 yield chunk
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             mapped = map_aiohttp_error(exc, self._request, sent=True)
             if mapped is None:  # pragma: no cover - every listed class maps
                 raise
@@ -277,7 +277,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=self._timeout_for(request),
                 compress=None,
             )
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             mapped = map_aiohttp_error(exc, request, sent=_was_sent(exc))
             if mapped is None:  # pragma: no cover - every listed class maps
                 raise

@@ -8,7 +8,7 @@ timeout, sends through the inner transport, and records latency and outlier outc
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import httpx
 
@@ -16,6 +16,7 @@ from policies.answers import STATUS_CLASS, classify
 from policies.context import SPENT, CallContext, Handler
 from policies.endpoint import EndpointRuntime
 from policies.errors import NoHealthyEndpoint, UpstreamFailed
+from policies.fast_request import build_request
 from policies.headers import DEADLINE_BYTES
 from policies.health import EndpointState, select_tier
 from policies.streams import on_close
@@ -114,65 +115,6 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
     return _send
 
 
-def _request_factory() -> Callable[[str, httpx.URL, list[tuple[bytes, bytes, bytes]],
-                                    httpx.AsyncByteStream, bytes | None], httpx.Request]:
-    """Builds an attempt's `httpx.Request` from `(name, lower-cased name, value)` items.
-
-    `httpx.Request(...)` normalizes every header again (`Headers.__init__`), for headers
-    that already are httpx's own items. The fast way fills the same attributes directly.
-    It is used only when a self-check at import shows it builds what the public
-    constructor builds; otherwise the public constructor is used. `content` is the body
-    already in memory (marked as read, as `Request.read()` does), None for a stream.
-    """
-    def public(method: str, url: httpx.URL, items: list[tuple[bytes, bytes, bytes]],
-               stream: httpx.AsyncByteStream, content: bytes | None) -> httpx.Request:
-        req = httpx.Request(method, url, headers=[(k, v) for k, _, v in items], stream=stream)
-        if content is not None:
-            req.read()
-        return req
-
-    try:
-        new_request = httpx.Request.__new__
-        new_headers = httpx.Headers.__new__
-        Request, Headers = httpx.Request, httpx.Headers
-
-        def fast(method: str, url: httpx.URL, items: list[tuple[bytes, bytes, bytes]],
-                 stream: httpx.AsyncByteStream, content: bytes | None) -> httpx.Request:
-            headers = new_headers(Headers)
-            headers._list = items  # type: ignore[attr-defined]
-            headers._encoding = None  # type: ignore[attr-defined]
-            req = new_request(Request)
-            req.method = method  # the caller's request's method: upper-case already
-            req.url = url
-            req.headers = headers
-            req.extensions = {}
-            req.stream = stream
-            if content is not None:
-                req._content = content  # type: ignore[attr-defined]
-            return req
-
-        url = httpx.URL("http://svc/a?b=1")
-        for body in (b"", b"xy", None):
-            items = [(b"Accept", b"accept", b"*/*"), (b"x-two", b"x-two", b"1"),
-                     (b"X-Two", b"x-two", b"2"), (b"content-length", b"content-length", b"2")]
-            stream = httpx.ByteStream(body if body is not None else b"z")
-            a = fast("POST", url, list(items), stream, body)
-            b = public("POST", url, list(items), stream, body)
-            if (vars(a).keys() != vars(b).keys() or a.method != b.method or a.url != b.url
-                    or vars(a.headers) != vars(b.headers) or a.headers != b.headers
-                    or a.headers.raw != b.headers.raw
-                    or a.headers.get("X-Two") != b.headers.get("X-Two")
-                    or a.extensions != b.extensions or a.stream is not b.stream
-                    or (body is not None and a.content != b.content)):
-                return public
-        return fast
-    except Exception:  # noqa: BLE001 - any httpx internals change: the public way
-        return public
-
-
-make_request = _request_factory()
-
-
 def upstream_request(ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx.Request:
     """The attempt's request: the forwarded headers plus Host, the deadline left and the
     body's framing; a replayable body from memory, else the caller's stream, sent once."""
@@ -185,8 +127,8 @@ def upstream_request(ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx
     if body is not None:
         if body or ctx.method in ("POST", "PUT", "PATCH"):
             headers.append((b"content-length", b"content-length", str(len(body)).encode()))
-        return make_request(ctx.method, ep.url_for(ctx.raw_path), headers,
-                            httpx.ByteStream(body), body)
+        return build_request(ctx.method, ep.url_for(ctx.raw_path), headers,
+                             httpx.ByteStream(body), body, {})
     # A body too big to replay: sent once, framed as the caller framed it.
     length = ctx.request.headers.get("content-length")
     if length is not None:
@@ -198,7 +140,7 @@ def upstream_request(ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx
     if stream is SPENT or stream is None:
         raise UpstreamFailed("the request body was already sent and cannot be replayed",
                              failure=None)
-    return make_request(ctx.method, ep.url_for(ctx.raw_path), headers, stream, None)
+    return build_request(ctx.method, ep.url_for(ctx.raw_path), headers, stream, None, {})
 
 
 def panic_candidates(states: Sequence[EndpointState]) -> list[EndpointState]:

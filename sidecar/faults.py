@@ -238,7 +238,7 @@ class _Core:
                 return True
             try:
                 data = await asyncio.wait_for(reader.read(65536), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return True
             if not data:
                 self.stats.disconnects += 1
@@ -404,7 +404,7 @@ class FaultServer:
             self._loop = loop
             try:
                 loop.run_until_complete(self._core.start())
-            except BaseException as exc:  # report the bind failure to the caller
+            except BaseException as exc:  # noqa: BLE001 - report the bind failure to the caller
                 errors.append(exc)
                 ready.set()
                 loop.close()

@@ -149,7 +149,7 @@ class _Histogram:
         edges = [repr(float(b)) for b in self.bounds] + ["+Inf"]
         for labels, row in self.data.items():
             total, buckets = 0.0, []
-            for edge, count in zip(edges, row[:-1]):
+            for edge, count in zip(edges, row[:-1], strict=True):
                 total += count
                 buckets.append((edge, total))
             fam.add_metric(labels, buckets, row[-1])

@@ -120,7 +120,7 @@ class Supervisor:
                         self.last_exit, delay)
             try:
                 await asyncio.wait_for(self._stopped.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _spawn(self) -> None:
@@ -204,7 +204,7 @@ class Supervisor:
         _signal_group(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), self.spec.stop_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("app %s: still running %.0fs after SIGTERM; sending SIGKILL",
                         self.app, self.spec.stop_timeout)
             _signal_group(proc.pid, signal.SIGKILL)

@@ -74,6 +74,6 @@ class Chaos:
             error = None
             try:
                 await self.actions[step.key]()
-            except Exception as exc:  # a failed fault must not end the demo; it is reported
+            except Exception as exc:  # noqa: BLE001 - a failed fault must not end the demo; it is reported
                 error = f"{type(exc).__name__}: {exc}"
             self.done.append((step, now(), error))

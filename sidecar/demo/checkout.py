@@ -87,7 +87,7 @@ class Dependencies:
                 doc["fallback"] = resp.headers.get("x-riprap-fallback")
                 doc["reason"] = resp.headers.get("x-riprap-reason")
                 doc["server"] = resp.headers.get("x-fault-server") or _server_of(raw)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             doc["reason"] = "client-timeout"
         except aiohttp.ClientError as exc:
             doc["reason"] = type(exc).__name__

@@ -107,7 +107,7 @@ class Demo:
                     if r.status == 200:
                         body = await r.json(content_type=None)
                         return body if isinstance(body, dict) else {}
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, ValueError):
                 pass
             await asyncio.sleep(0.1)
         raise DemoError(f"{what} did not become ready within {timeout:.0f}s ({url})\n"
@@ -125,7 +125,7 @@ class Demo:
             async with session.get(f"http://127.0.0.1:{self.layout.checkout}/healthz",
                                    timeout=aiohttp.ClientTimeout(total=0.5)) as r:
                 pid = (await r.json(content_type=None)).get("pid")
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
             return None
         if isinstance(pid, int):
             self.pids_seen.add(pid)

@@ -66,7 +66,7 @@ class Traffic:
                     deps = body.get("deps") if isinstance(body, dict) else None
                 except ValueError:
                     deps = None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             error = "timeout"
         except aiohttp.ClientConnectorError:
             error = "refused"

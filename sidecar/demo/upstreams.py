@@ -49,7 +49,7 @@ class Fleet:
             try:
                 await self.control(up.name, "GET", "/stats")
                 return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 await asyncio.sleep(0.05)
         raise RuntimeError(f"upstream {up.name} did not start within {timeout:.0f}s")
 
