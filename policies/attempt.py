@@ -52,7 +52,13 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
     # Named `_send`: the chain's terminal, as tests read the chain from the closures' names.
     async def _send(ctx: CallContext) -> httpx.Response:
         now = clock.now()
-        candidates, panic = select_tier(states, now)
+        failed = ctx.failed
+        if failed is None:
+            candidates, panic = select_tier(states, now)
+        else:  # a retry: what failed in this call counts as broken, unless that is all
+            candidates, panic = select_tier(states, now, lambda s: s.url in failed)
+            if panic:
+                candidates, panic = select_tier(states, now)
         if panic:
             # Panic ignores outlier ejections (a guess from recent failures), never a
             # failed active health check (an explicit "down"), and never when a
@@ -98,6 +104,7 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
                                               clock.now() - t0)
             else:
                 record(state, False, failure, clock.now() - t0, latency=False)
+                _mark_failed(ctx, url)
             raise error from exc
         except asyncio.CancelledError:
             state.in_flight -= 1
@@ -109,10 +116,19 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
         elapsed = clock.now() - t0
         code = resp.status_code
         record(state, code < 500, STATUS_CLASS.get(code // 100, "5xx"), elapsed, latency=True)
+        if code >= 500:
+            _mark_failed(ctx, url)
         on_close(resp, ep.release)
         return resp
 
     return _send
+
+
+def _mark_failed(ctx: CallContext, url: str) -> None:
+    if ctx.failed is None:
+        ctx.failed = {url}
+    else:
+        ctx.failed.add(url)
 
 
 def upstream_request(ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx.Request:

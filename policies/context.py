@@ -33,7 +33,7 @@ class CallContext:
         "runtime", "shard", "request", "method", "raw_path", "headers", "body", "stream",
         "replayable", "body_bound", "deadline", "incoming_deadline", "attempts", "tried",
         "losers", "fallback_depth", "fallback_used", "fallback_reason", "expired",
-        "wanted", "found",
+        "wanted", "found", "failed",
     )
 
     def __init__(self, runtime: "PlanRuntime", service: "ServiceRuntime",
@@ -65,6 +65,9 @@ class CallContext:
         self.incoming_deadline = incoming_deadline
         self.attempts = 0
         self.tried: set[str] = set()
+        # endpoints that failed this call: "broken" for its retries, so a retry moves on to
+        # the next tier when every endpoint of this one failed (Envoy's previous_priorities)
+        self.failed: set[str] | None = None
         self.losers: set[asyncio.Task[Any]] | None = None
         self.fallback_depth = depth
         self.fallback_used: str | None = None

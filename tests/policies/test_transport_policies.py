@@ -753,3 +753,36 @@ async def test_panic_prefers_a_lower_tier_that_passes_health_checks(vclock: Virt
         assert (await client.get("/x")).status_code == 502  # 9101 refuses: ejected
         r = await client.get("/x")  # nothing usable: panic picks 9101 (up, only ejected)
     assert r.text == "failover, ejected"
+
+
+async def test_a_retry_moves_to_the_failover_tier_when_every_primary_failed_the_call(
+        vclock: VirtualClock) -> None:
+    # no health checks, no outlier ejection, no breaker: the refused primary is "broken"
+    # for this call, so its retry goes to the backup tier (section 5: failover)
+    up = Upstream()
+    up.on(9001, raises(httpx.ConnectError))
+    p = plan(service("api", endpoints=(ep(9001), ep(9101, tier=1)),
+                     retry=RetrySpec(retries=2, on=("connect-failure",))))
+    rt, client = make(p, up, vclock)
+    async with client:
+        r = await client.get("/x")
+        assert (r.status_code, r.text) == (200, "ok from 9101")
+        assert r.headers["x-riprap-attempts"] == "2"
+        r = await client.get("/x")  # a new call starts again from the primaries
+    assert r.text == "ok from 9101"
+    assert up.ports() == [9001, 9101, 9001, 9101]
+
+
+async def test_when_every_endpoint_failed_the_call_a_retry_tries_the_primaries_again(
+        vclock: VirtualClock) -> None:
+    up = Upstream()
+    up.on(9001, status(503))
+    up.on(9101, status(503))
+    p = plan(service("api", endpoints=(ep(9001), ep(9101, tier=1)),
+                     retry=RetrySpec(retries=2, on=("5xx",))))
+    rt, client = make(p, up, vclock)
+    async with client:
+        r = await client.get("/x")
+    # both tiers failed this call: the third attempt goes back to the primary (its 2nd 503)
+    assert up.ports() == [9001, 9101, 9001]
+    assert r.status_code == 503 and r.headers["x-riprap-attempts"] == "3"
