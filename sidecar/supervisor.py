@@ -107,6 +107,10 @@ class Supervisor:
                 return
             if cause != "exit":
                 await self._terminate()
+            elif self.proc is not None:
+                # the command's process died; what it started may live on in its group
+                # (a shell wrapper's child still holding the port): end it before a restart
+                await self._end_group(self.proc.pid)
             self.metrics.app_running(self.app, False)
             now = time.monotonic()
             if self._healthy_since is not None and now - self._healthy_since >= self.spec.healthy_reset:
@@ -202,6 +206,7 @@ class Supervisor:
         if proc is None or proc.returncode is not None:
             return
         _signal_group(proc.pid, signal.SIGTERM)
+        _signal_group(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
         try:
             await asyncio.wait_for(proc.wait(), self.spec.stop_timeout)
         except TimeoutError:
@@ -210,7 +215,24 @@ class Supervisor:
             _signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
         self.last_exit = proc.returncode
+        await self._end_group(proc.pid)
         self.metrics.app_running(self.app, False)
+
+    async def _end_group(self, pgid: int) -> None:
+        """Leave nothing of the app's process group behind: SIGTERM (and SIGCONT), then
+        SIGKILL after `stop_timeout` — the same rule as for the app's own process."""
+        if not _group_alive(pgid):
+            return
+        _signal_group(pgid, signal.SIGTERM)
+        _signal_group(pgid, signal.SIGCONT)
+        deadline = time.monotonic() + self.spec.stop_timeout
+        while _group_alive(pgid):
+            if time.monotonic() >= deadline:
+                log.warning("app %s: processes of its group still running %.0fs after SIGTERM;"
+                            " sending SIGKILL", self.app, self.spec.stop_timeout)
+                _signal_group(pgid, signal.SIGKILL)
+                return
+            await asyncio.sleep(0.05)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -223,3 +245,13 @@ def _signal_group(pid: int, sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -68,3 +68,43 @@ def test_app_is_restarted_on_exit_and_on_failed_health(module_tmp: Path, sidecar
     finally:
         assert proc.stop() == 0, proc.logs()
     assert not alive(last)  # stopping the sidecar stops the app
+
+
+def test_what_the_app_command_started_is_ended_before_a_restart(
+        module_tmp: Path, sidecar_proc: Any) -> None:
+    # `run` goes through a shell; when that shell dies, its child (the real app) must not
+    # live on holding the port, or every restart would fail with "address in use"
+    port, control = free_port(), free_port()
+    policy = module_tmp / "wrapped.riprap"
+    policy.write_text(
+        "app wrapped {\n"
+        f'    run "{sys.executable} -m sidecar.faults --name app --port {port} '
+        f'--control-port {control}; exit 3"\n'
+        f"    health GET http://127.0.0.1:{port}/healthz every 100ms timeout 200ms fall 2\n"
+        "    restart backoff 50ms..1s\n"
+        "}\n\n"
+        f"service api {{\n    endpoint http://127.0.0.1:{port}\n}}\n")
+    proc = sidecar_proc(policy, "--grace", "0").start()
+    try:
+        def app() -> dict[str, Any]:
+            return proc.admin.get("/state").json()["app"]
+
+        def up_and_healthy(not_pid: int | None = None) -> bool:
+            s = app()
+            return bool(s["running"] and s["healthy"] and s["pid"] not in (None, not_pid))
+
+        proc.wait_for(up_and_healthy, timeout=10, what="the wrapped app to run")
+        shell = app()["pid"]
+        os.kill(shell, signal.SIGKILL)  # the wrapper dies; its child still holds the port
+        proc.wait_for(lambda: up_and_healthy(not_pid=shell), timeout=15,
+                      what="the app to come back on its port")
+        assert app()["restarts"] == 1, proc.logs()
+        assert proc.client.get("/api/x").status_code == 200
+
+        stopped = app()["pid"]
+        os.killpg(stopped, signal.SIGSTOP)  # the app hangs: its health check fails
+        proc.wait_for(lambda: up_and_healthy(not_pid=stopped), timeout=15,
+                      what="the hung app to be replaced")
+        assert proc.client.get("/api/x").status_code == 200
+    finally:
+        assert proc.stop() == 0, proc.logs()
