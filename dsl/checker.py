@@ -761,8 +761,12 @@ def check_plan(
                     ("RP302", timeout_at),
                     "RP302",
                     timeout_at,
-                    f"{label}: timeout {fmt_seconds(p.timeout)} is not below the built-in default "
-                    f"of {fmt_seconds(BUILTIN_TIMEOUT)}",
-                    "set a deadline the caller can wait for, e.g. `timeout 2s`",
+                    (f"{label}: no timeout below the built-in default of "
+                     f"{fmt_seconds(BUILTIN_TIMEOUT)}: a call may wait that long"
+                     if p.timeout == BUILTIN_TIMEOUT else
+                     f"{label}: timeout {fmt_seconds(p.timeout)} is not below the built-in "
+                     f"default of {fmt_seconds(BUILTIN_TIMEOUT)}"),
+                    "set a deadline the caller can wait for, e.g. `timeout 2s` in the service,"
+                    " or once for every service in `defaults { ... }`",
                 )
     return out

@@ -201,6 +201,8 @@ def describe_error(exc: UnexpectedInput, text: str, path: str, stmt_start: int =
     hint = None
     if tok.type == "NAME" and keywords:
         hint = did_you_mean(str(tok), keywords)
+    if hint is None and "DURATION" in expected:
+        hint = "a duration is a number with its unit: us, ms, s, m or h (250ms, 1.5s, 5m)"
     if hint is None and tok.type == "_NL" and directive:
         hint = f"see '{directive}' in docs/language.md"
     return Diagnostic("RP101", "error", span, message, hint)

@@ -53,6 +53,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     def __init__(self, plan: Plan, inner: httpx.AsyncBaseTransport | None = None, *,
                  clock: Clock | None = None, rng: random.Random | None = None,
                  observer: Observer | None = None, chaos: bool = False) -> None:
+        if not isinstance(plan, Plan):
+            raise TypeError(
+                f"ResilientTransport needs a compiled dsl.plan.Plan, not {type(plan).__name__}; "
+                "compile_file(path).plan is None when the file has errors: see its .diagnostics")
         if inner is None:
             from policies.aiohttp_transport import AiohttpTransport
 

@@ -552,3 +552,10 @@ async def test_a_body_streams_unread_when_nothing_could_resend_it(vclock: Virtua
     async with client:
         r = await client.post("/x", content=slow_body())
     assert r.text == "1 more" and sent_first == [True]
+
+
+def test_a_missing_plan_is_a_clear_type_error() -> None:
+    from policies.transport import ResilientTransport
+
+    with pytest.raises(TypeError, match="needs a compiled dsl.plan.Plan, not NoneType"):
+        ResilientTransport(None)  # type: ignore[arg-type]  # compile_file(bad).plan
