@@ -174,7 +174,7 @@ def _resolved(u: CompiledUnit) -> Plan | None:
 
 
 def file_findings(u: CompiledUnit) -> list[Diagnostic]:
-    """RP404-RP406 in one file: fallback cycles, breakers, hedges."""
+    """RP404-RP406 and RP408 in one file: fallback cycles, breakers, hedges, failover."""
     plan = _resolved(u)
     assert plan is not None
     out = fallback_cycles(u)
@@ -212,6 +212,17 @@ def _scope_findings(
                 "use a rate below 100% (50% is common), or add `slow D` so slow calls count",
             )
     r = p.retry
+    if (p.health is None and p.outlier is None and (r is None or r.retries == 0)
+            and any(e.tier > 0 for e in p.endpoints)):
+        add(
+            ("failover", p.endpoints),
+            "RP408",
+            f"the failover endpoints of {where} can never be used: a tier takes calls only "
+            "when every endpoint before it is unhealthy, ejected or broken, and nothing here "
+            "finds that out (no `health`, `outlier` or `retry`)",
+            "add `health GET /healthz` or `outlier failures 5`, or a `retry` (a retry moves "
+            "to the next tier once every endpoint of a tier failed the call)",
+        )
     if p.hedge is not None and r is not None and r.on and all(_NEVER_FAILS.match(c) for c in r.on):
         add(
             ("hedge", p.hedge, r),
