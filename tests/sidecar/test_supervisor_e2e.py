@@ -96,14 +96,15 @@ def test_what_the_app_command_started_is_ended_before_a_restart(
         proc.wait_for(up_and_healthy, timeout=10, what="the wrapped app to run")
         shell = app()["pid"]
         os.kill(shell, signal.SIGKILL)  # the wrapper dies; its child still holds the port
-        proc.wait_for(lambda: up_and_healthy(not_pid=shell), timeout=15,
+        # well under the 10 s SIGKILL grace: a dead (zombie) child must not count as alive
+        proc.wait_for(lambda: up_and_healthy(not_pid=shell), timeout=6,
                       what="the app to come back on its port")
         assert app()["restarts"] == 1, proc.logs()
         assert proc.client.get("/api/x").status_code == 200
 
         stopped = app()["pid"]
         os.killpg(stopped, signal.SIGSTOP)  # the app hangs: its health check fails
-        proc.wait_for(lambda: up_and_healthy(not_pid=stopped), timeout=15,
+        proc.wait_for(lambda: up_and_healthy(not_pid=stopped), timeout=6,
                       what="the hung app to be replaced")
         assert proc.client.get("/api/x").status_code == 200
     finally:
