@@ -75,11 +75,11 @@ def _weighted_index(
     return _draw(_weights(candidates), rng, skip)
 
 
-class RoundRobin:
-    kind = "round-robin"
+class _Picker:
+    """What every balancer does first: prefer endpoints this call has not tried, and
+    skip the choice when only one is left; `_choose` is each strategy's own part."""
 
-    def __init__(self) -> None:
-        self._current: dict[str, float] = {}
+    kind = ""
 
     def pick(
         self, candidates: Sequence[EndpointState], exclude: Collection[str] = ()
@@ -87,6 +87,19 @@ class RoundRobin:
         candidates = _prefer_untried(candidates, exclude)
         if len(candidates) == 1:
             return candidates[0]
+        return self._choose(candidates)
+
+    def _choose(self, candidates: Sequence[EndpointState]) -> EndpointState:
+        raise NotImplementedError
+
+
+class RoundRobin(_Picker):
+    kind = "round-robin"
+
+    def __init__(self) -> None:
+        self._current: dict[str, float] = {}
+
+    def _choose(self, candidates: Sequence[EndpointState]) -> EndpointState:
         current = self._current
         if len(current) > 4 * len(candidates) + 64:
             current.clear()  # endpoints came and went: drop their stale counters
@@ -106,18 +119,13 @@ class RoundRobin:
         return best
 
 
-class LeastRequest:
+class LeastRequest(_Picker):
     kind = "least-request"
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def pick(
-        self, candidates: Sequence[EndpointState], exclude: Collection[str] = ()
-    ) -> EndpointState:
-        candidates = _prefer_untried(candidates, exclude)
-        if len(candidates) == 1:
-            return candidates[0]
+    def _choose(self, candidates: Sequence[EndpointState]) -> EndpointState:
         rng = self._rng
         weights = _weights(candidates)
         i = _draw(weights, rng)
@@ -129,18 +137,13 @@ class LeastRequest:
         return b
 
 
-class RandomWeighted:
+class RandomWeighted(_Picker):
     kind = "random"
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def pick(
-        self, candidates: Sequence[EndpointState], exclude: Collection[str] = ()
-    ) -> EndpointState:
-        candidates = _prefer_untried(candidates, exclude)
-        if len(candidates) == 1:
-            return candidates[0]
+    def _choose(self, candidates: Sequence[EndpointState]) -> EndpointState:
         return candidates[_weighted_index(candidates, self._rng)]
 
 
