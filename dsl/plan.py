@@ -105,6 +105,7 @@ class LimitSpec:
     burst: float  # bucket size
     per_header: str | None = None
     max_keys: int = 10_000  # per-key buckets kept in a bounded LRU
+    shared: bool = False  # one bucket for the fleet, kept in the plan's `store`
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,18 @@ class EndpointSpec:
     url: str
     weight: int = 1
     tier: int = 0  # 0 primary; failover tiers 1, 2, ...
+    resolve: float | None = None  # `resolve [every D]`: DNS re-lookup interval; None: not resolved
+
+
+@dataclass(frozen=True)
+class TlsSpec:
+    """`tls ...`: how `https://` endpoints are called. Paths are absolute (resolved by the compiler)."""
+
+    ca: str | None = None  # PEM bundle trusted instead of the system store
+    cert: str | None = None  # client certificate (mutual TLS), with `key`
+    key: str | None = None
+    sni: str | None = None  # server name sent and verified; None: the endpoint's host
+    verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -190,6 +203,7 @@ class ShardPlan:
     concurrency: ConcurrencySpec | None = None
     fallbacks: tuple[FallbackSpec, ...] = ()
     chaos: tuple[ChaosSpec, ...] = ()
+    tls: TlsSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +224,7 @@ class ServicePlan:
     concurrency: ConcurrencySpec | None = None
     fallbacks: tuple[FallbackSpec, ...] = ()
     chaos: tuple[ChaosSpec, ...] = ()
+    tls: TlsSpec | None = None
     sharding: ShardingSpec | None = None
     shards: tuple[ShardPlan, ...] = ()
     order: tuple[str, ...] = DEFAULT_ORDER
@@ -245,8 +260,10 @@ class Plan:
     admin: str = DEFAULT_ADMIN
     services: Mapping[str, ServicePlan] = field(default_factory=dict)
     supervise: SuperviseSpec | None = None
+    resolver: tuple[str, ...] = ()  # `resolver HOST:PORT, ...`; empty: the system's resolv.conf
+    store: str | None = None  # `store redis://...`: where `shared` limits live
     source: str | None = None  # the policy file this plan came from (absolute path)
-    watch: tuple[str, ...] = ()  # every file the plan depends on (policy + fallback files)
+    watch: tuple[str, ...] = ()  # every file the plan depends on (policy, fallback and TLS files)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_jsonable(self)
@@ -273,6 +290,8 @@ class Plan:
             admin=data.get("admin", DEFAULT_ADMIN),
             services=services,
             supervise=_supervise_from_dict(sup) if sup else None,
+            resolver=tuple(data.get("resolver", ())),
+            store=data.get("store"),
             source=data.get("source"),
             watch=tuple(data.get("watch", ())),
         )
@@ -330,6 +349,7 @@ def _policy_kwargs(data: Mapping[str, Any]) -> dict[str, Any]:
         "concurrency": _build(ConcurrencySpec, data.get("concurrency")),
         "fallbacks": tuple(_build(FallbackSpec, f) for f in data.get("fallbacks", ())),
         "chaos": tuple(_build(ChaosSpec, c) for c in data.get("chaos", ())),
+        "tls": _build(TlsSpec, data.get("tls")),
     }
 
 
