@@ -1,4 +1,5 @@
-"""The admin listener (contract section 9): /healthz /readyz /metrics /plan /state.
+"""The admin listener (contract section 9): /healthz /readyz /metrics /plan /state, and the
+dashboard (`GET /`, its data at `GET /dashboard.json`: sidecar/dashboard/).
 
 Starlette is fine here: these routes are not on the hot path. `/state` is the engine's
 own snapshot (`ResilientTransport.snapshot()`: health, ejection, breaker, limiter, bulkhead
@@ -15,13 +16,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sidecar.dashboard import DashboardModel, dashboard_routes
 from sidecar.metrics import SidecarMetrics
 from sidecar.reload import PlanHolder
 
 
 def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
-                     extra_state: Callable[[], dict[str, Any]] | None = None) -> Starlette:
-    """The admin ASGI app over one plan holder."""
+                     extra_state: Callable[[], dict[str, Any]] | None = None,
+                     dashboard: DashboardModel | None = None) -> Starlette:
+    """The admin ASGI app over one plan holder (and the dashboard drawn from the same state)."""
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -38,7 +41,7 @@ def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
     async def plan(request: Request) -> Response:
         return JSONResponse(holder.plan_document())
 
-    async def state(request: Request) -> Response:
+    def state_document() -> dict[str, Any]:
         snap: Any = holder.transport.snapshot()  # type: ignore[attr-defined]
         doc: dict[str, Any] = {
             "services": snap.get("services", snap) if isinstance(snap, dict) else snap,
@@ -55,7 +58,14 @@ def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
                     doc.setdefault(key, value)
         if extra_state is not None:
             doc.update(extra_state())
-        return JSONResponse(doc)
+        doc["sidecar"]["app"] = holder.plan.app
+        return doc
+
+    async def state(request: Request) -> Response:
+        return JSONResponse(state_document())
+
+    if dashboard is None:
+        dashboard = DashboardModel(metrics.registry.collect, state_document)
 
     routes = [
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
@@ -63,5 +73,8 @@ def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
         Route("/metrics", metrics_route, methods=["GET", "HEAD"]),
         Route("/plan", plan, methods=["GET", "HEAD"]),
         Route("/state", state, methods=["GET", "HEAD"]),
+        *dashboard_routes(dashboard),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    app.state.dashboard = dashboard
+    return app

@@ -46,6 +46,7 @@ class Sidecar:
 
     async def start(self) -> None:
         await self.holder.transport.start()
+        self.admin.state.dashboard.start()  # samples the metrics once a second for GET /
         if self.watch:
             self.holder.start_watching()
         plan = self.holder.plan
@@ -74,6 +75,7 @@ class Sidecar:
                 "listeners": self.listeners}
 
     async def aclose(self) -> None:
+        await self.admin.state.dashboard.stop()
         await self.holder.stop_watching()
         if self.supervisor is not None:
             await self.supervisor.stop()

@@ -58,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--plain", action="store_true",
                    help="plain lines instead of the live panel, even on a terminal")
     p.add_argument("--seed", type=int, default=7, help="seed for traffic and faults")
+    p.add_argument("--dashboard", action="store_true",
+                   help="after the chaos schedule, keep the sidecar and light traffic up so the "
+                        "dashboard (its URL is printed) can be watched, until Ctrl-C")
     return p.parse_args(argv)
 
 
@@ -150,6 +153,8 @@ class Demo:
             await self._wait_http(session, f"http://127.0.0.1:{self.layout.baseline}/healthz",
                                   "the baseline checkout", 30, self.baseline)
             await self._checkout_pid(session)
+            self.console.print(f"dashboard: http://{admin}/ (live breakers, success rate, latency; "
+                               "open it in a browser)")
             traffic = Traffic({"riprap": f"http://127.0.0.1:{self.layout.checkout}/checkout",
                                "baseline": f"http://127.0.0.1:{self.layout.baseline}/checkout"},
                               self.args.rate, seed=self.args.seed)
@@ -164,11 +169,32 @@ class Demo:
                 traffic.cancel()
                 await asyncio.gather(chaos_task, return_exceptions=True)
             self.view = await scrape(session, admin)
+            if self.args.dashboard:
+                await self._hold(session, admin)
             for step, at, error in chaos.done:
                 if error:
                     self.console.print(f"[yellow]chaos step '{step.title}' at {at:.1f}s "
                                        f"failed: {error}[/]")
             self.calls = traffic.calls
+
+    async def _hold(self, session: aiohttp.ClientSession, admin: str) -> None:
+        """`--dashboard`: keep everything up, with light traffic, until Ctrl-C (or SIGTERM)."""
+        loop = asyncio.get_running_loop()
+        release = asyncio.Event()
+        loop.add_signal_handler(signal.SIGINT, release.set)
+        self.console.print(f"holding the demo up: watch http://{admin}/ ; Ctrl-C for the summary")
+        idle = Traffic({"riprap": f"http://127.0.0.1:{self.layout.checkout}/checkout"},
+                       max(1.0, self.args.rate / 5), seed=self.args.seed + 1)
+        idle_task = asyncio.create_task(idle.run(session, 24 * 3600.0))
+        try:
+            while not release.is_set():
+                await asyncio.wait({asyncio.ensure_future(release.wait())}, timeout=10.0)
+                idle.calls.clear()  # nobody reads them: keep the hold's memory flat
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            idle.cancel()
+            idle_task.cancel()
+            await asyncio.gather(idle_task, return_exceptions=True)
 
     def _actions(self, session: aiohttp.ClientSession, fleet: Fleet) -> dict[str, Any]:
         async def kill_payment() -> None:
@@ -232,6 +258,7 @@ class Demo:
         doc = summary.summarise(calls, self.steps, self.args.duration, self.view,
                                 max(0, len(self.pids_seen) - 1), pids)
         doc["survivors"] = survivors
+        doc["dashboard"] = f"http://127.0.0.1:{self.layout.admin}/"
         self.doc = doc
         self.console.print(summary.render(doc, self.steps))
         try:

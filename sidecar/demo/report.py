@@ -93,6 +93,8 @@ td:first-child, th:first-child {{ text-align: left; }}
 <p>{duration:.0f} s of steady checkout traffic, the same orders sent to a checkout that calls its
 dependencies through riprap and to one that calls the replicas directly, while the chaos
 schedule breaks things.</p>
+<p>The live view of the same run is the sidecar's dashboard, <a href="{html.escape(str(doc.get('dashboard', '')))}">{html.escape(str(doc.get('dashboard', '')))}</a>,
+up while the demo runs (and after it, with <code>riprap demo --dashboard</code>, until Ctrl-C).</p>
 <table><tr><th></th><th>with riprap</th><th>without riprap</th></tr>
 <tr><td>checkout success</td><td>{fmt_pct(rp['success'])}</td><td>{fmt_pct(bl['success'])}</td></tr>
 <tr><td>calls ok / sent</td><td>{rp['ok']} / {rp['calls']}</td><td>{bl['ok']} / {bl['calls']}</td></tr>

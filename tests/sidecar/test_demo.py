@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import random
 import signal
 import subprocess
@@ -77,7 +78,11 @@ def test_short_demo_reaches_its_summary_and_cleans_up(tmp_path: Path) -> None:
     assert _demo_processes(off) == []
     page = out_html.read_text()
     assert page.count("<svg") == 2 and "<script" not in page
-    assert "src=" not in page and "href=" not in page  # nothing fetched: no network, no CDN
+    assert "src=" not in page  # nothing fetched: no network, no CDN
+    lay = layout.Layout(layout.find_policy(), off)
+    dashboard = f"http://127.0.0.1:{lay.admin}/"
+    assert re.findall(r'href="([^"]*)"', page) == [dashboard]  # the only link: the live view
+    assert f"dashboard: {dashboard}" in proc.stdout
 
 
 @pytest.mark.slow
@@ -101,6 +106,44 @@ def test_ctrl_c_stops_every_process() -> None:
     assert proc.returncode == 130, err
     assert "stopped every process" in err
     time.sleep(0.2)
+    assert _demo_processes(off) == []
+
+
+@pytest.mark.slow
+def test_dashboard_flag_holds_the_demo_up_until_ctrl_c() -> None:
+    import httpx
+
+    off = _free_offset()
+    lay = layout.Layout(layout.find_policy(), off)
+    proc = subprocess.Popen(RIPRAP + ["demo", "--duration", "10", "--port-offset", str(off),
+                                      "--dashboard", "--plain"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        held = False
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("holding the demo up"):
+                held = True
+                break
+        assert held, "the demo never said it holds for the dashboard"
+        admin = f"http://127.0.0.1:{lay.admin}"
+        with httpx.Client(trust_env=False, timeout=5) as client:
+            assert client.get(admin + "/").status_code == 200
+            names = {s["name"] for s in client.get(admin + "/dashboard.json").json()["services"]}
+            assert {"payments", "inventory", "recommendations"} <= names
+            time.sleep(1.5)  # still up after the schedule ended
+            assert client.get(admin + "/readyz").status_code == 200
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "What saved the calls" in out
     assert _demo_processes(off) == []
 
 
