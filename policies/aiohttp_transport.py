@@ -25,17 +25,24 @@ knows httpx's exception tree.
 from __future__ import annotations
 
 import asyncio
-import functools
-from typing import Any, AsyncIterator, Iterable
+import logging
+import ssl
+import time
+from typing import Any, AsyncIterator
 
 import aiohttp
 import httpx
-from aiohttp.client_proto import ResponseHandler as _ResponseHandler
 from yarl import URL
+
+from policies import aiohttp_compat, httpx_compat
+from policies.headers import MAX_HEAD_BYTES, MAX_HEADERS, UpstreamHeadTooLarge, head_size
+from policies.tls import TLS_EXTENSION, tls_reason
+
+log = logging.getLogger("riprap.upstream")
 
 # Hop-by-hop and framing headers aiohttp must decide itself (it chooses chunked or
 # Content-Length from the body it is given; passing both makes it refuse the request).
-_DROP_REQUEST_HEADERS = frozenset({"transfer-encoding", "connection", "keep-alive"})
+_DROP_REQUEST_HEADERS = frozenset({b"transfer-encoding", b"connection", b"keep-alive"})
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
@@ -73,88 +80,6 @@ def map_aiohttp_error(exc: BaseException, request: httpx.Request, *,
     if isinstance(exc, aiohttp.ClientError):
         return httpx.ReadError(msg, request=request)
     return None
-
-
-class _SalvagingParser:
-    """Wraps aiohttp's response parser to survive one common upstream bug: a body sent
-    after a 204, a 304 or a HEAD answer (Python's `http.server` handlers often write one).
-
-    RFC 9110 says such an answer has no body, so aiohttp parses the head, then tries to
-    read the stray bytes as the next response and fails the whole read, losing the answer
-    it had just parsed. httpx's own pool keeps the answer and drops the connection; this
-    does the same: on a parse failure, if the bytes so far hold a complete head of an
-    answer that cannot have a body, that head alone is parsed again with a fresh parser,
-    the stray bytes are dropped and the connection is marked to close. Anything else
-    fails as before.
-    """
-
-    _KEEP = 256 * 1024  # bytes kept for a salvage: enough for any head aiohttp accepts
-
-    def __init__(self, handler: Any, params: dict[str, Any]) -> None:
-        self._handler = handler
-        self._params = params
-        self._parser = handler._parser
-        self._seen: bytes | None = b""  # bytes fed before the first message (then None)
-
-    def feed_data(self, data: bytes) -> Any:
-        seen = self._seen
-        try:
-            result = self._parser.feed_data(data)
-        except Exception:
-            salvaged = self._salvage(data if seen is None else seen + data)
-            if salvaged is None:
-                raise
-            return salvaged
-        if seen is not None:
-            self._seen = None if result[0] else (seen + data)[-self._KEEP:]
-        return result
-
-    def _salvage(self, raw: bytes) -> Any:
-        end = raw.find(b"\r\n\r\n")
-        if end < 0 or not raw.startswith(b"HTTP/"):
-            return None
-        try:
-            status = int(raw[9:12])
-        except ValueError:
-            return None
-        if status not in (204, 304) and not self._params.get("skip_payload"):
-            return None
-        handler = self._handler
-        try:
-            _ResponseHandler.set_response_params(handler, **self._params)  # a fresh parser
-            fresh = handler._parser
-            handler._parser = self
-            messages, upgraded, tail = fresh.feed_data(raw[:end + 4])
-        except Exception:  # noqa: BLE001 - the head itself is broken: the original error stands
-            return None
-        if len(messages) != 1:
-            return None
-        self._parser = fresh
-        self._seen = None
-        handler._should_close = True  # the stray bytes poisoned the connection
-        return messages, upgraded, b""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._parser, name)
-
-
-class _LenientResponseHandler(_ResponseHandler):  # type: ignore[misc, valid-type]
-    """aiohttp's connection protocol with `_SalvagingParser` around each response parser."""
-
-    def set_response_params(self, **params: Any) -> None:
-        super().set_response_params(**params)
-        if self._parser is not None and not isinstance(self._parser, _SalvagingParser):
-            self._parser = _SalvagingParser(self, params)
-
-
-def _make_lenient(connector: aiohttp.TCPConnector) -> None:
-    """Use `_LenientResponseHandler` for the connector's connections, where aiohttp's
-    internals are as expected (otherwise keep aiohttp's own, strict behaviour)."""
-    factory = getattr(connector, "_factory", None)
-    if (isinstance(factory, functools.partial) and factory.func is _ResponseHandler
-            and hasattr(_ResponseHandler, "set_response_params")):
-        connector._factory = functools.partial(_LenientResponseHandler, *factory.args,  # type: ignore[attr-defined]
-                                               **factory.keywords)
 
 
 class AiohttpResponseStream(httpx.AsyncByteStream):
@@ -198,7 +123,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     `limit` caps connections in the pool (0 = no cap), `limit_per_host` per upstream,
     `keepalive` is how long an idle connection is kept (seconds). `connect_timeout` and
-    `read_timeout` apply when the request carries no httpx timeout extension.
+    `read_timeout` apply when the request carries no httpx timeout extension. A request's
+    `riprap.tls` extension (`policies.tls.TlsClient`) says how an `https://` URL is called.
     """
 
     def __init__(self, *, limit: int = 512, limit_per_host: int = 0,
@@ -216,21 +142,34 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     def _new_session(self) -> aiohttp.ClientSession:
+        log_fast_paths()
+        fast = aiohttp_compat.FAST_PATHS
+        # Without riprap's protocol a reused connection could hand a caller bytes nobody
+        # asked for: then connections are not reused at all.
+        reuse = bool(fast.get("aiohttp.response_protocol"))
         connector = aiohttp.TCPConnector(
             limit=self._limit,
             limit_per_host=self._limit_per_host,
-            keepalive_timeout=self._keepalive,
             ttl_dns_cache=60,
+            **({"keepalive_timeout": self._keepalive} if reuse else {"force_close": True}),
         )
-        _make_lenient(connector)
-        return aiohttp.ClientSession(
+        aiohttp_compat.install_protocol(connector)
+        no_retry_switch = not fast.get("aiohttp.no_hidden_retries")
+        session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO_HEADERS,
             timeout=self._default_timeout,
             trust_env=False,
+            # the answer-head bounds of section 9; over them: UpstreamHeadTooLarge
+            max_line_size=MAX_HEAD_BYTES,
+            max_field_size=MAX_HEAD_BYTES,
+            max_headers=MAX_HEADERS,
+            trace_configs=[aiohttp_compat.resend_guard()] if no_retry_switch else None,
         )
+        aiohttp_compat.disable_hidden_retries(session)
+        return session
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -264,29 +203,59 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self.session
-        headers = [(k, v) for k, v in request.headers.multi_items()
-                   if k.lower() not in _DROP_REQUEST_HEADERS]
-        data = _request_body(request)
+        # Header bytes as the caller sent them: one character per byte (latin-1), which
+        # aiohttp writes back as those same bytes (`raw_headers`) when not all are ASCII.
+        headers: list[tuple[str, str]] = []
+        ascii_only = True
+        for name, low, value in httpx_compat.header_items(request.headers):
+            if low in _DROP_REQUEST_HEADERS:
+                continue
+            if ascii_only and not (value.isascii() and name.isascii()):
+                ascii_only = False
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        token = None
+        if not ascii_only:
+            token = aiohttp_compat.raw_headers()
+            if token is None:
+                raise httpx.LocalProtocolError(
+                    f"aiohttp {aiohttp.__version__} cannot send non-ASCII header bytes as "
+                    "they are (riprap checked the aiohttp versions its pyproject allows)",
+                    request=request)
+        tls = request.extensions.get(TLS_EXTENSION)
         try:
             resp = await session.request(
                 request.method,
                 URL(str(request.url), encoded=True),
                 headers=headers,
-                data=data,
+                data=_request_body(request),
                 allow_redirects=False,
                 timeout=self._timeout_for(request),
                 compress=None,
+                ssl=tls.context if tls is not None else True,
+                server_hostname=tls.server_hostname if tls is not None else None,
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if aiohttp_compat.is_head_too_large(exc):
+                raise _head_too_large(request) from exc
+            if _is_tls_error(exc):
+                _warn(("tls", _origin(request), tls_reason(exc)), "TLS with %s failed: %s",
+                      _origin(request), tls_reason(exc))
             mapped = map_aiohttp_error(exc, request, sent=_was_sent(exc))
             if mapped is None:  # pragma: no cover - every listed class maps
                 raise
             raise mapped from exc
         except ValueError as exc:  # aiohttp refuses to write it (e.g. CR/LF in a header)
             raise httpx.LocalProtocolError(str(exc), request=request) from exc
+        finally:
+            if token is not None:
+                aiohttp_compat.reset_raw_headers(token)
+        raw = resp.raw_headers
+        if head_size(len(resp.reason or "") + 13, raw) > MAX_HEAD_BYTES:
+            resp.close()
+            raise _head_too_large(request)
         return httpx.Response(
             status_code=resp.status,
-            headers=_raw_headers(resp.raw_headers),
+            headers=list(raw),
             stream=AiohttpResponseStream(resp, request),
             extensions={
                 "http_version": b"HTTP/1.1" if resp.version == (1, 1) else b"HTTP/1.0",
@@ -294,11 +263,82 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             },
         )
 
+    def fast_paths(self) -> dict[str, bool]:
+        """Which fast paths over httpx's and aiohttp's internals are in use (`/state`)."""
+        return active_fast_paths()
+
     async def aclose(self) -> None:
         self._closed = True
         session, self._session = self._session, None
         if session is not None and self._owns_session and not session.closed:
             await session.close()
+
+
+def _origin(request: httpx.Request) -> str:
+    url = request.url
+    return f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+
+
+def _head_too_large(request: httpx.Request) -> UpstreamHeadTooLarge:
+    _warn(("head", _origin(request)), "%s answered with a head over %d KiB or %d headers: "
+          "502 upstream-failed, not retried", _origin(request), MAX_HEAD_BYTES // 1024,
+          MAX_HEADERS)
+    return UpstreamHeadTooLarge(
+        f"the answer's head is over {MAX_HEAD_BYTES // 1024} KiB or {MAX_HEADERS} headers",
+        request=request)
+
+
+def _is_tls_error(exc: BaseException) -> bool:
+    if isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
+        return True
+    cur: BaseException | None = exc
+    for _ in range(6):
+        if cur is None:
+            return False
+        if isinstance(cur, ssl.SSLError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+_WARNED: dict[tuple[str, ...], float] = {}
+_WARN_EVERY = 10.0  # seconds between two log lines about the same upstream and cause
+
+
+def _warn(key: tuple[str, ...], msg: str, *args: Any) -> None:
+    """A warning about an upstream, at most once per `_WARN_EVERY` for the same key (a
+    broken certificate must not write one line per call)."""
+    now = time.monotonic()
+    last = _WARNED.get(key)
+    if last is not None and now - last < _WARN_EVERY:
+        return
+    if len(_WARNED) >= 256:
+        _WARNED.clear()
+    _WARNED[key] = now
+    log.warning(msg, *args)
+
+
+_logged_fast_paths = False
+
+
+def log_fast_paths() -> None:
+    """Log once per process which fast paths over httpx's and aiohttp's internals are on."""
+    global _logged_fast_paths
+    if _logged_fast_paths:
+        return
+    _logged_fast_paths = True
+    paths = active_fast_paths()
+    off = [name for name, on in paths.items() if not on]
+    log.info("library fast paths (httpx %s, aiohttp %s): %s", httpx.__version__,
+             aiohttp.__version__, ", ".join(f"{k} {'on' if v else 'OFF'}" for k, v in paths.items()))
+    if off:
+        log.warning("fast paths off with these library versions (slower or stricter, never "
+                    "wrong): %s", ", ".join(off))
+
+
+def active_fast_paths() -> dict[str, bool]:
+    """Every fast path over a library's internals and whether it is in use (for `/state`)."""
+    return {**httpx_compat.active_fast_paths(), **aiohttp_compat.active_fast_paths()}
 
 
 def _was_sent(exc: BaseException) -> bool:
@@ -326,8 +366,5 @@ async def _aiter_stream(stream: httpx.AsyncByteStream | object) -> AsyncIterator
                 yield chunk
 
 
-def _raw_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return list(raw)
-
-
-__all__ = ["AiohttpResponseStream", "AiohttpTransport", "map_aiohttp_error"]
+__all__ = ["AiohttpResponseStream", "AiohttpTransport", "active_fast_paths", "log_fast_paths",
+           "map_aiohttp_error"]

@@ -12,7 +12,7 @@ from policies.errors import (
     ResilienceError,
     UpstreamFailed,
 )
-from policies.headers import NOT_CACHED
+from policies.headers import NOT_CACHED, UpstreamHeadTooLarge
 
 # An upstream status as the attempt outcome the observer hears.
 STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -21,10 +21,13 @@ STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 def classify(exc: httpx.HTTPError, url: str) -> tuple[str | None, ResilienceError]:
     """An inner transport's exception as a failure class and riprap's error for it.
 
-    A request that cannot even be written (`LocalProtocolError`: a bad header) has no
-    failure class: resending it cannot help, so it is never retried."""
+    A request that cannot even be written (`LocalProtocolError`: a bad header), and an
+    answer whose head is over the bounds (`UpstreamHeadTooLarge`), have no failure class:
+    resending cannot help, so they are never retried, nor held against the endpoint."""
     if isinstance(exc, httpx.LocalProtocolError):
         return None, UpstreamFailed(f"{url}: the request cannot be sent ({exc})")
+    if isinstance(exc, UpstreamHeadTooLarge):  # it answered: not retried, not its failure
+        return None, UpstreamFailed(f"{url}: {exc}")
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)):
         failure = "connect-failure"
     elif isinstance(exc, httpx.TimeoutException):

@@ -16,7 +16,7 @@ from policies.answers import STATUS_CLASS, classify
 from policies.context import SPENT, CallContext, Handler
 from policies.endpoint import EndpointRuntime
 from policies.errors import NoHealthyEndpoint, UpstreamFailed
-from policies.fast_request import build_request
+from policies.httpx_compat import build_request
 from policies.headers import DEADLINE_BYTES
 from policies.health import EndpointState, select_tier
 from policies.streams import on_close
@@ -144,7 +144,7 @@ def upstream_request(ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx
         if body or ctx.method in ("POST", "PUT", "PATCH"):
             headers.append((b"content-length", b"content-length", str(len(body)).encode()))
         return build_request(ctx.method, ep.url_for(ctx.raw_path), headers,
-                             httpx.ByteStream(body), body, {})
+                             httpx.ByteStream(body), body, dict(ep.extensions))
     # A body too big to replay: sent once, framed as the caller framed it.
     length = ctx.request.headers.get("content-length")
     if length is not None:
@@ -156,7 +156,8 @@ def upstream_request(ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx
     if stream is SPENT or stream is None:
         raise UpstreamFailed("the request body was already sent and cannot be replayed",
                              failure=None)
-    return build_request(ctx.method, ep.url_for(ctx.raw_path), headers, stream, None, {})
+    return build_request(ctx.method, ep.url_for(ctx.raw_path), headers, stream, None,
+                         dict(ep.extensions))
 
 
 def panic_candidates(states: Sequence[EndpointState]) -> list[EndpointState]:

@@ -8,16 +8,20 @@ import httpx
 
 from dsl.plan import EndpointSpec
 from policies.health import EndpointState
+from policies.tls import TLS_EXTENSION, TlsClient
 
 
 class EndpointRuntime:
     """An endpoint's live state plus what is needed to address it (URL prefix, Host)."""
 
-    __slots__ = ("spec", "state", "prefix", "authority", "_urls", "release")
+    __slots__ = ("spec", "state", "prefix", "authority", "_urls", "release", "extensions")
 
-    def __init__(self, spec: EndpointSpec, state: EndpointState) -> None:
+    def __init__(self, spec: EndpointSpec, state: EndpointState,
+                 tls: TlsClient | None = None) -> None:
         self.spec = spec
         self.state = state
+        # what each attempt's request carries for the inner transport (how TLS is done)
+        self.extensions: dict[str, object] = {TLS_EXTENSION: tls} if tls is not None else {}
         url = httpx.URL(spec.url)
         port = f":{url.port}" if url.port is not None else ""
         host = url.raw_host.decode("ascii")

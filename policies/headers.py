@@ -1,14 +1,23 @@
 """Which headers pass where: the caller's headers forwarded upstream (minus hop-by-hop and
-per-attempt ones), an incoming `x-riprap-deadline-ms`, and the response headers the stale
-cache does not replay."""
+per-attempt ones), an incoming `x-riprap-deadline-ms`, the response headers the stale
+cache does not replay, and the bounds of an upstream's answer head.
+
+Header names and values stay bytes all the way: they reach the upstream as the caller
+sent them (never decoded and encoded again)."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import httpx
 
 from policies.errors import ATTEMPTS_HEADER, DEADLINE_HEADER, FALLBACK_HEADER, REASON_HEADER
+from policies.httpx_compat import header_items, set_header
+
+# The bounds of a message head (section 9 "Limits"): the request line or status line and
+# the headers, in bytes, and the number of headers.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 256
 
 # Request headers never forwarded as they are: hop-by-hop ones (RFC 9110 7.6.1), and the
 # ones riprap sets per attempt (Host, framing, the remaining deadline).
@@ -55,9 +64,7 @@ def forward_items(headers: httpx.Headers, wanted: frozenset[bytes] = frozenset()
     value)` items (so each attempt's `Headers` is built without normalizing them again),
     the incoming `x-riprap-deadline-ms`, and the values of the `wanted` (lower-case)
     headers, all on one pass (see `header_value`)."""
-    items = getattr(headers, "_list", None)
-    if items is None:  # not httpx's internals as known: the public way
-        items = [(k, k.lower(), v) for k, v in headers.raw]
+    items = header_items(headers)
     out: list[tuple[bytes, bytes, bytes]] = []
     extra: set[bytes] | None = None
     deadline: bytes | None = None
@@ -109,39 +116,20 @@ def header_value(values: list[bytes] | None, headers: httpx.Headers, name: str) 
     return found
 
 
-def _set_header_factory() -> Callable[[httpx.Headers, bytes, str], None]:
-    """`set_header(headers, name, value)`: `headers[name] = value` for a lower-case
-    ASCII `name` and an ASCII `value` (riprap's own headers on an answer).
-
-    `Headers.__setitem__` encodes, lower-cases and scans generically (about 0.6 us); the
-    fast way appends httpx's own `(name, lower-cased name, value)` item when the name is
-    not there yet, else uses the public way. It is used only when a self-check at
-    import shows it leaves what the public way leaves."""
-    def public(headers: httpx.Headers, name: bytes, value: str) -> None:
-        headers[name.decode("ascii")] = value
-
-    def fast(headers: httpx.Headers, name: bytes, value: str) -> None:
-        items = headers._list  # type: ignore[attr-defined]
-        for item in items:
-            if item[1] == name:
-                headers[name.decode("ascii")] = value
-                return
-        items.append((name, name, value.encode("ascii")))
-
-    try:
-        for start in ([], [(b"Content-Type", b"text/plain")], [(b"x-riprap-attempts", b"1")],
-                      [(b"X-Riprap-Attempts", b"1"), (b"a", b"b"), (b"x-riprap-attempts", b"2")]):
-            a, b = httpx.Headers(start), httpx.Headers(start)
-            fast(a, b"x-riprap-attempts", "3")
-            public(b, b"x-riprap-attempts", "3")
-            if vars(a) != vars(b) or a.raw != b.raw or a != b:
-                return public
-        return fast
-    except Exception:  # noqa: BLE001 - any httpx internals change: the public way
-        return public
 
 
-set_header = _set_header_factory()
+class UpstreamHeadTooLarge(httpx.RemoteProtocolError):
+    """The upstream's answer head is over `MAX_HEAD_BYTES` or `MAX_HEADERS`: a 502 that is
+    not retried (the same upstream would answer the same) and not held against the
+    endpoint (it answered; see docs/engine.md)."""
+
+
+def head_size(status_line_len: int, raw: Iterable[tuple[bytes, bytes]]) -> int:
+    """The bytes of a head as sent: the status line, each `Name: value` line, CRLFs."""
+    size = status_line_len + 4
+    for k, v in raw:
+        size += len(k) + len(v) + 4
+    return size
 
 
 def parse_deadline_header(value: str | None, now: float) -> float | None:
@@ -157,6 +145,6 @@ def parse_deadline_header(value: str | None, now: float) -> float | None:
     return now + ms / 1000.0
 
 
-__all__ = ["DEADLINE_BYTES", "HOP_BY_HOP", "NOT_CACHED", "PER_ATTEMPT", "forward_headers",
-           "forward_items", "header_value", "lower_ascii", "parse_deadline_header",
-           "set_header"]
+__all__ = ["DEADLINE_BYTES", "HOP_BY_HOP", "MAX_HEADERS", "MAX_HEAD_BYTES", "NOT_CACHED",
+           "PER_ATTEMPT", "UpstreamHeadTooLarge", "forward_headers", "forward_items",
+           "head_size", "header_value", "lower_ascii", "parse_deadline_header", "set_header"]

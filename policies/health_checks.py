@@ -44,7 +44,8 @@ async def check(shard: "ShardRuntime", ep: EndpointRuntime, active: ActiveHealth
     raw = spec.path if spec.path.startswith("/") else "/" + spec.path
     request = httpx.Request(spec.method, ep.url_for(raw.encode("ascii")),
                             headers=[(b"host", ep.authority),
-                                     (b"user-agent", b"riprap-health")])
+                                     (b"user-agent", b"riprap-health")],
+                            extensions=dict(ep.extensions))
     ok = False
     try:
         async with deadline_scope(env, timeout):

@@ -7,6 +7,7 @@ the seconds until one will be there — what a 429's `Retry-After` should say.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 
@@ -63,12 +64,30 @@ class TokenBucket:
         return self._refill()
 
 
+# A per-header key longer than this is kept as its 16-byte BLAKE2b digest, so the LRU is
+# bounded in bytes (max_keys x about 100 bytes), not only in keys: 400 distinct 1 MiB
+# values must not hold 400 MiB.
+MAX_KEY_CHARS = 64
+DIGEST_BYTES = 16
+
+
+def bucket_key(value: str | None) -> str | bytes | None:
+    """The LRU key of a header value: the value itself when short, else a fixed-size digest
+    (bytes, so it can never equal a short value's own key)."""
+    if value is None or len(value) <= MAX_KEY_CHARS:
+        return value
+    return hashlib.blake2b(value.encode("utf-8", "surrogateescape"),
+                           digest_size=DIGEST_BYTES).digest()
+
+
 class KeyedLimiter:
     """One bucket for the service, or one per value of `spec.per_header`.
 
-    Per-key buckets live in an LRU of at most `spec.max_keys`: memory does not grow with
-    the number of distinct keys. A key evicted and seen again starts with a full bucket
-    (the price of the bound). Requests without the header share one bucket (key None).
+    Per-key buckets live in an LRU of at most `spec.max_keys`, each key at most
+    `MAX_KEY_CHARS` long (a longer value is kept as a digest: `bucket_key`): memory is
+    bounded in keys and in bytes, whatever the callers send. A key evicted and seen again
+    starts with a full bucket (the price of the bound). Requests without the header share
+    one bucket (key None).
     """
 
     __slots__ = ("spec", "_clock", "_single", "_buckets", "_max_keys", "limited")
@@ -79,7 +98,7 @@ class KeyedLimiter:
         self.spec = spec
         self._clock = clock
         self._single = TokenBucket(spec.rate, spec.burst, clock) if spec.per_header is None else None
-        self._buckets: OrderedDict[str | None, TokenBucket] = OrderedDict()
+        self._buckets: OrderedDict[str | bytes | None, TokenBucket] = OrderedDict()
         self._max_keys = spec.max_keys
         self.limited = 0  # calls refused since creation
 
@@ -91,14 +110,15 @@ class KeyedLimiter:
         """The bucket for `key` (created full, evicting the least recently used)."""
         if self._single is not None:
             return self._single
+        lru = bucket_key(key)
         buckets = self._buckets
-        b = buckets.get(key)
+        b = buckets.get(lru)
         if b is None:
             if len(buckets) >= self._max_keys:
                 buckets.popitem(last=False)
-            b = buckets[key] = TokenBucket(self.spec.rate, self.spec.burst, self._clock)
+            b = buckets[lru] = TokenBucket(self.spec.rate, self.spec.burst, self._clock)
         else:
-            buckets.move_to_end(key)
+            buckets.move_to_end(lru)
         return b
 
     def try_take(self, key: str | None = None) -> float:

@@ -44,6 +44,7 @@ from policies.pipeline import build_chain
 from policies.retry import RetryPolicy
 from policies.sharding import Rendezvous, extract_key
 from policies.streams import StaleTee, call_stream
+from policies.tls import tls_client
 
 
 def _carry(prev_spec: Any, prev_obj: Any, spec: Any, build: Callable[[], Any]) -> Any:
@@ -74,7 +75,7 @@ class ShardRuntime:
         for ep_spec in spec.endpoints:
             old = prev_eps.get(ep_spec.url)
             state = old.state if old is not None and old.spec == ep_spec else EndpointState.from_spec(ep_spec)
-            self.endpoints.append(EndpointRuntime(ep_spec, state))
+            self.endpoints.append(EndpointRuntime(ep_spec, state, tls_client(spec.tls, ep_spec.url)))
         self.states = [e.state for e in self.endpoints]
         self.by_state = {id(e.state): e for e in self.endpoints}
         same_eps = prev is not None and prev.spec.endpoints == spec.endpoints

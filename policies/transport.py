@@ -132,8 +132,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         `endpoints` (url, weight, tier, in_flight, healthy, ejected, ejections,
         ejected_for, consecutive_failures), `breaker`, `limiter`, `bulkhead`, `budget`
         (each null when the policy is off) and `latency` (count, p50, p95, p99).
+        With the default inner transport, `fast_paths` says which fast paths over
+        httpx's and aiohttp's internals are in use (`policies.aiohttp_transport`).
         """
-        return self._runtime.snapshot()
+        snap = self._runtime.snapshot()
+        fast_paths = getattr(self._env.inner, "fast_paths", None)
+        if fast_paths is not None:
+            snap["fast_paths"] = fast_paths()
+        return snap
 
     # -- lifecycle ------------------------------------------------------------------
 

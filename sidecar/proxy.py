@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import operator
 from typing import Any, Awaitable, Callable, Protocol
 
 import httpx
 
-from policies.fast_request import build_request
+from policies.httpx_compat import build_request, make_url
+from policies.httpx_compat import header_items as _header_items
 from sidecar.logs import AccessLog
 from sidecar.metrics import UNKNOWN_SERVICE, SidecarMetrics
 from sidecar.routing import ABSOLUTE_TARGET_KEY, Refusal, Route, Router
@@ -150,39 +150,6 @@ class _RequestBody(httpx.AsyncByteStream):
 _NO_BODY = httpx.ByteStream(b"")
 
 
-def _fast_url_factory() -> Callable[[str, bytes], httpx.URL]:
-    """`http://SERVICE/raw-path?query` as an `httpx.URL`, without re-parsing and re-quoting.
-
-    `httpx.URL(scheme=..., host=..., raw_path=...)` validates and percent-encodes every
-    component (about 25 us, the single largest cost of the adapter). The incoming target is
-    already a valid request target, so the parsed form is built directly. httpx's internal
-    `ParseResult` is used only when a self-check at import shows it behaves as expected;
-    otherwise the public constructor is used.
-    """
-    def public(host: str, target: bytes) -> httpx.URL:
-        return httpx.URL(scheme="http", host=host, raw_path=target)
-
-    try:
-        from httpx._urlparse import ParseResult
-
-        def fast(host: str, target: bytes) -> httpx.URL:
-            path, _, query = target.partition(b"?")
-            url = httpx.URL.__new__(httpx.URL)
-            url._uri_reference = ParseResult(  # type: ignore[attr-defined]
-                "http", "", host, None, path.decode("latin-1"),
-                query.decode("latin-1") if query else None, None)
-            return url
-
-        for host, target in (("svc", b"/a/b%2Fc?x=1&y=%20"), ("a.b-c", b"/")):
-            if fast(host, target) != public(host, target) or \
-                    fast(host, target).raw_path != target:
-                return public
-        return fast
-    except Exception:  # noqa: BLE001 - any httpx internals change: the public way
-        return public
-
-
-make_url = _fast_url_factory()
 
 
 def _forward_items(headers: list[tuple[bytes, bytes]]
@@ -249,28 +216,6 @@ def _response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes,
     return _answer_headers([(k, k.lower(), v) for k, v in raw])
 
 
-def _header_items_getter() -> Callable[[httpx.Headers], Any]:
-    """An answer's headers as `(name, lower-cased name, value)` triples.
-
-    `httpx.Headers` keeps exactly these (`_list`): reading them skips building `.raw` and
-    lower-casing each name again. Used only when a self-check at import agrees with the
-    public `.raw`; otherwise the triples are built from `.raw`.
-    """
-    def public(headers: httpx.Headers) -> Any:
-        return [(k, k.lower(), v) for k, v in headers.raw]
-
-    try:
-        sample = httpx.Headers([(b"Content-Type", b"a"), (b"X-Two", b"1"), (b"x-two", b"2")])
-        sample["X-Riprap-Attempts"] = "1"
-        fast = operator.attrgetter("_list")
-        if fast(sample) == public(sample):
-            return fast
-    except Exception:  # noqa: BLE001 - any httpx internals change: the public way
-        pass
-    return public
-
-
-_header_items = _header_items_getter()
 
 
 class ProxyApp:

@@ -136,3 +136,48 @@ def test_never_more_than_burst_plus_rate_times_elapsed(rate, burst, gaps):
             # the reported wait is exact: waiting it yields a token, a bit less does not
             assert wait <= 1.0 / rate + 1e-9
     assert taken <= burst + rate * clock.now() + 1e-6
+
+
+def test_long_keys_are_kept_as_fixed_size_digests_so_memory_is_bounded_in_bytes(clock):
+    lim = KeyedLimiter(LimitSpec(rate=1.0, burst=1.0, per_header="X-User"), clock)
+    long_a, long_b = "a" * 100_000, "a" * 99_999 + "b"
+    assert lim.try_take(long_a) == 0.0
+    assert lim.try_take(long_a) > 0  # the same long value: the same bucket
+    assert lim.try_take(long_b) == 0.0  # another long value: its own bucket
+    assert lim.try_take("a" * 64) == 0.0 and lim.try_take("a" * 64) > 0  # short: as it is
+    assert all(k is None or len(k) <= 64 for k in lim._buckets)
+
+
+async def test_400_distinct_1mib_header_values_do_not_hold_400_mib() -> None:
+    """Issue 10 item 10, through the engine: the per-header limiter keeps each value's
+    digest, not the value."""
+    import gc
+    import tracemalloc
+
+    import httpx
+
+    from dsl.plan import EndpointSpec, Plan, ServicePlan
+    from policies.transport import ResilientTransport
+
+    spec = ServicePlan(name="api", endpoints=(EndpointSpec("http://127.0.0.1:9"),),
+                       limit=LimitSpec(rate=1000.0, burst=1000.0, per_header="X-User"))
+    rt = ResilientTransport(Plan(services={"api": spec}),
+                            httpx.MockTransport(lambda r: httpx.Response(200)))
+    mib = 1024 * 1024
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(400):
+            value = f"{i:04d}" + "u" * (mib - 4)
+            resp = await rt.handle_async_request(
+                httpx.Request("GET", "http://api/", headers={"X-User": value}))
+            assert resp.status_code == 200
+            del value, resp
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+        await rt.aclose()
+    assert rt.snapshot()["services"]["api"]["limiter"]["keys"] == 400
+    assert held < 8 * mib, f"{held / mib:.0f} MiB held"
