@@ -144,7 +144,10 @@ def tls_reason(exc: BaseException) -> str:
             words = _VERIFY_WORDS.get(code, "certificate not trusted")
             return f"{words}: {cur.verify_message}"
         if isinstance(cur, ssl.SSLError):
-            return _ssl_words(cur)
+            words = _ssl_words(cur)
+            if "alert" in words and "certificate" in words:
+                return f"the upstream refused riprap's client certificate ({words})"
+            return words
         cur = cur.__cause__ or cur.__context__
     return str(exc) or exc.__class__.__name__
 

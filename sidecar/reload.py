@@ -108,9 +108,16 @@ class PlanHolder:
         self._stop_watch = asyncio.Event()
         self._watched: list[str] = []
         self._fingerprint = fingerprint(self.watch_paths())
+        self._named = self._named_files(plan)
         metrics.plan_loaded_now(self.digest, plan.app)
         for w in warnings or ():
             log.warning("%s", render_text(w))
+
+    def _named_files(self, plan: Plan) -> str:
+        """The fingerprint of the files the plan names besides its source (TLS files,
+        fallback files): when one changes, the runtime is rebuilt even if the plan is not."""
+        source = os.path.abspath(self.source_path) if self.source_path else None
+        return fingerprint(tuple(p for p in plan.watch if os.path.abspath(p) != source))
 
     @property
     def transport(self) -> httpx.AsyncBaseTransport:
@@ -174,7 +181,9 @@ class PlanHolder:
             self.last_error = None
             digest = plan.digest()
             old = self.plan
-            if digest == self.digest and plan.watch == old.watch:
+            named = self._named_files(plan)
+            # The same plan, but a file it names changed (a rotated certificate): rebuild.
+            if digest == self.digest and plan.watch == old.watch and named == self._named:
                 self.metrics.reloaded("unchanged")
                 self._fingerprint = fingerprint(self.watch_paths())
                 log.info("reload (%s): plan unchanged (%s)", trigger, digest[:12])
@@ -192,6 +201,7 @@ class PlanHolder:
                 log.exception("reload (%s) failed while building the new plan", trigger)
                 return False
             self.plan = plan
+            self._named = named
             self.router = Router(plan)
             self.digest = digest
             self.loaded_at = datetime.now(timezone.utc)

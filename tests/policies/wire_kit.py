@@ -5,6 +5,7 @@ what reaches an upstream and what comes back from it."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Awaitable, Callable
 
 Behaviour = Callable[["WireConn"], Awaitable[None]]
@@ -20,6 +21,7 @@ class WireConn:
         self.writer = writer
         self.received = bytearray()  # every byte, in order
         self.heads: list[bytes] = []  # each request head, as received
+        self.peer_cert = writer.get_extra_info("peercert")  # the client's, with mutual TLS
         self.peer_closed = asyncio.Event()  # the client closed its side
 
     async def request(self) -> bytes | None:
@@ -68,15 +70,17 @@ class WireUpstream:
     """`behaviour(conn)` runs once per accepted connection; the connection is closed when
     it returns. `heads` holds every request head received, on any connection."""
 
-    def __init__(self, behaviour: Behaviour | None = None) -> None:
+    def __init__(self, behaviour: Behaviour | None = None, *,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.behaviour = behaviour or keep_alive()
+        self.tls = tls  # a server context: the upstream speaks HTTPS
         self.conns: list[WireConn] = []
         self.heads: list[bytes] = []
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
 
     async def __aenter__(self) -> "WireUpstream":
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -99,7 +103,7 @@ class WireUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
 
 def keep_alive(answer: bytes | None = None) -> Behaviour:
