@@ -1,10 +1,13 @@
 """Fallback answers: a bounded stale cache of good responses, and static answers.
 
-`StaleCache` keeps the last good response per method + URL, least recently used first
-out, bounded by entry count and by bytes (an entry too large for `max_entry_bytes` is
-not kept, and drops an older entry for the same key, which would no longer be the last
-good answer). `get` returns an entry only while it is younger than `max_age`.
-Which responses are "good" is the caller's choice (riprap stores 2xx answers).
+`StaleCache` keeps the last good response per method + URL (+ the request headers its
+`Vary` names), least recently used first out, bounded by entry count and by bytes (an
+entry too large for `max_entry_bytes` is not kept, and drops an older entry for the same
+key, which would no longer be the last good answer). `get` returns an entry only while
+it is younger than `max_age`. Which responses are "good" is the caller's choice (riprap
+stores 2xx answers), and `shared_cache_vary` says which ones a shared cache may store at
+all (RFC 9111, section 9 "Stale answers"): one user's private answer is never replayed
+to another.
 
 `StaticAnswer` turns a `fallback status ...` spec into a status, headers and body once,
 at build time, so answering costs nothing on the hot path.
@@ -16,6 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from dsl.plan import FallbackSpec
 
 MiB = 1024 * 1024
@@ -24,6 +29,49 @@ MiB = 1024 * 1024
 def cache_key(method: str, url: str) -> str:
     """The cache key of a request: its method and full URL (query included)."""
     return f"{method.upper()} {url}"
+
+
+def _directives(headers: httpx.Headers, name: str) -> set[str]:
+    """The lower-cased directive names of a comma-separated header (`private="x"` is
+    `private`)."""
+    out: set[str] = set()
+    for value in headers.get_list(name, split_commas=True):
+        token = value.split("=", 1)[0].strip().lower()
+        if token:
+            out.add(token)
+    return out
+
+
+def shared_cache_vary(request: httpx.Headers, response: httpx.Headers) -> tuple[str, ...] | None:
+    """May a shared cache store this answer to this request (RFC 9111 section 3)? None if
+    not; else the request headers its `Vary` names (lower-cased, sorted), part of its key.
+
+    Never stored: a request with `Cookie`, or with `Authorization` unless the answer says
+    `Cache-Control: public`; an answer with `Set-Cookie`, `Cache-Control: private` or
+    `no-store`, or `Vary: *`."""
+    if "cookie" in request or "set-cookie" in response:
+        return None
+    control = _directives(response, "cache-control")
+    if "no-store" in control or "private" in control:
+        return None
+    if "authorization" in request and "public" not in control:
+        return None
+    vary = _directives(response, "vary")
+    if "*" in vary:
+        return None
+    return tuple(sorted(vary))
+
+
+def variant_key(base: str, vary: tuple[str, ...], request: httpx.Headers) -> str:
+    """The key of one variant: the base key plus the values of the `vary` request headers
+    (absent and empty differ)."""
+    if not vary:
+        return base
+    parts = [base]
+    for name in vary:
+        values = request.get_list(name)
+        parts.append(f"{name}={', '.join(values)}" if values else f"{name}!")
+    return "\n".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +91,8 @@ def _entry_size(key: str, headers: list[tuple[str, str]], body: bytes) -> int:
 
 
 class StaleCache:
-    __slots__ = ("max_entries", "max_bytes", "max_entry_bytes", "_entries", "bytes", "hits", "misses")
+    __slots__ = ("max_entries", "max_bytes", "max_entry_bytes", "_entries", "_vary", "bytes",
+                 "hits", "misses")
 
     def __init__(
         self,
@@ -57,6 +106,8 @@ class StaleCache:
         self.max_bytes = max_bytes
         self.max_entry_bytes = min(max_entry_bytes, max_bytes)
         self._entries: OrderedDict[str, CachedResponse] = OrderedDict()
+        # base key -> the request headers its last stored answer varied on (bounded)
+        self._vary: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -102,6 +153,24 @@ class StaleCache:
         self._entries.move_to_end(key)
         self.hits += 1
         return entry
+
+    def store_key(self, base: str, vary: tuple[str, ...], request: httpx.Headers) -> str:
+        """The key to `put` an answer under, remembering which request headers the
+        answers for `base` vary on (so that `lookup` builds the same key)."""
+        vary_of = self._vary
+        if vary:
+            vary_of[base] = vary
+            vary_of.move_to_end(base)
+            while len(vary_of) > self.max_entries:
+                vary_of.popitem(last=False)
+        else:
+            vary_of.pop(base, None)
+        return variant_key(base, vary, request)
+
+    def lookup(self, base: str, request: httpx.Headers, max_age: float,
+               now: float) -> CachedResponse | None:
+        """`get` for a request: the variant its headers select, if young enough."""
+        return self.get(variant_key(base, self._vary.get(base, ()), request), max_age, now)
 
     def snapshot(self) -> dict[str, int]:
         return {

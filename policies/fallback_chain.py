@@ -42,8 +42,8 @@ async def _first_answer(shard: "ShardRuntime", ctx: CallContext,
             cache = shard.service.stale_cache
             if cache is None or ctx.method not in ("GET", "HEAD"):
                 continue
-            entry = cache.get(cache_key("GET", str(ctx.request.url)), spec.max_age or 0.0,
-                              shard.env.clock.now())
+            entry = cache.lookup(cache_key("GET", str(ctx.request.url)), ctx.request.headers,
+                                 spec.max_age or 0.0, shard.env.clock.now())
             if entry is None:
                 continue
             body = entry.body if ctx.method == "GET" else b""

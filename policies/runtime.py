@@ -33,7 +33,7 @@ from policies.context import CallContext, Handler
 from policies.endpoint import EndpointRuntime
 from policies.env import Env
 from policies.errors import BadRequest, ResilienceError
-from policies.fallback import StaleCache, StaticAnswer, cache_key
+from policies.fallback import StaleCache, StaticAnswer, cache_key, shared_cache_vary
 from policies.headers import NOT_CACHED, forward_items, header_value, lower_ascii
 from policies.health import ActiveHealth, EndpointState, OutlierDetector
 from policies.health_checks import run_health_checks
@@ -296,7 +296,10 @@ class ServiceRuntime:
     def _tee(self, resp: httpx.Response, request: httpx.Request) -> None:
         cache = self.stale_cache
         assert cache is not None
-        key = cache_key("GET", str(request.url))
+        vary = shared_cache_vary(request.headers, resp.headers)  # RFC 9111: storable?
+        if vary is None:
+            return
+        key = cache.store_key(cache_key("GET", str(request.url)), vary, request.headers)
         headers = [(k, v) for k, v in resp.headers.multi_items() if k not in NOT_CACHED]
         if resp.is_closed:  # read in full already (an in-memory inner transport)
             cache.put(key, resp.status_code, headers, resp.content, self.env.clock.now())
