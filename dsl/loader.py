@@ -132,9 +132,13 @@ def load_plan_source(path: str) -> CompiledUnit:
                 for p in problems
             ),
         )
-    # the plan file itself is the source the reloader watches (fallback bodies are inline)
+    # the plan file itself is the source the reloader watches (fallback bodies are inline),
+    # and the TLS files it names (a rotated certificate is picked up without a restart)
     here = os.path.abspath(path)
-    plan = dataclasses.replace(Plan.from_dict(data), source=here, watch=(here,))
+    loaded = Plan.from_dict(data)
+    tls = [f for svc in loaded.services.values() for t in (svc.tls, *(s.tls for s in svc.shards))
+           if t is not None for f in (t.ca, t.cert, t.key) if f]
+    plan = dataclasses.replace(loaded, source=here, watch=(here, *dict.fromkeys(tls)))
     return _refuse_errors_of_analysis(CompiledUnit(path, text, plan, ()))
 
 

@@ -13,7 +13,8 @@ Forwarders:
 Each forwarder is measured in interleaved rounds and its best run is kept (the machine
 may be shared; the median is printed too). Printed: rps and p50/p99 at c=32 and c=1; sidecar/ceiling and sidecar/nginx ratios; the
 reload save->in-force median; 100 reloads under 200 req/s with the failed-call count; the
-RSS of a sidecar running a 100-service plan. Targets (printed next to the figures, not
+RSS of a sidecar running a 100-service plan; the sidecar calling an HTTPS upstream (nginx
+with a trustme certificate, the plan's `tls ca`) next to the same over plain HTTP. Targets (printed next to the figures, not
 asserted): >= 0.6x ceiling at c=32, p50 <= 0.5 ms at c=1, reload <= 300 ms median, zero
 failures, RSS <= 60 MiB.
 
@@ -257,6 +258,61 @@ async def steady_load(url: str, rate: float, stop_evt: threading.Event, result: 
             await asyncio.gather(*tasks)
 
 
+def https_plan(work: Path, policy: Path, port: int) -> tuple[Path, Path]:
+    """An nginx TLS upstream's certificate (trustme) and a plan JSON calling it with
+    `tls ca`: the bench service of `policy`, its endpoint made `https://`."""
+    import trustme
+
+    from dsl.compiler import compile_file
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(work / "up.pem"))
+    leaf.private_key_pem.write_to_path(str(work / "up.key"))
+    ca.cert_pem.write_to_path(str(work / "ca.pem"))
+    plan = compile_file(str(policy)).plan
+    assert plan is not None
+    doc = plan.to_dict()
+    svc = doc["services"]["bench"]
+    svc["endpoints"] = [{**svc["endpoints"][0], "url": f"https://127.0.0.1:{port}"}]
+    svc["tls"] = {"ca": str(work / "ca.pem"), "cert": None, "key": None, "sni": None,
+                  "verify": True}
+    out = work / "https-plan.json"
+    out.write_text(json.dumps(doc))
+    return out, work / "up.pem"
+
+
+def https_figure(work: Path, policy: Path, rounds: int, duration: int,
+                 procs: list[subprocess.Popen[bytes]], plain: dict[int, dict[str, float]]) -> None:
+    """The sidecar over an HTTPS upstream (TLS set up once per pooled connection)."""
+    tls_port = free_port()
+    plan_json, cert = https_plan(work, policy, tls_port)
+    conf = nginx_conf(work, "tls-upstream", f"""
+        server {{
+            listen 127.0.0.1:{tls_port} ssl reuseport;
+            ssl_certificate {cert};
+            ssl_certificate_key {work / "up.key"};
+            location / {{ default_type text/plain; return 200 "{BODY.strip()}\\n"; }}
+        }}""")
+    procs.append(start(pin(LOAD_CORE, ["nginx", "-c", str(conf), "-p", str(work)])))
+    port, admin = free_port(), free_port()
+    sc = start(pin(FORWARDER_CORE, [PY, "-m", "sidecar.cli", "run", str(plan_json),
+                                    "--listen", f"127.0.0.1:{port}", "--admin",
+                                    f"127.0.0.1:{admin}", "--log-level", "warning",
+                                    "--grace", "0"]))
+    procs.append(sc)
+    url = f"http://127.0.0.1:{port}/"
+    wait_http(url, host="bench")
+    wrk(url, 32, 1)
+    for conns in (32, 1):
+        best = max((wrk(url, conns, duration) for _ in range(rounds)), key=lambda r: r["rps"])
+        base = plain[conns]
+        print(f"sidecar -> HTTPS upstream c={conns:<2d} {best['rps']:9.0f} rps  p50 "
+              f"{best['p50']:6.3f} ms  p99 {best['p99']:6.3f} ms  non-2xx {int(best['non2xx'])}"
+              f"   ({best['rps'] / base['rps']:.2f}x the plain-HTTP upstream)", flush=True)
+    stop(sc)
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -363,6 +419,9 @@ def main() -> int:
         failed = sum(v for k, v in counts.items() if k != "ok")
         print(f"{n_reloads} reloads under 200 req/s: {counts.get('ok', 0)} ok, {failed} failed "
               f"{ {k: v for k, v in counts.items() if k != 'ok'} or ''}   (target: 0 failed)")
+
+        # the same sidecar plan over an HTTPS upstream
+        https_figure(work, policy, rounds, duration, procs, results["sidecar"])
 
         # RSS with a 100-service plan
         stop(sc)
