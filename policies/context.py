@@ -33,7 +33,7 @@ class CallContext:
         "runtime", "shard", "request", "method", "raw_path", "headers", "body", "stream",
         "replayable", "body_bound", "deadline", "incoming_deadline", "attempts", "tried",
         "losers", "fallback_depth", "fallback_used", "fallback_reason", "expired",
-        "wanted", "found", "failed",
+        "wanted", "found", "failed", "caller_bound",
     )
 
     def __init__(self, runtime: "PlanRuntime", service: "ServiceRuntime",
@@ -73,6 +73,9 @@ class CallContext:
         self.fallback_used: str | None = None
         self.fallback_reason: str | None = None
         self.expired = False  # the call's deadline fired
+        # the deadline is the caller's own, shorter than the service's timeout: running out
+        # of it says nothing of the upstream (no breaker, ejection or latency sample)
+        self.caller_bound = False
 
     async def prepare_body(self) -> None:
         """Get the request body ready for the first attempt.

@@ -165,6 +165,9 @@ def _timeout_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
         incoming = ctx.incoming_deadline
         if incoming is not None and incoming < end:
             end = incoming
+            ctx.caller_bound = True
+        else:
+            ctx.caller_bound = False
         ctx.deadline = end
         ctx.expired = False
         left = end - now
@@ -316,8 +319,10 @@ def _breaker_stage(shard: "ShardRuntime", inner: Handler) -> Handler | None:
             losers = ctx.losers
             if losers is not None and asyncio.current_task() in losers:
                 breaker.cancel()  # a losing hedge: its call was answered by another copy
+            elif ctx.expired and not ctx.caller_bound:
+                breaker.record(False, now - t0)  # cut by the service's deadline: a timeout
             elif ctx.expired:
-                breaker.record(False, now - t0)  # cut by the deadline: a timeout
+                breaker.cancel()  # cut by the caller's shorter deadline: not the upstream's fault
             else:
                 breaker.cancel()  # the caller went away: no outcome
             raise
