@@ -107,12 +107,21 @@ def _ssl_words(exc: BaseException) -> str:
     return str(reason or exc).replace("_", " ").lower()
 
 
-def tls_client(spec: TlsSpec | None, url: str) -> TlsClient | None:
+_DEFAULT = TlsSpec()
+
+
+def tls_client(spec: TlsSpec | None, url: str, server_name: str | None = None
+               ) -> TlsClient | None:
     """How the endpoint at `url` is called: None for a plain `http://` URL, or an
-    `https://` one with no `tls` statement (the system's trust store, aiohttp's default)."""
-    if spec is None or not url.lower().startswith("https://"):
+    `https://` one with no `tls` statement and no `server_name` (the system's trust store
+    and the URL's host: aiohttp's default).
+
+    `server_name` is the name to send and check when the URL's host is not it (an
+    endpoint whose name was resolved to addresses); a `sni` in the spec wins."""
+    if not url.lower().startswith("https://") or (spec is None and server_name is None):
         return None
-    return TlsClient(tls_context(spec), spec.sni)
+    spec = spec if spec is not None else _DEFAULT
+    return TlsClient(tls_context(spec), spec.sni or server_name)
 
 
 _VERIFY_WORDS = {

@@ -262,3 +262,28 @@ def test_tls_reason_words() -> None:
     err = ssl.SSLCertVerificationError(1, "certificate verify failed")
     err.verify_code, err.verify_message = 10, "certificate has expired"
     assert tls_reason(err) == "expired certificate: certificate has expired"
+
+
+async def test_a_resolved_endpoint_is_called_with_its_name_as_sni(ca: trustme.CA,
+                                                                   tmp_path: Path) -> None:
+    """`tls_client(..., server_name=NAME)`: an endpoint listed by address (DNS `resolve`)
+    sends and checks the name it was resolved from."""
+    from policies.tls import TLS_EXTENSION, tls_client
+
+    cafile = write_ca(ca, tmp_path / "ca.pem")
+    async with WireUpstream(tls=server_ctx(ca, "api.internal")) as up:
+        t = AiohttpTransport()
+        try:
+            for spec, name, want in ((TlsSpec(ca=cafile), "api.internal", 200),
+                                     (TlsSpec(ca=cafile, sni="other.name"), "api.internal", 0)):
+                ext = {TLS_EXTENSION: tls_client(spec, up.url, server_name=name)}
+                try:
+                    r = await t.handle_async_request(httpx.Request("GET", up.url, extensions=ext))
+                    got = r.status_code
+                    await r.aclose()
+                except httpx.ConnectError:
+                    got = 0
+                assert got == want
+        finally:
+            await t.aclose()
+    assert tls_client(None, "http://x") is None and tls_client(None, "https://x") is None
