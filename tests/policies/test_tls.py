@@ -287,3 +287,24 @@ async def test_a_resolved_endpoint_is_called_with_its_name_as_sni(ca: trustme.CA
         finally:
             await t.aclose()
     assert tls_client(None, "http://x") is None and tls_client(None, "https://x") is None
+
+
+async def test_active_health_checks_use_the_services_tls(ca: trustme.CA, tmp_path: Path) -> None:
+    from dsl.plan import HealthSpec
+
+    async with WireUpstream(tls=server_ctx(ca)) as up:
+        spec = ServicePlan(name="api", endpoints=(EndpointSpec(up.url),),
+                           health=HealthSpec(path="/healthz", interval=0.05, fall=1, rise=1),
+                           tls=TlsSpec(ca=write_ca(ca, tmp_path / "ca.pem")))
+        rt = ResilientTransport(Plan(services={"api": spec}), AiohttpTransport())
+        try:
+            await rt.start()
+            for _ in range(200):
+                if sum(h.startswith(b"GET /healthz ") for h in up.heads) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            endpoint = rt.snapshot()["services"]["api"]["endpoints"][0]
+        finally:
+            await rt.aclose()
+    assert sum(h.startswith(b"GET /healthz ") for h in up.heads) >= 2
+    assert endpoint["healthy"] is True
