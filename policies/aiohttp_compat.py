@@ -122,7 +122,8 @@ class RipRapProtocol(ResponseHandler):
     """aiohttp's connection protocol that never reads bytes nobody asked for.
 
     A request is outstanding from `set_response_params` (aiohttp calls it before sending)
-    until its final answer (not a 1xx) arrived whole. Bytes that arrive outside that span
+    until its final answer (not a 1xx) arrived whole; after a 101 (an upgrade, such as a
+    WebSocket) the connection is never idle again. Bytes that arrive outside that span
     are an answer to nothing: the connection is closed, so the pool never hands it out
     again (and a reused connection can never give a caller someone else's answer).
     """
@@ -144,8 +145,8 @@ class RipRapProtocol(ResponseHandler):
     def _note_messages(self, messages: Any) -> None:
         for message, payload in messages:
             code = message.code
-            if code >= 200 or code == 101:
-                done = self._riprap_skip or code in (204, 304) or code < 200
+            if code >= 200:  # a 1xx is not the answer (and a 101 hands the connection over)
+                done = self._riprap_skip or code in (204, 304)
                 self._riprap_final = aiohttp.streams.EMPTY_PAYLOAD if done else payload
 
     def data_received(self, data: bytes) -> None:

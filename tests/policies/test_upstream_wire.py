@@ -276,3 +276,33 @@ async def test_a_100_continue_does_not_count_as_the_answer() -> None:
             await rt.aclose()
     assert (a.text, b.text) == ("final", "final")
     assert len(up.conns) == 1  # the connection was reused: the 100 did not poison it
+
+
+async def test_an_upgraded_connection_keeps_its_bytes() -> None:
+    """After a 101 the connection belongs to the upgraded protocol: its frames are not
+    "bytes nobody asked for" (aiohttp's WebSocket client runs on the same protocol)."""
+    import aiohttp
+
+    async def run(conn: WireConn) -> None:
+        head = await conn.request()
+        assert head is not None
+        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key"))
+        import base64
+        import hashlib
+        accept = base64.b64encode(hashlib.sha1(
+            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        await conn.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        await asyncio.sleep(0.05)
+        await conn.answer(b"\x81\x05hello")  # one unmasked text frame
+        await conn.wait_closed_by_peer()
+
+    async with WireUpstream(run) as up:
+        t = AiohttpTransport()
+        try:
+            async with t.session.ws_connect(up.url + "/ws") as ws:
+                msg = await asyncio.wait_for(ws.receive(), 5)
+        finally:
+            await t.aclose()
+    assert msg.type == aiohttp.WSMsgType.TEXT and msg.data == "hello"
