@@ -21,6 +21,7 @@ from policies.headers import DEADLINE_BYTES
 from policies.health import EndpointState, select_tier
 from policies.streams import on_close
 from policies.timers import deadline_scope, fmt_s
+from policies.tracing import CURRENT_CALL, AttemptSpan, with_trace_headers
 
 if TYPE_CHECKING:
     from policies.runtime import ShardRuntime
@@ -74,7 +75,17 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
         if ctx.body is None and ctx.stream is None:  # else ready (by the hedge stage)
             await ctx.prepare_body()
             t0 = clock.now()
-        request = upstream_request(ctx, ep, now)
+        span: AttemptSpan | None = None
+        if env.tracer is not None:  # tracing is on: this attempt gets its own span
+            call_span = CURRENT_CALL.get()
+            if call_span is not None:
+                span = call_span.attempt(url, ctx.attempts + 1)
+        try:
+            request = upstream_request(ctx, ep, now, span)
+        except BaseException:
+            if span is not None:
+                span.end("invalid-request")
+            raise
         state.in_flight += 1
         ctx.attempts += 1
         try:
@@ -105,16 +116,24 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
             else:
                 record(state, False, failure, clock.now() - t0, latency=False)
                 _mark_failed(ctx, url)
+            if span is not None:
+                span.end(failure or "invalid-request")
             raise error from exc
         except asyncio.CancelledError:
             state.in_flight -= 1
             env.observer.attempt_finished(service_name, url, "cancelled", clock.now() - t0)
+            if span is not None:
+                span.end("cancelled")
             raise
         except BaseException:
             state.in_flight -= 1
+            if span is not None:
+                span.end("error")
             raise
         elapsed = clock.now() - t0
         code = resp.status_code
+        if span is not None:
+            span.end(STATUS_CLASS.get(code // 100, "5xx"), code)
         record(state, code < 500, STATUS_CLASS.get(code // 100, "5xx"), elapsed, latency=True)
         if code >= 500:
             _mark_failed(ctx, url)
@@ -131,10 +150,12 @@ def _mark_failed(ctx: CallContext, url: str) -> None:
         ctx.failed.add(url)
 
 
-def upstream_request(ctx: CallContext, ep: EndpointRuntime, now: float) -> httpx.Request:
+def upstream_request(ctx: CallContext, ep: EndpointRuntime, now: float,
+                     span: AttemptSpan | None = None) -> httpx.Request:
     """The attempt's request: the forwarded headers plus Host, the deadline left and the
-    body's framing; a replayable body from memory, else the caller's stream, sent once."""
-    headers = list(ctx.headers)
+    body's framing; a replayable body from memory, else the caller's stream, sent once.
+    With an attempt `span`, the attempt's own traceparent replaces the caller's."""
+    headers = list(ctx.headers) if span is None else with_trace_headers(ctx.headers, span)
     headers.append((b"host", b"host", ep.authority))
     if ctx.deadline is not None:
         ms = int((ctx.deadline - now) * 1000)

@@ -31,8 +31,9 @@ from policies.env import Env
 from policies.errors import ATTEMPTS_HEADER, UnknownService
 from policies.headers import set_header
 from policies.observer import Observer
-from policies.runtime import PlanRuntime, ShardRuntime
+from policies.runtime import PlanRuntime, ServiceRuntime, ShardRuntime
 from policies.safe_observer import SafeObserver
+from policies.tracing import CURRENT_CALL, Tracer
 
 log = logging.getLogger("riprap.transport")
 
@@ -47,12 +48,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     `clock` and `rng` drive every decision (tests pass a virtual clock and a seeded
     random source). `observer` is told about calls, attempts, retries, hedges, breaker
     and health changes, ejections and rejections; its errors are swallowed. Chaos
-    statements run only when `chaos` is True.
+    statements run only when `chaos` is True. `tracer` (`policies.tracing.Tracer`) gets a
+    span per call and per attempt; without one, no tracing code runs.
     """
 
     def __init__(self, plan: Plan, inner: httpx.AsyncBaseTransport | None = None, *,
                  clock: Clock | None = None, rng: random.Random | None = None,
-                 observer: Observer | None = None, chaos: bool = False) -> None:
+                 observer: Observer | None = None, chaos: bool = False,
+                 tracer: Tracer | None = None) -> None:
         if not isinstance(plan, Plan):
             raise TypeError(
                 f"ResilientTransport needs a compiled dsl.plan.Plan, not {type(plan).__name__}; "
@@ -71,6 +74,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             observer=SafeObserver(observer),
             inner=inner,
             chaos=chaos,
+            tracer=tracer,
         )
         self._runtime = PlanRuntime(plan, self._env)
         self._started = False
@@ -91,6 +95,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             shown = name if name is not None else request.url.host
             return error_response(UnknownService(shown, runtime.services))
         env = self._env
+        if env.tracer is not None:
+            return await self._traced_call(env.tracer, runtime, service, request)
         start = env.clock.now()
         # an incoming x-riprap-deadline-ms is read by the call context, on its header pass
         resp, attempts, outcome, fallback = await service.call(runtime, request, None,
@@ -98,6 +104,31 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         set_header(resp.headers, ATTEMPTS_BYTES, str(attempts))  # headers[ATTEMPTS_HEADER] = ..
         env.observer.call_finished(service.name, outcome, resp.status_code, attempts,
                                    env.clock.now() - start, fallback)
+        return resp
+
+    async def _traced_call(self, tracer: Tracer, runtime: PlanRuntime, service: ServiceRuntime,
+                           request: httpx.Request) -> httpx.Response:
+        """`handle_async_request` with a call span current (only when tracing is on)."""
+        env = self._env
+        start = env.clock.now()
+        deadline_ms = service.spec.timeout * 1000.0
+        incoming = request.headers.get("x-riprap-deadline-ms")
+        if incoming is not None and incoming.strip().isdigit():
+            deadline_ms = min(deadline_ms, float(incoming.strip()))
+        span = tracer.start_call(service.name, request.headers.raw, deadline_ms)
+        token = CURRENT_CALL.set(span)
+        try:
+            resp, attempts, outcome, fallback = await service.call(runtime, request, None,
+                                                                 start=start)
+        except BaseException:
+            span.end("cancelled", 499, 0, None, None)
+            raise
+        finally:
+            CURRENT_CALL.reset(token)
+        set_header(resp.headers, ATTEMPTS_BYTES, str(attempts))
+        env.observer.call_finished(service.name, outcome, resp.status_code, attempts,
+                                   env.clock.now() - start, fallback)
+        span.end(outcome, resp.status_code, attempts, fallback, _breaker_state(service))
         return resp
 
     # -- the plan -------------------------------------------------------------------
@@ -195,4 +226,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+
+def _breaker_state(service: ServiceRuntime) -> str | None:
+    """The worst breaker state among the service's shards, for the call span."""
+    states = {s.breaker.state for s in service.shards.values() if s.breaker is not None}
+    for state in ("open", "half-open", "closed"):
+        if state in states:
+            return state
+    return None
+
+
 __all__ = ["SERVICE_EXTENSION", "ResilientTransport"]
+

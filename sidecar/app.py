@@ -8,6 +8,7 @@ transport (`httpx.MockTransport`) to stand in for the network.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from sidecar.metrics import FanoutObserver, SidecarMetrics
 from sidecar.proxy import ProxyApp
 from sidecar.reload import PlanHolder, compile_source
 from sidecar.supervisor import Supervisor
+from sidecar.tracing import OtelTracer, tracer_from_env
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Sidecar:
     supervisor: Supervisor | None = None
     warnings: list[Diagnostic] = field(default_factory=list)
     listeners: dict[str, str] = field(default_factory=dict)  # set by the server: the real URLs
+    tracer: OtelTracer | None = None  # OpenTelemetry, when the OTEL_* variables ask for it
 
     @property
     def transport(self) -> Any:
@@ -59,8 +62,6 @@ class Sidecar:
             return
         if plan.supervise is None:
             if self.supervisor is not None:
-                import asyncio
-
                 sup, self.supervisor = self.supervisor, None
                 asyncio.get_running_loop().create_task(sup.stop())
             return
@@ -80,6 +81,8 @@ class Sidecar:
         if self.supervisor is not None:
             await self.supervisor.stop()
         await self.holder.transport.aclose()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # flush the last spans
 
 
 def create_app(source: str | os.PathLike[str] | Plan, *, chaos: bool = False,
@@ -106,12 +109,15 @@ def create_app(source: str | os.PathLike[str] | Plan, *, chaos: bool = False,
         from policies.aiohttp_transport import AiohttpTransport
 
         inner = AiohttpTransport()
-    transport = ResilientTransport(plan, inner, observer=observer, chaos=chaos, rng=rng)
+    tracer = tracer_from_env(plan.app)  # None unless OTEL_EXPORTER_OTLP_*ENDPOINT is set
+    transport = ResilientTransport(plan, inner, observer=observer, chaos=chaos, rng=rng,
+                                   tracer=tracer)
     holder = PlanHolder(plan, transport, metrics, source_path=path, warnings=warnings)
     proxy = ProxyApp(holder, metrics, access)
     sidecar = Sidecar(holder=holder, metrics=metrics, proxy=proxy, admin=None, chaos=chaos,
                       watch=watch and path is not None, supervise=supervise,
                       warnings=warnings)
+    sidecar.tracer = tracer
     holder.on_supervise_change = sidecar._supervise_changed
     sidecar.admin = create_admin_app(holder, metrics, sidecar.extra_state)
     return sidecar
