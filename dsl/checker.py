@@ -366,7 +366,7 @@ class _Checker:
         w = window.args[0].value if window else 20
         m = minimum.args[0].value if minimum else 10
         if w >= 1 and m > w:
-            where = (minimum or window or stmt).span  # type: ignore[union-attr]
+            where = (minimum or window or stmt).span
             self.error(
                 "RP216",
                 where,

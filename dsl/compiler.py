@@ -183,21 +183,24 @@ class _Builder:
 
     @staticmethod
     def breaker(s: Stmt) -> BreakerSpec:
-        def opt(key: str, default: object) -> object:
+        def opt(key: str, default: Any) -> Any:
             o = s.opt(key)
             return o.args[0].value if o else default
 
-        open_for = float(opt("open", 30.0))  # type: ignore[arg-type]
-        common = dict(open=open_for, max_open=open_for * 10, probes=int(opt("probes", 1)))  # type: ignore[call-overload]
+        open_for = float(opt("open", 30.0))
+        probes = int(opt("probes", 1))
         if s.form == "failures":
-            return BreakerSpec(kind="consecutive", failures=int(s.args[0].value), **common)  # type: ignore[arg-type]
+            return BreakerSpec(kind="consecutive", failures=int(s.args[0].value), open=open_for,
+                               max_open=open_for * 10, probes=probes)
         return BreakerSpec(
             kind="rate",
             rate=s.args[0].value,
-            window=int(opt("window", 20)),  # type: ignore[call-overload]
-            min_calls=int(opt("min", 10)),  # type: ignore[call-overload]
-            slow=opt("slow", None),  # type: ignore[arg-type]
-            **common,  # type: ignore[arg-type]
+            window=int(opt("window", 20)),
+            min_calls=int(opt("min", 10)),
+            slow=opt("slow", None),
+            open=open_for,
+            max_open=open_for * 10,
+            probes=probes,
         )
 
     @staticmethod

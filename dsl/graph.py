@@ -127,12 +127,12 @@ def render_dot(d: Drawing) -> str:
         out.append(f"  {_dot_quote(node)} [{attrs}];")
     for e in d.mesh.edges():
         src = m.app_id(e.caller)
-        attrs = ["label=" + _dot_quote(edge_label(e)).replace(" · ", "\\n")]
+        edge_attrs = ["label=" + _dot_quote(edge_label(e)).replace(" · ", "\\n")]
         if (e.caller, e.name) in d.hot:
-            attrs.append("color=red, penwidth=2")
+            edge_attrs.append("color=red, penwidth=2")
         elif (src, e.target) in d.cyclic:
-            attrs.append('color=orange, style=dashed')
-        out.append(f"  {_dot_quote(src)} -> {_dot_quote(e.target)} [{', '.join(attrs)}];")
+            edge_attrs.append('color=orange, style=dashed')
+        out.append(f"  {_dot_quote(src)} -> {_dot_quote(e.target)} [{', '.join(edge_attrs)}];")
     out.append("}")
     return "\n".join(out) + "\n"
 

@@ -18,12 +18,12 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
+from typing import Iterator, cast
 
 from lark import Lark, Token
 from lark.exceptions import UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from dsl.ast import Comment, File
+from dsl.ast import Comment, File, Stmt
 from dsl.diagnostics import Diagnostic, Span
 from dsl.syntax_errors import describe_error
 from dsl.transformer import ToAst
@@ -173,7 +173,8 @@ def _parse_locked(built: _Built, text: str, path: str) -> ParseResult:
         built.postlex.comments.clear()
         started = time.monotonic()
         try:
-            stmts = built.lark.parse(work)
+            # the parser's embedded transformer returns the AST, not the stubs' Tree
+            stmts = cast("tuple[Stmt, ...]", built.lark.parse(work))
         except TooDeep as exc:
             tok = exc.token
             diags.append(
@@ -246,6 +247,7 @@ def _diagnose(exc: UnexpectedInput, text: str, path: str, postlex: _PostLexer) -
 
 
 def _offset(exc: UnexpectedInput, text: str) -> int:
+    pos: int | None = None
     if isinstance(exc, UnexpectedToken):
         pos = exc.token.start_pos
         if pos is not None:

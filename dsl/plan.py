@@ -266,7 +266,8 @@ class Plan:
     watch: tuple[str, ...] = ()  # every file the plan depends on (policy, fallback and TLS files)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_jsonable(self)
+        data: dict[str, Any] = _to_jsonable(self)
+        return data
 
     def digest(self) -> str:
         """sha256 of the canonical JSON, without `source` and `watch` (where it came from)."""
@@ -328,12 +329,13 @@ def _build(cls: type, data: Mapping[str, Any] | None, **nested: Any) -> Any:
 def _retry_from_dict(data: Mapping[str, Any] | None) -> RetrySpec | None:
     if data is None:
         return None
-    return _build(
+    spec: RetrySpec = _build(
         RetrySpec,
         data,
         backoff=_build(BackoffSpec, data.get("backoff")),
         budget=_build(BudgetSpec, data.get("budget")),
     )
+    return spec
 
 
 def _policy_kwargs(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -361,8 +363,10 @@ def _service_from_dict(name: str, data: Mapping[str, Any]) -> ServicePlan:
     )
     merged = dict(data)
     merged.setdefault("name", name)
-    return _build(ServicePlan, merged, **nested)
+    service: ServicePlan = _build(ServicePlan, merged, **nested)
+    return service
 
 
 def _supervise_from_dict(data: Mapping[str, Any]) -> SuperviseSpec:
-    return _build(SuperviseSpec, data, health=_build(AppHealthSpec, data.get("health")))
+    spec: SuperviseSpec = _build(SuperviseSpec, data, health=_build(AppHealthSpec, data.get("health")))
+    return spec

@@ -46,9 +46,9 @@ def _pointer(path: Any) -> str:
 
 
 def _where(err: Any) -> list[Any]:
-    path = getattr(err, "absolute_path", None)
+    path = getattr(err, "absolute_path", None)  # jsonschema; jsonschema_rs says instance_path
     if path is None:
-        path = getattr(err, "instance_path", ())
+        return list(getattr(err, "instance_path", ()))
     return list(path)
 
 

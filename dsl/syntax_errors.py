@@ -150,7 +150,7 @@ def describe_error(exc: UnexpectedInput, text: str, path: str, stmt_start: int =
     col = getattr(exc, "column", None) or 1
     if isinstance(exc, UnexpectedCharacters):
         pos = exc.pos_in_stream
-        ch = text[pos] if 0 <= pos < len(text) else ""
+        ch = text[pos] if pos is not None and 0 <= pos < len(text) else ""
         if ch == '"':
             return Diagnostic(
                 "RP106",

@@ -4,7 +4,7 @@ and the request body it gets ready once (replayable from memory, or streamed onc
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
 
 import httpx
 
@@ -20,7 +20,7 @@ Scanned = tuple[list[tuple[bytes, bytes, bytes]], bytes | None, dict[bytes, list
 IDEMPOTENCY_KEY = b"idempotency-key"
 
 # A stage of the chain: takes the call, answers it (or raises a `policies.errors` failure).
-Handler = Callable[["CallContext"], Awaitable[httpx.Response]]
+Handler = Callable[["CallContext"], Coroutine[Any, Any, httpx.Response]]
 
 # `CallContext.stream` once a too-big-to-replay body went upstream: it cannot go again.
 SPENT: Any = object()

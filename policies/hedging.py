@@ -199,7 +199,8 @@ def good(task: asyncio.Future[Any]) -> bool:
     """A copy that answered below 500."""
     if task.cancelled() or task.exception() is not None:
         return False
-    return task.result().status_code < 500
+    response: httpx.Response = task.result()
+    return response.status_code < 500
 
 
 def close_result(task: asyncio.Future[Any]) -> None:

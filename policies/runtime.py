@@ -90,14 +90,15 @@ class ShardRuntime:
         def on_breaker(state: str, _s: str = service.name, _n: str | None = name) -> None:
             obs.breaker_changed(_s, _n, state)
 
+        breaker_spec = spec.breaker
         self.breaker: CircuitBreaker | None = (
             _carry(prev.spec.breaker if prev else None, prev.breaker if prev else None,
-                   spec.breaker, lambda: CircuitBreaker(spec.breaker, clock, on_breaker))
-            if spec.breaker else None)
+                   breaker_spec, lambda: CircuitBreaker(breaker_spec, clock, on_breaker))
+            if breaker_spec else None)
 
         # limit / concurrency / budget: a shard whose spec is the service's shares the
         # service's object (the contract scopes these to "calls to the service").
-        def shared_or_own(kind: str, build: Callable[[], Any]) -> Any:
+        def shared_or_own(kind: str, build: Callable[[Any], Any]) -> Any:
             mine = _spec_of(spec, kind)
             if mine is None:
                 return None
@@ -105,14 +106,14 @@ class ShardRuntime:
                 return shared.shared_objects[kind]
             prev_obj = prev.objects.get(kind) if prev else None
             prev_spec = _spec_of(prev.spec, kind) if prev else None
-            return _carry(prev_spec, prev_obj, mine, build)
+            return _carry(prev_spec, prev_obj, mine, lambda: build(mine))
 
         self.limiter: KeyedLimiter | None = shared_or_own(
-            "limit", lambda: KeyedLimiter(spec.limit, clock))
+            "limit", lambda s: KeyedLimiter(s, clock))
         self.bulkhead: Bulkhead | None = shared_or_own(
-            "concurrency", lambda: Bulkhead(spec.concurrency, clock))
+            "concurrency", lambda s: Bulkhead(s, clock))
         self.budget: RetryBudget | None = shared_or_own(
-            "budget", lambda: RetryBudget(_budget_spec(spec), clock))
+            "budget", lambda s: RetryBudget(s, clock))
         self.objects: dict[str, Any] = {
             "limit": self.limiter, "concurrency": self.bulkhead, "budget": self.budget}
 
@@ -168,17 +169,17 @@ class ServiceRuntime:
         if spec.shards:
             prev_shared = prev.shared_objects if prev and prev.spec.shards else {}
 
-            def keep(kind: str, build: Callable[[], Any]) -> Any:
+            def keep(kind: str, build: Callable[[Any], Any]) -> Any:
                 mine = _spec_of(spec, kind)
                 if mine is None:
                     return None
                 theirs = _spec_of(prev.spec, kind) if prev else None
-                return _carry(theirs, prev_shared.get(kind), mine, build)
+                return _carry(theirs, prev_shared.get(kind), mine, lambda: build(mine))
 
             self.shared_objects = {
-                "limit": keep("limit", lambda: KeyedLimiter(spec.limit, clock)),
-                "concurrency": keep("concurrency", lambda: Bulkhead(spec.concurrency, clock)),
-                "budget": keep("budget", lambda: RetryBudget(_budget_spec(spec), clock)),
+                "limit": keep("limit", lambda s: KeyedLimiter(s, clock)),
+                "concurrency": keep("concurrency", lambda s: Bulkhead(s, clock)),
+                "budget": keep("budget", lambda s: RetryBudget(s, clock)),
             }
         has_stale = any(f.kind == "stale" for f in spec.fallbacks) or any(
             f.kind == "stale" for s in spec.shards for f in s.fallbacks)
@@ -229,8 +230,7 @@ class ServiceRuntime:
         lname = self._shard_header
         if found is not None and sharding.by == "header" and lname in self.wanted_headers:
             # = extract_key(sharding, ..., request.headers), from the one header pass
-            key = header_value(found.get(lname),  # type: ignore[arg-type]
-                               request.headers, sharding.key) or None
+            key = header_value(found.get(lname), request.headers, sharding.key) or None
         elif sharding.by in ("header", "cookie"):  # the key is in the headers: skip the URL
             key = extract_key(sharding, "", "", request.headers)
         else:
@@ -323,9 +323,6 @@ def _snap(obj: Any) -> Any:
     return obj.snapshot() if obj is not None else None
 
 
-_UNSEEN: Any = object()
-
-
 class PlanRuntime:
     """A whole plan, live: services by name and by host. Immutable once built."""
 
@@ -348,14 +345,16 @@ class PlanRuntime:
     def service_for_host(self, host: str) -> str | None:
         """The service a Host names (its name or a `host` alias; case and port ignored)."""
         seen = self._seen_hosts  # recent answers: the runtime is immutable
-        name = seen.get(host, _UNSEEN)
-        if name is _UNSEEN:
-            name = self._service_for_host(host)
-            if len(host) <= 256:  # bounded: at most 1024 hosts of at most 256 characters
-                if len(seen) >= 1024:
-                    seen.clear()
-                seen[host] = name
-        return name  # type: ignore[return-value]
+        try:
+            return seen[host]
+        except KeyError:
+            pass
+        name = self._service_for_host(host)
+        if len(host) <= 256:  # bounded: at most 1024 hosts of at most 256 characters
+            if len(seen) >= 1024:
+                seen.clear()
+            seen[host] = name
+        return name
 
     def _service_for_host(self, host: str) -> str | None:
         h = host.strip().lower()

@@ -77,7 +77,7 @@ class CallStream(httpx.AsyncByteStream):
                     tee.feed(chunk)
                 yield chunk
         else:  # a sync stream from a sync-minded inner transport
-            for chunk in inner:  # type: ignore[attr-defined]
+            for chunk in inner:
                 if tee is not None:
                     tee.feed(chunk)
                 yield chunk

@@ -42,7 +42,7 @@ def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
         return JSONResponse(holder.plan_document())
 
     def state_document() -> dict[str, Any]:
-        snap: Any = holder.transport.snapshot()  # type: ignore[attr-defined]
+        snap: Any = holder.transport.snapshot()
         doc: dict[str, Any] = {
             "services": snap.get("services", snap) if isinstance(snap, dict) else snap,
             "sidecar": {

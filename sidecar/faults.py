@@ -431,7 +431,8 @@ class FaultServer:
 
     def set(self, **changes: Any) -> FaultConfig:
         """Change some knobs (mode, delay, error_rate, error_status, fail_next, retry_after)."""
-        return self._call(self._core.apply(**changes))
+        config: FaultConfig = self._call(self._core.apply(**changes))
+        return config
 
     def recover(self) -> None:
         """Back to a healthy, listening server with every knob at its default."""

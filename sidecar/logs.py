@@ -43,7 +43,7 @@ class DroppingQueueHandler(QueueHandler):
 
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
-            self.queue.put_nowait(record)  # type: ignore[attr-defined]
+            self.queue.put_nowait(record)
         except queue.Full:
             self.dropped += 1
 _current: contextvars.ContextVar["CallRecord | None"] = contextvars.ContextVar(
@@ -127,11 +127,11 @@ class AccessLog:
     def __init__(self) -> None:
         self.logger = logging.getLogger(ACCESS_LOGGER)
 
-    def begin(self, method: str, path: str, service: str) -> tuple[CallRecord, contextvars.Token]:
+    def begin(self, method: str, path: str, service: str) -> tuple[CallRecord, contextvars.Token["CallRecord | None"]]:
         rec = CallRecord(method, path, service, time.monotonic())
         return rec, _current.set(rec)
 
-    def end(self, rec: CallRecord, token: contextvars.Token, status: int,
+    def end(self, rec: CallRecord, token: contextvars.Token["CallRecord | None"], status: int,
             outcome: str | None = None, attempts: int | None = None) -> None:
         _current.reset(token)
         line = {

@@ -24,14 +24,16 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import httpx
 import watchfiles
 
 from dsl.diagnostics import Diagnostic, render_all_text, render_text
 from dsl.plan import Plan
 from sidecar.routing import Router
+
+if TYPE_CHECKING:
+    from policies.transport import ResilientTransport
 
 log = logging.getLogger("riprap.reload")
 
@@ -88,7 +90,7 @@ TransportFactory = Callable[[Plan], Any]
 class PlanHolder:
     """The running plan, its transport and routing table, and how they are replaced."""
 
-    def __init__(self, plan: Plan, transport: Any, metrics: Any, *,
+    def __init__(self, plan: Plan, transport: ResilientTransport, metrics: Any, *,
                  source_path: str | None = None, warnings: list[Diagnostic] | None = None,
                  on_supervise_change: Callable[[Plan], None] | None = None) -> None:
         self.plan = plan
@@ -120,8 +122,8 @@ class PlanHolder:
         return fingerprint(tuple(p for p in plan.watch if os.path.abspath(p) != source))
 
     @property
-    def transport(self) -> httpx.AsyncBaseTransport:
-        return self._transport  # type: ignore[no-any-return]
+    def transport(self) -> ResilientTransport:
+        return self._transport
 
     def watch_paths(self) -> tuple[str, ...]:
         paths = list(self.plan.watch)

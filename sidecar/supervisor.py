@@ -97,7 +97,7 @@ class Supervisor:
     def backoff(self) -> float:
         """The wait before the next restart: base doubling per restart, capped at max."""
         n = max(0, self.consecutive - 1)
-        return min(self.spec.restart_max, self.spec.restart_base * (2 ** min(n, 30)))
+        return min(self.spec.restart_max, self.spec.restart_base * (2.0 ** min(n, 30)))
 
     async def _run(self) -> None:
         while not self._stopping:

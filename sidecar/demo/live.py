@@ -33,7 +33,7 @@ def _riprap_lines(view: SidecarView) -> list[str]:
     if view.error:
         return [f"sidecar admin: {view.error}"]
     open_ = [k for k, v in sorted(view.breakers.items()) if v != "closed"]
-    fb = {}
+    fb: dict[str, float] = {}
     for (_, kind), n in view.fallbacks.items():
         fb[kind] = fb.get(kind, 0) + n
     ejected = sorted({f"{s} {e}" for (s, e), n in view.ejections.items() if n > 0})

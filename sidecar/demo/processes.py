@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import IO, Sequence
 
 _PR_SET_PDEATHSIG = 1
 
@@ -73,7 +73,7 @@ class ProcessRegistry:
 
     def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
               stdout: int | None = None) -> Child:
-        out: int | object = subprocess.DEVNULL
+        out: int | IO[bytes] = subprocess.DEVNULL
         if stdout is not None:
             out = stdout
         elif self.log_dir is not None:
@@ -82,8 +82,8 @@ class ProcessRegistry:
             list(argv), env=env or self.env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
         )
-        if hasattr(out, "close"):
-            out.close()  # type: ignore[union-attr]
+        if not isinstance(out, int):
+            out.close()
         child = Child(name, proc)
         self.children.append(child)
         return child

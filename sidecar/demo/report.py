@@ -49,11 +49,11 @@ def _plot(title: str, unit: str, series: dict[str, list[tuple[float, float | Non
                    f'{i + 1}</text>')
     for target, pts in series.items():
         path, pen = [], "M"
-        for t, v in pts:
-            if v is None:
+        for at, val in pts:
+            if val is None:
                 pen = "M"
                 continue
-            path.append(f"{pen}{x(t + 0.5):.1f},{y(v):.1f}")
+            path.append(f"{pen}{x(at + 0.5):.1f},{y(val):.1f}")
             pen = "L"
         out.append(f'<path d="{" ".join(path)}" fill="none" stroke="{COLOURS[target]}" '
                    'stroke-width="2"/>')

@@ -229,7 +229,7 @@ async def open_loop(pick: Callable[[int], tuple[str, dict[str, str]]], rate: flo
                     body = await r.read()
                     if r.status == 200 and b'"server"' in body:  # a real upstream answer
                         oks += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             lat[i] = (clock() - at) * 1000.0
 

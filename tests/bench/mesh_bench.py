@@ -63,7 +63,7 @@ def policy_text(app: str, calls: list[tuple[str, int, float]]) -> str:
     lines = [f"app {app}", ""]
     for callee, retries, timeout in calls:
         lines.append(f"service {callee} {{")
-        lines.append(f"    endpoint http://127.0.0.1:9000")
+        lines.append("    endpoint http://127.0.0.1:9000")
         lines.append(f"    timeout {int(timeout * 1000)}ms")
         if retries:
             lines.append(f"    retry {retries} backoff 50ms..1s budget 20%")

@@ -372,13 +372,13 @@ def main() -> int:
         targets = {"ceiling": f"http://127.0.0.1:{ceil_port}/",
                    "sidecar": f"http://127.0.0.1:{sc_port}/",
                    "nginx": f"http://127.0.0.1:{np_port}/"}
-        for name, url in targets.items():
+        for url in targets.values():
             wait_http(url, host="bench")
         admin = f"http://127.0.0.1:{sc_admin}"
 
         # Interleaved rounds, best run kept: the machine is shared, and the best of a few
         # runs is the least disturbed measure of what each forwarder can do.
-        for name, url in targets.items():
+        for url in targets.values():
             wrk(url, 32, 1)  # warm-up: pools filled, code paths hot
         for conns in (32, 1):
             runs: dict[str, list[dict[str, float]]] = {n: [] for n in targets}

@@ -445,8 +445,8 @@ def test_s8_explain_one_service(cli):
     assert "payments" in res.out
     # only that service: less than the whole file's explanation
     assert len(res.out) < len(cli["explain_all"].out)
-    attempts_lines = [l for l in res.out.splitlines() if re.search(r"attempt", l, re.I)]
-    assert any(re.search(r"\b4\b", l) for l in attempts_lines), res.out
+    attempts_lines = [line for line in res.out.splitlines() if re.search(r"attempt", line, re.I)]
+    assert any(re.search(r"\b4\b", line) for line in attempts_lines), res.out
     assert re.search(r"\b2(\.0)?\s?s\b", res.out), res.out
 
 
@@ -455,7 +455,8 @@ def test_s8_explain_worst_case_time_below_the_timeout(cli):
     res = cli["explain_wc_a"]
     assert res.rc == 0, res.text
     assert re.search(r"\b1\.8\s?s\b|\b1800\s?ms\b", res.out), res.out
-    assert any(re.search(r"\b3\b", l) for l in res.out.splitlines() if re.search(r"attempt", l, re.I))
+    assert any(re.search(r"\b3\b", line) for line in res.out.splitlines()
+               if re.search(r"attempt", line, re.I))
 
 
 def test_s8_explain_unknown_service_fails(cli):

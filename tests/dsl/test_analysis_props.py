@@ -131,7 +131,7 @@ def test_any_mesh_gives_located_findings_and_renders(units, threshold):
         left -= sinks
     assert bool(left) == any(d.code == "RP403" for d in diags)
     for cyc in m.cycles(mesh.nodes, m.call_successors(mesh)):  # each named cycle is real
-        assert all(b in succ[a] for a, b in zip(cyc, cyc[1:] + cyc[:1]))
+        assert all(b in succ[a] for a, b in zip(cyc, cyc[1:] + cyc[:1], strict=True))
     for fmt in ("mermaid", "dot", "json"):
         assert render(units, fmt)
     assert explain_mesh(units).startswith("mesh: ")

@@ -146,10 +146,10 @@ def policy_file(draw: st.DrawFn) -> str:
     n_policies = draw(st.integers(0, 2))
     if draw(st.booleans()):
         lines = draw(st.lists(policy_line(), max_size=3))
-        out.append("defaults {" + "".join(f"\n  {l}{draw(comment)}" for l in lines) + "\n}")
+        out.append("defaults {" + "".join(f"\n  {line}{draw(comment)}" for line in lines) + "\n}")
     for i in range(n_policies):
         lines = draw(st.lists(policy_line(), min_size=1, max_size=3))
-        out.append(f"policy p{i} {{" + "".join(f"\n    {l}" for l in lines) + "\n}")
+        out.append(f"policy p{i} {{" + "".join(f"\n    {line}" for line in lines) + "\n}")
     for i in range(draw(st.integers(1, 3))):
         body: list[str] = []
         if n_policies and draw(st.booleans()):

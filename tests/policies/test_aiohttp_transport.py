@@ -289,7 +289,7 @@ async def test_the_session_is_created_lazily_and_closed(server: RawServer) -> No
     await t.aclose()
     assert session.closed
     with pytest.raises(RuntimeError):
-        t.session
+        _ = t.session
 
 
 @pytest.mark.parametrize("method,status", [("GET", 204), ("GET", 304), ("HEAD", 200)])

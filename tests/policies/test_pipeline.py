@@ -36,7 +36,7 @@ from policies.runtime import PlanRuntime
 from policies.safe_observer import SafeObserver
 from policies.streams import CallStream, StaleTee
 from policies.timers import ClockTimeout, LoopTimeout
-from test_transport_clock import VirtualClock, vclock  # noqa: F401 - fixture
+from test_transport_clock import VirtualClock
 
 
 def env(clock: object | None = None, chaos: bool = False) -> Env:

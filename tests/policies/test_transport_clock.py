@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from typing import AsyncIterator
 
 import pytest
-import pytest_asyncio
 
 from policies.clock import FakeClock
 
@@ -76,20 +74,6 @@ class VirtualClock(FakeClock):
             if wake > self._now:
                 self._now = wake
             self._wake()
-
-
-@pytest_asyncio.fixture
-async def vclock() -> AsyncIterator[VirtualClock]:
-    clock = VirtualClock()
-    driver = asyncio.get_running_loop().create_task(clock.drive())
-    try:
-        yield clock
-    finally:
-        driver.cancel()
-        try:
-            await driver
-        except asyncio.CancelledError:
-            pass
 
 
 # ------------------------------------------------------------------ the clock's own tests

@@ -24,7 +24,7 @@ from dsl.plan import (
     ShardPlan,
 )
 from policies.sharding import shard_for
-from test_transport_clock import VirtualClock, vclock  # noqa: F401 - fixture
+from test_transport_clock import VirtualClock
 from test_transport_kit import (
     Recorder,
     TrackedStream,

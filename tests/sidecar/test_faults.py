@@ -85,7 +85,7 @@ def test_sse_events_arrive_one_by_one(server: FaultServer) -> None:
     with client() as c, c.stream("GET", server.url + "/sse?n=3&interval=0.15") as r:
         assert r.headers["content-type"] == "text/event-stream"
         t = time.monotonic()
-        for chunk in r.iter_raw():
+        for _chunk in r.iter_raw():
             arrivals.append(time.monotonic() - t)
     assert len(arrivals) == 3
     assert arrivals[2] - arrivals[0] >= 0.25

@@ -67,6 +67,6 @@ def unit(app: str, *services: ServicePlan, path: str | None = None) -> CompiledU
 def chain(*hops: tuple[str, int]) -> list[CompiledUnit]:
     """`chain(("edge", 0), ("api", 3), ("ledger", 2))`: edge calls api with 3 retries, api calls ledger with 2."""
     units = []
-    for (caller, _), (callee, retries) in zip(hops, hops[1:]):
+    for (caller, _), (callee, retries) in zip(hops, hops[1:], strict=False):
         units.append(unit(caller, svc(callee, retries)))
     return units
