@@ -9,12 +9,11 @@ import socket
 import ssl
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 import trustme
 
-from conftest import SidecarProc
 from dsl.plan import EndpointSpec, Plan, ServicePlan, TlsSpec
 
 
@@ -83,10 +82,10 @@ def raw_call(port: int, request: bytes) -> bytes:
 
 
 def test_header_bytes_go_through_the_sidecar_as_sent_and_state_shows_the_fast_paths(
-        tmp_path: Path, plain_upstream: ThreadUpstream) -> None:
+        tmp_path: Path, plain_upstream: ThreadUpstream, sidecar_proc: Any) -> None:
     policy = tmp_path / "up.riprap"
     policy.write_text(f"app e2e\nservice api {{\n    endpoint http://127.0.0.1:{plain_upstream.port}\n}}\n")
-    sc = SidecarProc(policy).start()
+    sc = sidecar_proc(policy).start()
     try:
         answer = raw_call(sc.port, b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                    b"X-Name: caf\xe9\r\nX-Utf8: caf\xc3\xa9\r\nX-Case: Kept\r\n\r\n")
@@ -101,7 +100,8 @@ def test_header_bytes_go_through_the_sidecar_as_sent_and_state_shows_the_fast_pa
     assert state["fast_paths"] and all(state["fast_paths"].values()), state["fast_paths"]
 
 
-def test_a_rotated_upstream_ca_is_picked_up_without_a_restart(tmp_path: Path) -> None:
+def test_a_rotated_upstream_ca_is_picked_up_without_a_restart(tmp_path: Path,
+                                                              sidecar_proc: Any) -> None:
     old_ca, new_ca = trustme.CA(), trustme.CA()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     old_ca.issue_cert("127.0.0.1").configure_cert(ctx)
@@ -113,7 +113,7 @@ def test_a_rotated_upstream_ca_is_picked_up_without_a_restart(tmp_path: Path) ->
         tls=TlsSpec(ca=str(cafile)))})
     policy = tmp_path / "plan.json"
     policy.write_text(json.dumps(plan.to_dict()))
-    sc = SidecarProc(policy).start()
+    sc = sidecar_proc(policy).start()
     try:
         assert sc.client.get("/api/before").status_code == 200
         # rotation: the upstream now presents a certificate of a new CA; the file follows
