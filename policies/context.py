@@ -4,15 +4,12 @@ and the request body it gets ready once (replayable from memory, or streamed onc
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
+from typing import Any, Callable, Coroutine, Protocol, Sequence
 
 import httpx
 
 from policies.headers import forward_items, header_value, parse_deadline_header
 from policies.streams import PrefixedStream, iter_chunks
-
-if TYPE_CHECKING:
-    from policies.runtime import PlanRuntime, ServiceRuntime, ShardRuntime
 
 # What `forward_items` finds in the caller's headers: forwarded items, deadline, wanted values.
 Scanned = tuple[list[tuple[bytes, bytes, bytes]], bytes | None, dict[bytes, list[bytes]]]
@@ -26,29 +23,41 @@ Handler = Callable[["CallContext"], Coroutine[Any, Any, httpx.Response]]
 SPENT: Any = object()
 
 
+class Services(Protocol):
+    """The plan's services, as a `fallback service NAME` link calls one (`PlanRuntime`)."""
+
+    def has_service(self, name: str) -> bool: ...
+
+    async def call_service(self, name: str, request: httpx.Request,
+                           incoming_deadline: float | None,
+                           depth: int) -> tuple[httpx.Response, int] | None:
+        """(answer, attempts) of the call sent through service `name`'s whole chain;
+        None when there is no such service."""
+        ...
+
+
 class CallContext:
     """Everything one call carries through the chain (shared by its retries and hedges)."""
 
     __slots__ = (
-        "runtime", "shard", "request", "method", "raw_path", "headers", "body", "stream",
-        "replayable", "body_bound", "deadline", "incoming_deadline", "attempts", "tried",
-        "losers", "fallback_depth", "fallback_used", "fallback_reason", "expired",
-        "wanted", "found", "failed", "caller_bound",
+        "services", "needs_replay", "request", "method", "raw_path", "headers", "body",
+        "stream", "replayable", "body_bound", "deadline", "incoming_deadline", "attempts",
+        "tried", "losers", "fallback_depth", "fallback_used", "fallback_reason", "expired",
+        "caller_bound", "wanted", "found", "failed",
     )
 
-    def __init__(self, runtime: "PlanRuntime", service: "ServiceRuntime",
-                 shard: "ShardRuntime", request: httpx.Request,
+    def __init__(self, services: Services, request: httpx.Request, *,
+                 wanted: frozenset[bytes], body_bound: int, needs_replay: bool,
                  incoming_deadline: float | None, start: float, depth: int = 0,
                  scanned: "Scanned | None" = None) -> None:
-        self.runtime = runtime
-        self.shard = shard
+        self.services = services
+        self.needs_replay = needs_replay  # else a streamed body goes straight through
         self.request = request
         self.method = request.method
         url = request.url
         self.raw_path = url.raw_path
         # the caller's headers, scanned once (by the service edge, when it has): what is
         # forwarded, an incoming deadline, and the values of the headers `wanted`
-        wanted = service.wanted_headers
         if scanned is None:
             scanned = forward_items(request.headers, wanted)
         self.headers, header_deadline, self.found = scanned
@@ -60,9 +69,12 @@ class CallContext:
         self.body: bytes | None = None
         self.stream: httpx.AsyncByteStream | None = None
         self.replayable = True
-        self.body_bound = service.spec.max_body_buffer
+        self.body_bound = body_bound
         self.deadline = incoming_deadline
         self.incoming_deadline = incoming_deadline
+        # the deadline is the caller's own, shorter than the service's timeout: running out
+        # of it says nothing of the upstream (no breaker, ejection or latency sample)
+        self.caller_bound = False
         self.attempts = 0
         self.tried: set[str] = set()
         # endpoints that failed this call: "broken" for its retries, so a retry moves on to
@@ -73,9 +85,6 @@ class CallContext:
         self.fallback_used: str | None = None
         self.fallback_reason: str | None = None
         self.expired = False  # the call's deadline fired
-        # the deadline is the caller's own, shorter than the service's timeout: running out
-        # of it says nothing of the upstream (no breaker, ejection or latency sample)
-        self.caller_bound = False
 
     async def prepare_body(self) -> None:
         """Get the request body ready for the first attempt.
@@ -93,7 +102,7 @@ class CallContext:
             return
         except httpx.RequestNotRead:
             pass
-        if not self.shard.needs_replay:
+        if not self.needs_replay:
             self.stream = PrefixedStream([], iter_chunks(request.stream).__aiter__())
             self.replayable = False
             return
@@ -134,4 +143,4 @@ def idempotent(ctx: CallContext, methods: Sequence[str]) -> bool:
     return "idempotency-key" in ctx.request.headers
 
 
-__all__ = ["SPENT", "CallContext", "Handler", "idempotent"]
+__all__ = ["SPENT", "CallContext", "Handler", "Services", "idempotent"]

@@ -1,8 +1,9 @@
-"""`EndpointRuntime`: an endpoint's live state plus how to address it (URL prefix, Host)."""
+"""`EndpointRuntime`: an endpoint's live state plus how to address it (URL prefix, Host);
+`EndpointPool`: a shard's endpoints, replaceable while calls are in flight."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import httpx
 
@@ -56,4 +57,36 @@ def release_in_flight(state: EndpointState) -> Callable[[], None]:
     return done
 
 
-__all__ = ["EndpointRuntime", "release_in_flight"]
+class PoolView:
+    """One immutable view of a shard's endpoints: the list, their states (for tier and
+    balancer choices), and the endpoint of each state."""
+
+    __slots__ = ("endpoints", "states", "by_state")
+
+    def __init__(self, endpoints: Sequence[EndpointRuntime]) -> None:
+        self.endpoints: tuple[EndpointRuntime, ...] = tuple(endpoints)
+        self.states: list[EndpointState] = [e.state for e in self.endpoints]
+        self.by_state: dict[int, EndpointRuntime] = {id(e.state): e for e in self.endpoints}
+
+
+class EndpointPool:
+    """A shard's endpoints. `replace` swaps in a new list at once (one reference): an
+    attempt reads `view` once and works on that view to its end, so a list replaced
+    while calls are in flight (a DNS re-lookup) never mixes two lists in one attempt.
+    An endpoint kept across a replacement should be the same `EndpointRuntime` (its
+    health, ejection and in-flight count live in its state)."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, endpoints: Sequence[EndpointRuntime] = ()) -> None:
+        self.view = PoolView(endpoints)
+
+    def replace(self, endpoints: Sequence[EndpointRuntime]) -> None:
+        self.view = PoolView(endpoints)
+
+    @property
+    def endpoints(self) -> tuple[EndpointRuntime, ...]:
+        return self.view.endpoints
+
+
+__all__ = ["EndpointPool", "EndpointRuntime", "PoolView", "release_in_flight"]

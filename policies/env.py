@@ -6,7 +6,7 @@ import random
 
 import httpx
 
-from policies.clock import Clock, SystemClock
+from policies.clock import Clock
 from policies.safe_observer import SafeObserver
 from policies.tracing import Tracer
 
@@ -15,7 +15,7 @@ class Env:
     """What every runtime shares: clock, randomness, observer, inner transport, chaos switch,
     and the tracer (None unless tracing was asked for: then no tracing code runs on a call)."""
 
-    __slots__ = ("clock", "rng", "observer", "inner", "chaos", "system_clock", "tracer")
+    __slots__ = ("clock", "rng", "observer", "inner", "chaos", "tracer")
 
     def __init__(self, clock: Clock, rng: random.Random, observer: SafeObserver,
                  inner: httpx.AsyncBaseTransport, chaos: bool,
@@ -26,8 +26,6 @@ class Env:
         self.observer = observer
         self.inner = inner
         self.chaos = chaos
-        # The system clock is the loop's clock: deadlines can use asyncio's own timers.
-        self.system_clock = type(clock) is SystemClock
 
 
 __all__ = ["Env"]

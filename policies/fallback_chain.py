@@ -7,43 +7,39 @@ whole chain, at most `MAX_FALLBACK_DEPTH` services deep.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import httpx
 
 from policies.answers import fallback_response
 from policies.context import SPENT, CallContext
 from policies.errors import FALLBACK_HEADER, REASON_HEADER
 from policies.fallback import cache_key
-
-if TYPE_CHECKING:
-    from policies.runtime import ShardRuntime
+from policies.stage import StageParts
 
 MAX_FALLBACK_DEPTH = 8
 
 
-async def fallback_answer(shard: "ShardRuntime", ctx: CallContext,
+async def fallback_answer(parts: StageParts, ctx: CallContext,
                           reason: str) -> httpx.Response | None:
     """The first link of the shard's fallback chain that has an answer, or None."""
-    answer = await _first_answer(shard, ctx, reason)
+    answer = await _first_answer(parts, ctx, reason)
     if answer is not None:
         ctx.fallback_used = answer.headers[FALLBACK_HEADER]
         ctx.fallback_reason = reason
     return answer
 
 
-async def _first_answer(shard: "ShardRuntime", ctx: CallContext,
+async def _first_answer(parts: StageParts, ctx: CallContext,
                         reason: str) -> httpx.Response | None:
-    for spec, static in shard.fallbacks:
+    for spec, static in parts.fallbacks:
         if spec.kind == "static" and static is not None:
             return fallback_response(static.status, list(static.headers), static.body,
                                      "static", reason)
         if spec.kind == "stale":
-            cache = shard.service.stale_cache
+            cache = parts.stale_cache
             if cache is None or ctx.method not in ("GET", "HEAD"):
                 continue
             entry = cache.lookup(cache_key("GET", str(ctx.request.url)), ctx.request.headers,
-                                 spec.max_age or 0.0, shard.env.clock.now())
+                                 spec.max_age or 0.0, parts.env.clock.now())
             if entry is None:
                 continue
             body = entry.body if ctx.method == "GET" else b""
@@ -61,8 +57,7 @@ async def _first_answer(shard: "ShardRuntime", ctx: CallContext,
 async def _service_answer(ctx: CallContext, target: str) -> httpx.Response | None:
     """The call sent again through service `target`: its answer if below 500 and not one
     of riprap's own refusals, else None."""
-    other = ctx.runtime.services.get(target)
-    if other is None or ctx.fallback_depth >= MAX_FALLBACK_DEPTH:
+    if not ctx.services.has_service(target) or ctx.fallback_depth >= MAX_FALLBACK_DEPTH:
         return None
     if ctx.stream is SPENT:
         return None  # a big body went to the failed call and cannot be sent again
@@ -77,8 +72,11 @@ async def _service_answer(ctx: CallContext, target: str) -> httpx.Response | Non
                             stream=stream, extensions=request.extensions)
     if ctx.body is not None:
         request.read()
-    resp, attempts, _outcome, _kind = await other.call(
-        ctx.runtime, request, ctx.incoming_deadline, depth=ctx.fallback_depth + 1)
+    answered = await ctx.services.call_service(target, request, ctx.incoming_deadline,
+                                               ctx.fallback_depth + 1)
+    if answered is None:  # gone meanwhile (cannot happen: a runtime is immutable)
+        return None
+    resp, attempts = answered
     ctx.attempts += attempts
     if resp.status_code >= 500 or (REASON_HEADER in resp.headers
                                    and FALLBACK_HEADER not in resp.headers):

@@ -5,42 +5,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 import httpx
 
 from policies.endpoint import EndpointRuntime
 from policies.health import ActiveHealth
+from policies.stage import StageParts
 from policies.timers import deadline_scope
-
-if TYPE_CHECKING:
-    from policies.runtime import ShardRuntime
 
 log = logging.getLogger("riprap.policies")
 
 
-async def run_health_checks(shard: "ShardRuntime") -> None:
-    """Check every endpoint every `interval`; flip health on `fall`/`rise` in a row."""
-    active = shard.active
-    assert active is not None and shard.spec.health is not None
-    spec = shard.spec.health
-    clock = shard.env.clock
+async def run_health_checks(parts: StageParts, active: ActiveHealth) -> None:
+    """Check every endpoint every `interval`; flip health on `fall`/`rise` in a row.
+    The endpoint list is read afresh each round (it may be replaced at run time)."""
+    assert parts.spec.health is not None
+    spec = parts.spec.health
+    clock = parts.env.clock
+    pool = parts.pool
     while True:
         now = clock.now()
-        due = [ep for ep in shard.endpoints if active.due(ep.state, now)]
+        endpoints = pool.endpoints
+        due = [ep for ep in endpoints if active.due(ep.state, now)]
         if due:
-            await asyncio.gather(*(check(shard, ep, active, spec.timeout) for ep in due))
+            await asyncio.gather(*(check(parts, ep, active, spec.timeout) for ep in due))
         # state carried over a reload keeps its schedule: no burst of checks
-        wake = min(ep.state.next_check for ep in shard.endpoints)
+        endpoints = pool.endpoints
+        wake = min((ep.state.next_check for ep in endpoints), default=clock.now() + spec.interval)
         await clock.sleep(max(wake - clock.now(), 0.001))
 
 
-async def check(shard: "ShardRuntime", ep: EndpointRuntime, active: ActiveHealth,
+async def check(parts: StageParts, ep: EndpointRuntime, active: ActiveHealth,
                 timeout: float) -> None:
     """One check of one endpoint; the observer hears when its health flips."""
-    spec = shard.spec.health
+    spec = parts.spec.health
     assert spec is not None
-    env = shard.env
+    env = parts.env
     raw = spec.path if spec.path.startswith("/") else "/" + spec.path
     request = httpx.Request(spec.method, ep.url_for(raw.encode("ascii")),
                             headers=[(b"host", ep.authority),
@@ -48,7 +48,7 @@ async def check(shard: "ShardRuntime", ep: EndpointRuntime, active: ActiveHealth
                             extensions=dict(ep.extensions))
     ok = False
     try:
-        async with deadline_scope(env, timeout):
+        async with deadline_scope(env.clock, timeout):
             resp = await env.inner.handle_async_request(request)
             try:
                 ok = active.expects(resp.status_code)
@@ -60,7 +60,7 @@ async def check(shard: "ShardRuntime", ep: EndpointRuntime, active: ActiveHealth
         log.warning("health check of %s failed: %r", ep.state.url, exc)
         ok = False
     if active.observe(ep.state, ok, env.clock.now()):
-        env.observer.health_changed(shard.service_name, ep.state.url, ep.state.healthy)
+        env.observer.health_changed(parts.service, ep.state.url, ep.state.healthy)
 
 
 __all__ = ["check", "run_health_checks"]

@@ -8,17 +8,16 @@ as tasks. Losers are cancelled, and their late responses closed.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from policies.answers import response_or_raise
+from policies.clock import Timer
 from policies.context import CallContext, Handler
 from policies.errors import ResilienceError
 from policies.hedge import HedgeDelay
-
-if TYPE_CHECKING:
-    from policies.runtime import ShardRuntime
+from policies.stage import StageParts
 
 
 class HedgeRun:
@@ -29,21 +28,21 @@ class HedgeRun:
     its response, if it had one, closed.
     """
 
-    __slots__ = ("shard", "hedge", "inner", "ctx", "env", "owner", "loop", "copies",
+    __slots__ = ("parts", "hedge", "inner", "ctx", "env", "owner", "loop", "copies",
                  "extra", "timer", "winner", "settled", "inline", "base_cancels")
 
-    def __init__(self, shard: "ShardRuntime", hedge: HedgeDelay, inner: Handler,
+    def __init__(self, parts: StageParts, hedge: HedgeDelay, inner: Handler,
                  ctx: CallContext) -> None:
-        self.shard = shard
+        self.parts = parts
         self.hedge = hedge
         self.inner = inner
         self.ctx = ctx
-        self.env = shard.env
+        self.env = parts.env
         self.owner = asyncio.current_task()
         self.loop = asyncio.get_running_loop()
         self.copies: list[asyncio.Task[httpx.Response]] = []
         self.extra = 0
-        self.timer: Any = None
+        self.timer: Timer | None = None
         self.winner: asyncio.Task[httpx.Response] | None = None
         self.settled = False
         self.inline = False
@@ -52,16 +51,7 @@ class HedgeRun:
     # -- the timer and the extra copies ---------------------------------------------
 
     def _arm(self) -> None:
-        delay = self.hedge.delay()
-        if self.env.system_clock:
-            loop = self.loop
-            self.timer = loop.call_at(loop.time() + delay, self._fire)  # = call_later
-        else:
-            self.timer = self.loop.create_task(self._sleep_then_fire(delay))
-
-    async def _sleep_then_fire(self, delay: float) -> None:
-        await self.env.clock.sleep(delay)
-        self._fire()
+        self.timer = self.env.clock.call_later(self.hedge.delay(), self._fire)
 
     def _stop_timer(self) -> None:
         timer, self.timer = self.timer, None
@@ -72,14 +62,14 @@ class HedgeRun:
         self.timer = None
         if self.settled:
             return
-        shard = self.shard
+        parts = self.parts
         obs = self.env.observer
-        budget = shard.budget
+        budget = parts.budget
         if budget is not None and not budget.try_spend():
-            obs.retry_refused(shard.service_name, "budget")
+            obs.retry_refused(parts.service, "budget")
             return
         self.extra += 1
-        obs.hedged(shard.service_name)
+        obs.hedged(parts.service)
         task = self.loop.create_task(self.inner(self.ctx))
         self.copies.append(task)
         task.add_done_callback(self._copy_done)

@@ -3,7 +3,8 @@
 A plan becomes a `PlanRuntime`: one `ServiceRuntime` per service, and in it one
 `ShardRuntime` per shard (an unsharded service has a single, unnamed one). A shard
 runtime owns the live primitives built from its spec (breaker, limiter, bulkhead,
-budget, latency window, endpoints, balancer, health, chaos, fallbacks) and its chain
+budget, latency window, endpoints, balancer, health, chaos, fallbacks), hands them to
+its stages as one `StageParts` (`policies.stage`), and keeps the chain built from them
 (`policies.pipeline`). `ServiceRuntime.call` is the service edge: it picks the shard,
 runs the chain, and turns riprap's failures into answers.
 
@@ -18,7 +19,7 @@ stale fallback.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import httpx
 
@@ -29,8 +30,8 @@ from policies.breaker import CircuitBreaker
 from policies.budget import RetryBudget
 from policies.bulkhead import Bulkhead
 from policies.chaos import ChaosInjector
-from policies.context import CallContext, Handler
-from policies.endpoint import EndpointRuntime
+from policies.context import CallContext
+from policies.endpoint import EndpointPool, EndpointRuntime
 from policies.env import Env
 from policies.errors import BadRequest, ResilienceError
 from policies.fallback import StaleCache, StaticAnswer, cache_key, shared_cache_vary
@@ -40,9 +41,10 @@ from policies.health_checks import run_health_checks
 from policies.hedge import HedgeDelay
 from policies.latency import LatencyWindow
 from policies.limiter import KeyedLimiter
-from policies.pipeline import build_chain
+from policies.pipeline import Chain, build_chain
 from policies.retry import RetryPolicy
 from policies.sharding import Rendezvous, extract_key
+from policies.stage import StageParts
 from policies.streams import StaleTee, call_stream
 from policies.tls import tls_client
 
@@ -58,9 +60,8 @@ class ShardRuntime:
     """The live policies of one shard (or of an unsharded service) and its call chain."""
 
     def __init__(self, service: "ServiceRuntime", name: str | None,
-                 spec: ServicePlan | ShardPlan, env: Env, order: Sequence[str],
+                 spec: ServicePlan | ShardPlan, env: Env, order: tuple[str, ...],
                  shared: "ServiceRuntime | None", previous: "ShardRuntime | None") -> None:
-        self.service = service
         self.service_name = service.name
         self.name = name
         self.spec = spec
@@ -71,13 +72,12 @@ class ShardRuntime:
 
         # endpoints: carried one by one when their spec is unchanged
         prev_eps = {e.spec.url: e for e in prev.endpoints} if prev else {}
-        self.endpoints: list[EndpointRuntime] = []
+        endpoints: list[EndpointRuntime] = []
         for ep_spec in spec.endpoints:
             old = prev_eps.get(ep_spec.url)
             state = old.state if old is not None and old.spec == ep_spec else EndpointState.from_spec(ep_spec)
-            self.endpoints.append(EndpointRuntime(ep_spec, state, tls_client(spec.tls, ep_spec.url)))
-        self.states = [e.state for e in self.endpoints]
-        self.by_state = {id(e.state): e for e in self.endpoints}
+            endpoints.append(EndpointRuntime(ep_spec, state, tls_client(spec.tls, ep_spec.url)))
+        self.pool = EndpointPool(endpoints)
         same_eps = prev is not None and prev.spec.endpoints == spec.endpoints
 
         self.latency: LatencyWindow = prev.latency if same_eps and prev else LatencyWindow()
@@ -120,18 +120,27 @@ class ShardRuntime:
         self.retry = RetryPolicy(spec.retry) if spec.retry and spec.retry.retries > 0 else None
         self.hedge = HedgeDelay(spec.hedge, self.latency) if spec.hedge else None
         self.chaos = ChaosInjector(spec.chaos, env.rng) if spec.chaos and env.chaos else None
-        self.fallbacks: list[tuple[FallbackSpec, StaticAnswer | None]] = [
-            (f, StaticAnswer.from_spec(f) if f.kind == "static" else None) for f in spec.fallbacks]
-        self.has_fallback = bool(self.fallbacks)
-        # Could a call ever send its body twice? If not, bodies stream straight through.
-        self.needs_replay = bool(self.retry or self.hedge or any(
-            f.kind == "service" for f in spec.fallbacks))
+        self.fallbacks: tuple[tuple[FallbackSpec, StaticAnswer | None], ...] = tuple(
+            (f, StaticAnswer.from_spec(f) if f.kind == "static" else None) for f in spec.fallbacks)
         self.stale_ages = [f.max_age for f in spec.fallbacks if f.kind == "stale"]
-        self.chain: Handler = build_chain(self, order)
+        self.parts = StageParts(
+            service=service.name, shard=name, spec=spec, order=order, env=env,
+            pool=self.pool, balancer=self.balancer, latency=self.latency,
+            limiter=self.limiter, bulkhead=self.bulkhead, breaker=self.breaker,
+            retry=self.retry, budget=self.budget, hedge=self.hedge, chaos=self.chaos,
+            outlier=self.outlier, fallbacks=self.fallbacks, stale_cache=service.stale_cache)
+        self.needs_replay = self.parts.needs_replay
+        self.chain: Chain = build_chain(self.parts)
+        self.handler = self.chain.handler
+
+    @property
+    def endpoints(self) -> tuple[EndpointRuntime, ...]:
+        return self.pool.endpoints
 
     async def health_loop(self) -> None:
         """The shard's active health checks, until cancelled (`policies.health_checks`)."""
-        await run_health_checks(self)
+        assert self.active is not None
+        await run_health_checks(self.parts, self.active)
 
     # -- state --------------------------------------------------------------------
 
@@ -270,10 +279,12 @@ class ServiceRuntime:
             shard = self.pick_shard(request, scanned[2])
         except ResilienceError as exc:
             return error_response(exc), 0, exc.reason, None
-        ctx = CallContext(runtime, self, shard, request, incoming_deadline, start, depth,
-                          scanned)
+        ctx = CallContext(runtime, request, wanted=self.wanted_headers,
+                          body_bound=self.spec.max_body_buffer, needs_replay=shard.needs_replay,
+                          incoming_deadline=incoming_deadline, start=start, depth=depth,
+                          scanned=scanned)
         try:
-            resp = await shard.chain(ctx)
+            resp = await shard.handler(ctx)
         except ResilienceError as exc:
             exc.attempts = ctx.attempts
             exc.service = self.name
@@ -363,6 +374,21 @@ class PlanRuntime:
         elif h.count(":") == 1:
             h = h.split(":", 1)[0]
         return self.hosts.get(h.rstrip("."))
+
+    def has_service(self, name: str) -> bool:
+        return name in self.services
+
+    async def call_service(self, name: str, request: httpx.Request,
+                           incoming_deadline: float | None,
+                           depth: int) -> tuple[httpx.Response, int] | None:
+        """(answer, attempts) of `request` sent through service `name` (a `fallback
+        service` link, `depth` links deep); None when the plan has no such service."""
+        service = self.services.get(name)
+        if service is None:
+            return None
+        resp, attempts, _outcome, _kind = await service.call(self, request, incoming_deadline,
+                                                             depth=depth)
+        return resp, attempts
 
     def health_shards(self) -> list[ShardRuntime]:
         return [s for svc in self.services.values() for s in svc.shards.values()

@@ -1,36 +1,37 @@
-"""Timeout scopes on the env's clock: asyncio's own timers on the real clock, `clock.sleep`
-on a test clock (so a virtual clock drives deadlines, per-try timeouts and health checks)."""
+"""Timeout scopes on a clock's own timers (`Clock.call_later`): the loop's timer handle on
+the real clock, a task sleeping on a test clock (so a virtual clock drives deadlines,
+per-try timeouts and health checks)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from policies.clock import Clock
-from policies.env import Env
+from policies.clock import Clock, Timer
 
 if TYPE_CHECKING:
     from policies.context import CallContext
 
 
-class LoopTimeout:
-    """A lighter `asyncio.timeout` on the loop's own clock (one timer handle, no rescheduling).
+class ClockTimeout:
+    """A lighter `asyncio.timeout` on `clock` (one timer, no rescheduling).
 
     Cancels the task it guards when the time is up and turns that cancellation into
     `TimeoutError` on the way out; a cancellation from elsewhere passes through.
     """
 
-    __slots__ = ("_delay", "_task", "_timer", "_cancelling", "_ctx", "fired")
+    __slots__ = ("_clock", "_delay", "_task", "_timer", "_cancelling", "_ctx", "fired")
 
-    def __init__(self, delay: float, ctx: "CallContext | None" = None) -> None:
+    def __init__(self, clock: Clock, delay: float, ctx: "CallContext | None" = None) -> None:
+        self._clock = clock
         self._delay = delay
         self._task: asyncio.Task[Any] | None = None
-        self._timer: Any = None
+        self._timer: Timer | None = None
         self._cancelling = 0
         self._ctx = ctx  # told when the time is up, before the cancellation lands
         self.fired = False
 
-    async def __aenter__(self) -> "LoopTimeout":
+    async def __aenter__(self) -> "ClockTimeout":
         self.enter()
         return self
 
@@ -41,11 +42,7 @@ class LoopTimeout:
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
-        self._arm(task)
-
-    def _arm(self, task: asyncio.Task[Any]) -> None:
-        loop = task.get_loop()
-        self._timer = loop.call_at(loop.time() + self._delay, self._expire)
+        self._timer = self._clock.call_later(self._delay, self._expire)
 
     def _expire(self) -> None:
         self.fired = True
@@ -62,6 +59,7 @@ class LoopTimeout:
         """`__aexit__` without the coroutine: stop the timer; if it fired, turn its
         cancellation (`exc`) into `TimeoutError`. Called in the `except` clause that
         caught `exc` (or with None after a normal exit); the caller re-raises `exc`."""
+        assert self._timer is not None
         self._timer.cancel()
         if self.fired:
             assert self._task is not None
@@ -69,31 +67,12 @@ class LoopTimeout:
                 raise TimeoutError from exc
 
 
-class ClockTimeout(LoopTimeout):
-    """`LoopTimeout` driven by `clock.sleep`, so a virtual clock in tests drives it."""
-
-    __slots__ = ("_clock",)
-
-    def __init__(self, clock: Clock, delay: float, ctx: "CallContext | None" = None) -> None:
-        super().__init__(delay, ctx)
-        self._clock = clock
-
-    def _arm(self, task: asyncio.Task[Any]) -> None:
-        self._timer = task.get_loop().create_task(self._sleep())
-
-    async def _sleep(self) -> None:
-        await self._clock.sleep(self._delay)
-        self._expire()
-
-
-def deadline_scope(env: Env, delay: float, ctx: "CallContext | None" = None) -> LoopTimeout:
-    """A timeout scope of `delay` seconds on the env's clock (the loop's, when it is real).
+def deadline_scope(clock: Clock, delay: float, ctx: "CallContext | None" = None) -> ClockTimeout:
+    """A timeout scope of `delay` seconds on `clock`.
 
     With `ctx`, the call is marked `expired` when the time is up, so the stages being
     cancelled can tell a deadline from a caller that went away."""
-    if env.system_clock:
-        return LoopTimeout(delay, ctx)
-    return ClockTimeout(env.clock, delay, ctx)
+    return ClockTimeout(clock, delay, ctx)
 
 
 def fmt_s(seconds: float) -> str:
@@ -101,4 +80,4 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:g}s"
 
 
-__all__ = ["ClockTimeout", "LoopTimeout", "deadline_scope", "fmt_s"]
+__all__ = ["ClockTimeout", "deadline_scope", "fmt_s"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from typing import Any
 
 import httpx
@@ -64,12 +63,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             from policies.aiohttp_transport import AiohttpTransport
 
             inner = AiohttpTransport()
-        if clock is None:
-            clock = SystemClock()
-            # The engine reads the clock about ten times per call: skip the method hop.
-            clock.now = time.monotonic  # type: ignore[method-assign]
         self._env = Env(
-            clock=clock,
+            clock=clock if clock is not None else SystemClock(),
             rng=rng if rng is not None else random.Random(),
             observer=SafeObserver(observer),
             inner=inner,

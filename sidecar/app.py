@@ -18,6 +18,7 @@ import httpx
 
 from dsl.diagnostics import Diagnostic
 from dsl.plan import Plan
+from policies.clock import Clock
 from sidecar.admin import create_admin_app
 from sidecar.logs import AccessLog, AccessObserver
 from sidecar.metrics import FanoutObserver, SidecarMetrics
@@ -88,8 +89,11 @@ class Sidecar:
 def create_app(source: str | os.PathLike[str] | Plan, *, chaos: bool = False,
                inner: httpx.AsyncBaseTransport | None = None, access_log: bool = False,
                watch: bool = True, supervise: bool = True,
-               rng: random.Random | None = None) -> Sidecar:
+               rng: random.Random | None = None, clock: Clock | None = None) -> Sidecar:
     """Build a sidecar from a policy file, a plan `.json`, or a `Plan` object.
+
+    `clock` and `rng` drive the engine's decisions (tests pass a virtual clock, so
+    backoffs, deadlines, breaker windows and hedges run in virtual time).
 
     Raises `sidecar.reload.PlanLoadError` (with diagnostics) when the file does not
     compile. A `Plan` object is served as is and never reloaded.
@@ -111,7 +115,7 @@ def create_app(source: str | os.PathLike[str] | Plan, *, chaos: bool = False,
         inner = AiohttpTransport()
     tracer = tracer_from_env(plan.app)  # None unless OTEL_EXPORTER_OTLP_*ENDPOINT is set
     transport = ResilientTransport(plan, inner, observer=observer, chaos=chaos, rng=rng,
-                                   tracer=tracer)
+                                   tracer=tracer, clock=clock)
     holder = PlanHolder(plan, transport, metrics, source_path=path, warnings=warnings)
     proxy = ProxyApp(holder, metrics, access)
     sidecar = Sidecar(holder=holder, metrics=metrics, proxy=proxy, admin=None, chaos=chaos,

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import AsyncIterator
 
 import pytest
-import pytest_asyncio
 
 from policies.clock import FakeClock
-from test_transport_clock import VirtualClock
 
 
 class ManualClock(FakeClock):
@@ -62,16 +59,3 @@ def manual_clock() -> ManualClock:
 def rng() -> random.Random:
     return random.Random(20261127)
 
-
-@pytest_asyncio.fixture
-async def vclock() -> AsyncIterator[VirtualClock]:
-    clock = VirtualClock()
-    driver = asyncio.get_running_loop().create_task(clock.drive())
-    try:
-        yield clock
-    finally:
-        driver.cancel()
-        try:
-            await driver
-        except asyncio.CancelledError:
-            pass

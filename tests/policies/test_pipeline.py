@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import time
 
 import httpx
 import pytest
@@ -35,8 +36,8 @@ from policies.health import EndpointState
 from policies.runtime import PlanRuntime
 from policies.safe_observer import SafeObserver
 from policies.streams import CallStream, StaleTee
-from policies.timers import ClockTimeout, LoopTimeout
-from test_transport_clock import VirtualClock
+from policies.timers import ClockTimeout
+from riprap_testing.clock import VirtualClock
 
 
 def env(clock: object | None = None, chaos: bool = False) -> Env:
@@ -49,23 +50,9 @@ def svc(name: str = "api", **kw: object) -> ServicePlan:
     return ServicePlan(name=name, **kw)  # type: ignore[arg-type]
 
 
-def chain_names(rt: PlanRuntime, service: str = "api", shard: str | None = None) -> list[str]:
-    """The stage names of a shard's chain, outermost first (from the closures' names)."""
-    names = []
-    handler = rt.services[service].shards[shard].chain
-    while True:
-        names.append(handler.__name__)
-        cells = [c.cell_contents for c in (handler.__closure__ or ()) if callable(c.cell_contents)]
-        inner = [c for c in cells if getattr(c, "__name__", "") != handler.__name__
-                 and hasattr(c, "__closure__") and c.__name__ in _STAGE_FN + ("_send",)]
-        if not inner:
-            break
-        handler = inner[0]
-    return names
-
-
-_STAGE_FN = ("fallback", "limit", "concurrency", "deadline", "retry", "hedged", "guarded",
-             "inject")
+def chain_names(rt: PlanRuntime, service: str = "api", shard: str | None = None) -> tuple[str, ...]:
+    """The stage names of a shard's chain, outermost first."""
+    return rt.services[service].shards[shard].chain.names
 
 
 # ------------------------------------------------------------------ building the chain
@@ -73,25 +60,25 @@ _STAGE_FN = ("fallback", "limit", "concurrency", "deadline", "retry", "hedged", 
 
 def test_only_configured_policies_enter_the_chain_in_plan_order() -> None:
     rt = PlanRuntime(Plan(services={"api": svc()}), env())
-    assert chain_names(rt) == ["deadline", "_send"]
+    assert chain_names(rt) == ("timeout", "balance")
     full = svc(retry=RetrySpec(2), hedge=HedgeSpec(delay=0.1), limit=LimitSpec(5, 5),
                breaker=BreakerSpec("consecutive", failures=3), concurrency=ConcurrencySpec(4),
                fallbacks=(FallbackSpec("static", status=503, body="x"),))
     rt = PlanRuntime(Plan(services={"api": full}), env())
-    assert chain_names(rt) == ["fallback", "limit", "concurrency", "deadline", "retry",
-                               "hedged", "guarded", "_send"]
+    assert chain_names(rt) == ("fallback", "limit", "concurrency", "timeout", "retry",
+                               "hedge", "breaker", "balance")
     swapped = dataclasses.replace(full, order=("limit", "fallback", "retry", "timeout", "hedge",
                                                "breaker", "concurrency", "chaos", "balance"))
     rt = PlanRuntime(Plan(services={"api": swapped}), env())
-    assert chain_names(rt) == ["limit", "fallback", "retry", "deadline", "hedged", "guarded",
-                               "concurrency", "_send"]
+    assert chain_names(rt) == ("limit", "fallback", "retry", "timeout", "hedge", "breaker",
+                               "concurrency", "balance")
 
 
 def test_chaos_enters_the_chain_only_when_enabled() -> None:
     from dsl.plan import ChaosSpec
     p = Plan(services={"api": svc(chaos=(ChaosSpec("abort", 0.5),))})
-    assert "inject" not in chain_names(PlanRuntime(p, env()))
-    assert "inject" in chain_names(PlanRuntime(p, env(chaos=True)))
+    assert "chaos" not in chain_names(PlanRuntime(p, env()))
+    assert chain_names(PlanRuntime(p, env(chaos=True))) == ("timeout", "chaos", "balance")
 
 
 @pytest.mark.parametrize("order,message", [
@@ -234,16 +221,16 @@ async def test_stale_tee_keeps_complete_bodies_within_the_entry_bound() -> None:
 
 async def test_loop_timeout_turns_its_own_cancellation_into_timeout_error() -> None:
     with pytest.raises(TimeoutError):
-        async with LoopTimeout(0.01):
+        async with ClockTimeout(SystemClock(), 0.01):
             await asyncio.sleep(1)
-    async with LoopTimeout(1.0) as scope:
+    async with ClockTimeout(SystemClock(), 1.0) as scope:
         await asyncio.sleep(0)
     assert not scope.fired
 
 
 async def test_loop_timeout_lets_an_outside_cancellation_through() -> None:
     async def guarded() -> None:
-        async with LoopTimeout(10.0):
+        async with ClockTimeout(SystemClock(), 10.0):
             await asyncio.sleep(10)
 
     task = asyncio.ensure_future(guarded())
@@ -261,9 +248,25 @@ async def test_clock_timeout_fires_on_virtual_time(vclock: VirtualClock) -> None
     assert vclock.now() - t0 == pytest.approx(0.5)
 
 
-def test_env_uses_loop_timers_only_for_the_system_clock() -> None:
-    assert env(SystemClock()).system_clock is True
-    assert env(FakeClock()).system_clock is False
+async def test_system_clock_timers_are_the_loops_own() -> None:
+    clock = SystemClock()
+    fired: list[str] = []
+    timer = clock.call_later(0.001, lambda: fired.append("a"))
+    assert isinstance(timer, asyncio.TimerHandle)  # one handle on the loop, no task
+    clock.call_later(0.001, lambda: fired.append("b")).cancel()
+    await asyncio.sleep(0.02)
+    assert fired == ["a"]
+    assert abs(clock.wall() - time.time()) < 1.0
+
+
+async def test_fake_clock_timers_run_on_its_sleeps(vclock: VirtualClock) -> None:
+    fired: list[float] = []
+    vclock.call_later(0.5, lambda: fired.append(vclock.now()))
+    vclock.call_later(0.2, lambda: fired.append(vclock.now())).cancel()
+    wall0 = vclock.wall()
+    await vclock.sleep(1.0)
+    assert fired == [pytest.approx(1000.5)]
+    assert vclock.wall() - wall0 == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------ the error tree

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from dsl.plan import BackoffSpec, BudgetSpec, LimitSpec, ConcurrencySpec, RetrySpec
-from test_transport_clock import VirtualClock
+from riprap_testing.clock import VirtualClock
 from test_transport_kit import (
     Recorder,
     TrackedStream,

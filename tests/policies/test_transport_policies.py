@@ -24,7 +24,7 @@ from dsl.plan import (
     ShardPlan,
 )
 from policies.sharding import shard_for
-from test_transport_clock import VirtualClock
+from riprap_testing.clock import VirtualClock
 from test_transport_kit import (
     Recorder,
     TrackedStream,
@@ -549,7 +549,7 @@ async def test_when_both_copies_answer_together_the_loser_is_closed(vclock: Virt
 
 
 async def test_hedging_on_the_real_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The production timer path (loop.call_later, LoopTimeout), with real waits of 20 ms."""
+    """The production timer path (SystemClock.call_later: the loop's timer handles), with real waits of 20 ms."""
     from policies.transport import ResilientTransport
     up = Upstream()
     up.on(9001, hang)

@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from dsl.plan import EndpointSpec, Plan, ServicePlan
+from dsl.plan import BackoffSpec, EndpointSpec, Plan, RetrySpec, ServicePlan
+from riprap_testing.clock import VirtualClock
 from sidecar.app import Sidecar, create_app
 from sidecar.reload import PlanLoadError, fingerprint
 
@@ -143,5 +144,33 @@ async def test_a_204_with_a_content_length_keeps_the_connection_usable() -> None
         async with client(sc.proxy) as c:
             r = await c.get("/x")
         assert r.status_code == 204 and "content-length" not in r.headers
+    finally:
+        await sc.aclose()
+
+
+async def test_the_sidecar_runs_in_virtual_time(vclock: VirtualClock) -> None:
+    """`create_app(clock=...)`: deadlines and backoffs of the whole sidecar on a virtual
+    clock — exact timings, no real waiting."""
+    calls: list[float] = []
+
+    async def slow_then_hang(request: httpx.Request) -> httpx.Response:
+        calls.append(vclock.now())
+        if len(calls) == 1:
+            return httpx.Response(503)
+        await vclock.sleep(60)  # never answers within the deadline
+        return httpx.Response(200)
+
+    p = Plan(services={"payments": ServicePlan(
+        "payments", hosts=("pay.internal",), endpoints=(EndpointSpec("http://127.0.0.1:9001"),),
+        timeout=2.0, retry=RetrySpec(1, on=("5xx",), backoff=BackoffSpec("constant", 0.5, 0.5, jitter="none")))})
+    sc = create_app(p, inner=httpx.MockTransport(slow_then_hang), clock=vclock, watch=False,
+                    supervise=False)
+    try:
+        t0 = vclock.now()
+        async with client(sc.proxy) as c:
+            r = await c.get("/x")
+        assert r.status_code == 504 and r.headers["x-riprap-reason"] == "timeout"
+        assert [t - t0 for t in calls] == [0.0, 0.5]  # the retry after its 500ms backoff
+        assert vclock.now() - t0 == pytest.approx(2.0)  # cut by the 2s deadline, exactly
     finally:
         await sc.aclose()

@@ -1,4 +1,4 @@
-"""The chain's terminal `balance` stage: one attempt upstream.
+"""`balance`, the chain's terminal stage: one attempt upstream.
 
 It picks the tier (health, ejection, failover, panic) and the endpoint (the balancer,
 avoiding endpoints already tried), builds the upstream request, applies the per-try
@@ -8,7 +8,7 @@ timeout, sends through the inner transport, and records latency and outlier outc
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import httpx
 
@@ -19,39 +19,40 @@ from policies.errors import NoHealthyEndpoint, UpstreamFailed
 from policies.httpx_compat import build_request
 from policies.headers import DEADLINE_BYTES
 from policies.health import EndpointState, select_tier
+from policies.stage import StageParts
 from policies.streams import on_close
 from policies.timers import deadline_scope, fmt_s
 from policies.tracing import CURRENT_CALL, AttemptSpan, with_trace_headers
 
-if TYPE_CHECKING:
-    from policies.runtime import ShardRuntime
 
-
-def balance_stage(shard: "ShardRuntime") -> Handler:
-    """The shard's terminal stage (the handler every other stage ends up calling)."""
-    env = shard.env
+def build(parts: StageParts, inner: Handler | None = None) -> Handler:
+    """The shard's terminal stage (the handler every other stage ends up calling); it
+    wraps nothing, so `inner` is ignored."""
+    env = parts.env
     clock = env.clock
-    service_name = shard.service_name
-    states = shard.states
-    by_state = shard.by_state
-    balancer = shard.balancer
-    latency_window = shard.latency
-    outlier = shard.outlier
-    has_fallback = shard.has_fallback
-    retry = shard.spec.retry
+    obs = env.observer
+    send = env.inner.handle_async_request
+    service_name = parts.service
+    pool = parts.pool
+    balancer = parts.balancer
+    latency_window = parts.latency
+    outlier = parts.outlier
+    has_fallback = bool(parts.fallbacks)
+    retry = parts.spec.retry
     per_try = retry.per_try_timeout if retry is not None else None
-    where = f"service '{service_name}'" + (f" shard '{shard.name}'" if shard.name else "")
+    where = parts.where
 
     def record(state: EndpointState, ok: bool, outcome: str, elapsed: float,
-               *, latency: bool) -> None:
+               states: list[EndpointState], *, latency: bool) -> None:
         if latency:
             latency_window.record(elapsed)
         if outlier is not None and outlier.record(state, ok, states):
-            env.observer.ejected(service_name, state.url)
-        env.observer.attempt_finished(service_name, state.url, outcome, elapsed)
+            obs.ejected(service_name, state.url)
+        obs.attempt_finished(service_name, state.url, outcome, elapsed)
 
-    # Named `_send`: the chain's terminal, as tests read the chain from the closures' names.
-    async def _send(ctx: CallContext) -> httpx.Response:
+    async def balance(ctx: CallContext) -> httpx.Response:
+        view = pool.view  # one read: a list replaced meanwhile does not change this attempt
+        states = view.states
         now = clock.now()
         failed = ctx.failed
         if failed is None:
@@ -68,7 +69,7 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
             if not candidates:
                 raise NoHealthyEndpoint(f"no healthy endpoint for {where}")
         state = balancer.pick(candidates, ctx.tried)
-        ep = by_state[id(state)]
+        ep = view.by_state[id(state)]
         url = state.url
         ctx.tried.add(url)
         t0 = now  # nothing below waits before the send, unless the body is read
@@ -91,10 +92,10 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
         try:
             if per_try is not None:
                 # `async with deadline_scope(...)`, unrolled (no __aenter__/__aexit__ coroutines)
-                scope = deadline_scope(env, per_try)
+                scope = deadline_scope(clock, per_try)
                 scope.enter()
                 try:
-                    resp = await env.inner.handle_async_request(request)
+                    resp = await send(request)
                 except BaseException as exc:
                     try:
                         scope.leave(exc)
@@ -106,22 +107,21 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
                     raise
                 scope.leave(None)
             else:
-                resp = await env.inner.handle_async_request(request)
+                resp = await send(request)
         except httpx.HTTPError as exc:
             state.in_flight -= 1
             failure, error = classify(exc, url)
             if failure is None:  # a request that cannot be sent says nothing of the endpoint
-                env.observer.attempt_finished(service_name, url, "invalid-request",
-                                              clock.now() - t0)
+                obs.attempt_finished(service_name, url, "invalid-request", clock.now() - t0)
             else:
-                record(state, False, failure, clock.now() - t0, latency=False)
+                record(state, False, failure, clock.now() - t0, states, latency=False)
                 _mark_failed(ctx, url)
             if span is not None:
                 span.end(failure or "invalid-request")
             raise error from exc
         except asyncio.CancelledError:
             state.in_flight -= 1
-            env.observer.attempt_finished(service_name, url, "cancelled", clock.now() - t0)
+            obs.attempt_finished(service_name, url, "cancelled", clock.now() - t0)
             if span is not None:
                 span.end("cancelled")
             raise
@@ -132,15 +132,16 @@ def balance_stage(shard: "ShardRuntime") -> Handler:
             raise
         elapsed = clock.now() - t0
         code = resp.status_code
+        outcome = STATUS_CLASS.get(code // 100, "5xx")
         if span is not None:
-            span.end(STATUS_CLASS.get(code // 100, "5xx"), code)
-        record(state, code < 500, STATUS_CLASS.get(code // 100, "5xx"), elapsed, latency=True)
+            span.end(outcome, code)
+        record(state, code < 500, outcome, elapsed, states, latency=True)
         if code >= 500:
             _mark_failed(ctx, url)
         on_close(resp, ep.release)
         return resp
 
-    return _send
+    return balance
 
 
 def _mark_failed(ctx: CallContext, url: str) -> None:
@@ -188,6 +189,3 @@ def panic_candidates(states: Sequence[EndpointState]) -> list[EndpointState]:
         if st.healthy and (best is None or st.tier < best):
             best = st.tier
     return [st for st in states if st.healthy and st.tier == best]
-
-
-__all__ = ["balance_stage", "panic_candidates", "upstream_request"]
