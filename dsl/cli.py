@@ -52,9 +52,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="warn when retries along a call path multiply beyond N (default 10)",
     )
-    k = sub.add_parser("compile", help="print (or write) the compiled plan as JSON")
+    k = sub.add_parser("compile", help="print (or write) the compiled plan as JSON, or Envoy configuration")
     k.add_argument("file", metavar="FILE")
     k.add_argument("-o", "--output", metavar="PATH")
+    k.add_argument("--target", choices=("plan", "envoy"), default="plan",
+                   help="plan: the JSON plan (default); envoy: Envoy configuration written into the folder -o")
     k.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
     f = sub.add_parser("fmt", help="rewrite files in canonical form")
     f.add_argument("files", nargs="+", metavar="FILE")
@@ -217,6 +219,8 @@ def _compile(args: argparse.Namespace) -> int:
     code = _exit_code(diags)
     if unit.plan is None or code:
         return code or 1
+    if args.target == "envoy":
+        return _compile_envoy(unit, args.output)
     text = plan_json(unit)
     if args.output:
         try:
@@ -227,6 +231,27 @@ def _compile(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return code
+
+
+def _compile_envoy(unit: CompiledUnit, output: str | None) -> int:
+    """`--target envoy`: Envoy configuration into the folder `output` (sidecar, imported lazily)."""
+    if not output:
+        raise _Usage("compile --target envoy needs -o DIR (the folder for envoy.yaml and the files it names)")
+    from sidecar.engines.envoy.target import compile_to_dir
+
+    assert unit.plan is not None
+    try:
+        paths, notes = compile_to_dir(unit.plan, Path(output))
+    except OSError as exc:
+        print(f"riprap: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    for note in notes:  # where Envoy does the closest thing (docs/engines.md)
+        span = unit.service_spans.get(note.service)
+        at = f"{unit.path}:{span.line}:{span.col}" if span else unit.path
+        print(f"{at}: warning[envoy]: service {note.service}: {note.statement}: {note.differs}",
+              file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
 
 
 # ---- fmt ------------------------------------------------------------------------------

@@ -1,0 +1,393 @@
+"""Clusters: one per service, or one per shard, with its endpoints and the per-cluster policies.
+
+- failover tiers are Envoy priorities; a huge overprovisioning factor makes a tier take
+  all traffic while it has one healthy host, so no call spills to the next tier early;
+- `balance` is the lb policy (least-request is power of two choices), weights per endpoint;
+- `health` is an active HTTP health check, `outlier` outlier detection;
+- `concurrency`/`queue` and the retry `budget` are circuit-breaker thresholds;
+- `tls` is an UpstreamTlsContext whose secrets come from watched SDS files (rotation);
+- `resolve` makes a STRICT_DNS cluster re-resolved every D, through the plan's `resolver`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from dsl.plan import BreakerSpec, Plan, TlsSpec
+from sidecar.engines.envoy.names import RATELIMIT_CLUSTER
+from sidecar.engines.envoy.notes import NoteSink
+from sidecar.engines.envoy.units import Target, Unit, all_units, is_ip, target
+
+HUGE = 1_000_000_000  # "no limit" for Envoy's circuit breakers (its defaults are 1024 and 3 retries)
+OVERPROVISIONING = 100_000  # a tier with any healthy host takes 100 % of the load
+SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+TLS_SECRET_FILE = "sds-{name}.yaml"
+PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+LB = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST", "random": "RANDOM"}
+
+
+def duration(seconds: float) -> str:
+    """Envoy's JSON duration (`1.5s`), to the microsecond, never zero."""
+    us = max(1, round(seconds * 1_000_000))
+    whole, frac = divmod(us, 1_000_000)
+    return f"{whole}s" if frac == 0 else f"{whole}.{frac:06d}".rstrip("0") + "s"
+
+
+def _status_ranges(expect: tuple[str, ...]) -> list[dict[str, int]]:
+    ranges = []
+    for item in expect:
+        if item.endswith("xx"):
+            start = int(item[0]) * 100
+            ranges.append({"start": start, "end": start + 100})
+        else:
+            code = int(item)
+            ranges.append({"start": code, "end": code + 1})
+    return ranges
+
+
+def _health_checks(unit: Unit) -> list[dict[str, Any]]:
+    h = unit.spec.health
+    if h is None:
+        return []
+    return [
+        {
+            "timeout": duration(h.timeout),
+            "interval": duration(h.interval),
+            "no_traffic_interval": duration(h.interval),
+            "unhealthy_threshold": h.fall,
+            "healthy_threshold": h.rise,
+            "http_health_check": {
+                "path": h.path,
+                "method": h.method.upper(),
+                "expected_statuses": _status_ranges(h.expect),
+                "request_headers_to_add": [
+                    {
+                        "header": {"key": "user-agent", "value": "riprap-health"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+            },
+        }
+    ]
+
+
+def _breaker_outlier(b: BreakerSpec) -> dict[str, Any]:
+    """A whole-service breaker, approximated by ejecting every failing endpoint."""
+    out: dict[str, Any] = {
+        "interval": "1s",
+        "base_ejection_time": duration(b.open),
+        "max_ejection_time": duration(b.max_open),
+        "max_ejection_percent": 100,
+        "enforcing_success_rate": 0,
+        "consecutive_gateway_failure": HUGE,
+        "enforcing_consecutive_gateway_failure": 0,
+    }
+    if b.kind == "consecutive":
+        out.update(consecutive_5xx=b.failures or 5, enforcing_consecutive_5xx=100)
+    else:
+        out.update(
+            consecutive_5xx=HUGE,
+            enforcing_consecutive_5xx=0,
+            failure_percentage_threshold=max(0, min(100, round((b.rate or 0.5) * 100))),
+            failure_percentage_request_volume=b.min_calls,
+            failure_percentage_minimum_hosts=1,
+            enforcing_failure_percentage=100,
+        )
+    return out
+
+
+def _outlier(unit: Unit, sink: NoteSink) -> dict[str, Any] | None:
+    spec = unit.spec
+    o = spec.outlier
+    if spec.breaker is not None:
+        what = "each endpoint is ejected (Envoy outlier detection) instead of one breaker for the "
+        what += "service" if unit.shard is None else "shard"
+        what += "; after the open time an endpoint returns at once, with no probe calls"
+        if spec.breaker.slow is not None:
+            what += "; slow calls are not counted as failures"
+        if o is not None:
+            what = "approximated by the outlier line's ejection (Envoy has one outlier detector per cluster)"
+        sink.add(unit.service.name, "breaker", what)
+    if o is None:
+        return _breaker_outlier(spec.breaker) if spec.breaker is not None else None
+    tiers = {e.tier for e in spec.endpoints}
+    if len(tiers) > 1 and o.max_fraction < 1.0:
+        sink.add(unit.service.name, "outlier",
+                 "the max % of ejected endpoints counts the whole cluster, not each tier")
+    return {
+        "interval": "1s",
+        "consecutive_5xx": o.failures,
+        "enforcing_consecutive_5xx": 100,
+        "consecutive_gateway_failure": HUGE,
+        "enforcing_consecutive_gateway_failure": 0,
+        "enforcing_success_rate": 0,
+        "base_ejection_time": duration(o.eject),
+        "max_ejection_time": duration(max(300.0, o.eject * 10)),
+        "max_ejection_percent": max(0, min(100, math.floor(o.max_fraction * 100))),
+    }
+
+
+def _thresholds(unit: Unit, sink: NoteSink) -> dict[str, Any]:
+    spec = unit.spec
+    t: dict[str, Any] = {
+        "priority": "DEFAULT",
+        "max_connections": HUGE,
+        "max_pending_requests": HUGE,
+        "max_requests": HUGE,
+        "max_retries": HUGE,
+        "track_remaining": True,
+    }
+    c = spec.concurrency
+    if c is not None:
+        t["max_connections"] = c.max
+        t["max_requests"] = c.max + c.queue
+        t["max_pending_requests"] = c.queue if c.queue > 0 else c.max
+        differs = "at most N calls hold an upstream connection (Envoy circuit breakers)"
+        if c.queue:
+            differs += "; the queue is Envoy's pending-request queue, a queued call waits up to its timeout"
+            differs += " rather than queue-timeout"
+        sink.add(unit.service.name, "concurrency", differs)
+    r = spec.retry
+    if r is not None and r.budget is not None:
+        t["retry_budget"] = {
+            "budget_percent": {"value": round(r.budget.ratio * 100, 3)},
+            "min_retry_concurrency": max(1, math.ceil(r.budget.min_per_second)),
+        }
+        sink.add(unit.service.name, "retry budget",
+                 "Envoy's retry budget caps retries in flight at P% of requests in flight "
+                 "(at least R at once), not P% of requests over 10 s")
+    return t
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _load_assignment(unit: Unit) -> dict[str, Any]:
+    tiers = sorted({e.tier for e in unit.spec.endpoints})
+    priority = {tier: i for i, tier in enumerate(tiers)}
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for e in unit.spec.endpoints:
+        t = target(e)
+        groups.setdefault(priority[e.tier], []).append(
+            {
+                "endpoint": {
+                    "address": _socket_address(t.host, t.port),
+                    "hostname": t.authority,
+                    "health_check_config": {"hostname": t.authority},
+                },
+                "load_balancing_weight": e.weight,
+            }
+        )
+    return {
+        "cluster_name": unit.cluster,
+        "endpoints": [{"priority": p, "lb_endpoints": groups[p]} for p in sorted(groups)],
+        "policy": {"overprovisioning_factor": OVERPROVISIONING},
+    }
+
+
+def _dns(plan: Plan, unit: Unit, targets: list[Target]) -> dict[str, Any]:
+    """STRICT_DNS settings when an endpoint is a name; {} when every endpoint is an address."""
+    spec = unit.spec
+    if all(is_ip(t.host) for t in targets):
+        return {"type": "STATIC"}
+    refresh = [e.resolve for e in spec.endpoints if e.resolve is not None]
+    out: dict[str, Any] = {
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "ALL" if refresh else "V4_PREFERRED",
+        "dns_refresh_rate": duration(min(refresh) if refresh else 5.0),
+        "respect_dns_ttl": False,
+    }
+    if plan.resolver:
+        resolvers = []
+        for addr in plan.resolver:
+            host, _, port = addr.rpartition(":")
+            resolvers.append(_socket_address(host.strip("[]"), int(port)))
+        out["typed_dns_resolver_config"] = {
+            "name": "envoy.network.dns_resolver.cares",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                "resolvers": resolvers,
+                "use_resolvers_as_fallback": False,
+                "dns_resolver_options": {"use_tcp_for_dns_lookups": False, "no_default_search_domain": True},
+            },
+        }
+    return out
+
+
+def secret_file(cluster: str, kind: str) -> str:
+    safe = cluster.replace("/", "--")
+    return TLS_SECRET_FILE.format(name=f"{safe}-{kind}")
+
+
+def _sds(name: str, path: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sds_config": {
+            "path_config_source": {"path": path, "watched_directory": {"path": os.path.dirname(path)}},
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def _tls(unit: Unit, targets: list[Target], dynamic_dir: str,
+         secrets: dict[str, dict[str, Any]], sink: NoteSink) -> dict[str, Any] | None:
+    schemes = {t.scheme for t in targets}
+    if "https" not in schemes:
+        return None
+    if len(schemes) > 1:
+        sink.add(unit.service.name, "endpoint",
+                 "http:// and https:// endpoints mixed in one tier list: Envoy calls all of them with TLS")
+    tls = unit.spec.tls or TlsSpec()
+    hosts = {t.host for t in targets}
+    sni = tls.sni or (next(iter(hosts)) if len(hosts) == 1 else None)
+    common: dict[str, Any] = {}
+    if tls.cert and tls.key:
+        name = f"{unit.cluster}/cert"
+        fname = secret_file(unit.cluster, "cert")
+        secrets[fname] = {"resources": [{
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            "name": name,
+            "tls_certificate": {
+                "certificate_chain": {"filename": tls.cert},
+                "private_key": {"filename": tls.key},
+                "watched_directory": {"path": os.path.dirname(tls.cert)},
+            },
+        }]}
+        common["tls_certificate_sds_secret_configs"] = [_sds(name, os.path.join(dynamic_dir, fname))]
+    if tls.verify:
+        name = f"{unit.cluster}/ca"
+        fname = secret_file(unit.cluster, "ca")
+        ca = tls.ca or SYSTEM_CA
+        validation: dict[str, Any] = {"trusted_ca": {"filename": ca}, "watched_directory": {"path": os.path.dirname(ca)}}
+        if sni is not None:
+            san = "IP_ADDRESS" if is_ip(sni) else "DNS"
+            validation["match_typed_subject_alt_names"] = [{"san_type": san, "matcher": {"exact": sni}}]
+        secrets[fname] = {"resources": [{
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            "name": name,
+            "validation_context": validation,
+        }]}
+        common["validation_context_sds_secret_config"] = _sds(name, os.path.join(dynamic_dir, fname))
+    ctx: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": common,
+    }
+    if sni is not None and not is_ip(sni):
+        ctx["sni"] = sni
+    elif sni is None:
+        sink.add(unit.service.name, "tls",
+                 "endpoints with different host names: SNI and the certificate check follow each call's Host")
+    return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
+
+
+def _protocol_options(auto_sni: bool) -> dict[str, Any]:
+    """HTTP/1.1 upstream, with one upstream filter: x-riprap-deadline-ms from Envoy's own
+    per-attempt remaining time (x-envoy-expected-rq-timeout-ms, which is then removed)."""
+    opts: dict[str, Any] = {
+        "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
+        "explicit_http_config": {"http_protocol_options": {}},
+        "common_http_protocol_options": {"max_headers_count": 256, "idle_timeout": "60s"},
+        "http_filters": [
+            {
+                "name": "riprap.deadline",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                    "mutations": {
+                        "request_mutations": [
+                            {
+                                "append": {
+                                    "header": {
+                                        "key": "x-riprap-deadline-ms",
+                                        "value": "%REQ(x-envoy-expected-rq-timeout-ms)%",
+                                    },
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                }
+                            },
+                            {"remove": "x-envoy-expected-rq-timeout-ms"},
+                        ]
+                    },
+                },
+            },
+            {
+                "name": "envoy.filters.http.upstream_codec",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+                },
+            },
+        ],
+    }
+    if auto_sni:
+        opts["upstream_http_protocol_options"] = {"auto_sni": True, "auto_san_validation": True}
+    return opts
+
+
+def _cluster(plan: Plan, unit: Unit, dynamic_dir: str, secrets: dict[str, dict[str, Any]],
+             sink: NoteSink) -> dict[str, Any]:
+    spec = unit.spec
+    targets = [target(e) for e in spec.endpoints]
+    cluster: dict[str, Any] = {
+        "name": unit.cluster,
+        "connect_timeout": duration(min(spec.timeout, 5.0)),
+        **_dns(plan, unit, targets),
+        "lb_policy": LB[spec.balance],
+        "load_assignment": _load_assignment(unit),
+        "circuit_breakers": {"thresholds": [_thresholds(unit, sink)]},
+        "per_connection_buffer_limit_bytes": 1024 * 1024,
+    }
+    if spec.balance == "least-request":
+        cluster["least_request_lb_config"] = {"choice_count": 2}
+    # Without panic routing, a cluster with no healthy host answers 503 at once, which the
+    # fallback (or the approximated breaker) then answers: riprap's `no-healthy-endpoint`.
+    if spec.fallbacks or spec.breaker is not None:
+        cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    checks = _health_checks(unit)
+    if checks:
+        cluster["health_checks"] = checks
+        sink.add(unit.service.name, "health",
+                 "Envoy counts an endpoint healthy only after its first passing check (riprap starts it healthy)")
+    outlier = _outlier(unit, sink)
+    if outlier is not None:
+        cluster["outlier_detection"] = outlier
+    tls = _tls(unit, targets, dynamic_dir, secrets, sink)
+    if tls is not None:
+        cluster["transport_socket"] = tls
+    auto_sni = tls is not None and "sni" not in tls["typed_config"] and not (unit.spec.tls and unit.spec.tls.sni)
+    cluster["typed_extension_protocol_options"] = {PROTOCOL_OPTIONS: _protocol_options(auto_sni)}
+    return cluster
+
+
+def ratelimit_cluster(port: int) -> dict[str, Any]:
+    """riprap's gRPC rate limit service (shared limits) on 127.0.0.1:port, over HTTP/2."""
+    return {
+        "name": RATELIMIT_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "load_assignment": {
+            "cluster_name": RATELIMIT_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address("127.0.0.1", port)}}]}],
+        },
+        "typed_extension_protocol_options": {
+            PROTOCOL_OPTIONS: {
+                "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+
+
+def build_clusters(plan: Plan, ratelimit_port: int | None, dynamic_dir: str,
+                   sink: NoteSink) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every cluster of the plan, and the SDS secret files they name (file name -> content)."""
+    secrets: dict[str, dict[str, Any]] = {}
+    clusters = [_cluster(plan, unit, dynamic_dir, secrets, sink) for unit in all_units(plan)]
+    if ratelimit_port is not None and any(
+        u.spec.limit is not None and u.spec.limit.shared for u in all_units(plan)
+    ):
+        clusters.append(ratelimit_cluster(ratelimit_port))
+    return clusters, secrets
+
+
+__all__ = ["build_clusters", "duration", "secret_file"]

