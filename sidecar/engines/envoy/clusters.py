@@ -16,9 +16,9 @@ import os
 from typing import Any
 
 from dsl.plan import BreakerSpec, Plan, TlsSpec
-from sidecar.engines.envoy.names import RATELIMIT_CLUSTER
+from sidecar.engines.envoy.names import RATELIMIT_CLUSTER, SELF_CLUSTER
 from sidecar.engines.envoy.notes import NoteSink
-from sidecar.engines.envoy.units import Target, Unit, all_units, is_ip, target
+from sidecar.engines.envoy.units import Target, Unit, all_units, duration, is_ip, target, uses_service_fallback
 
 HUGE = 1_000_000_000  # "no limit" for Envoy's circuit breakers (its defaults are 1024 and 3 retries)
 OVERPROVISIONING = 100_000  # a tier with any healthy host takes 100 % of the load
@@ -26,13 +26,6 @@ SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 TLS_SECRET_FILE = "sds-{name}.yaml"
 PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 LB = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST", "random": "RANDOM"}
-
-
-def duration(seconds: float) -> str:
-    """Envoy's JSON duration (`1.5s`), to the microsecond, never zero."""
-    us = max(1, round(seconds * 1_000_000))
-    whole, frac = divmod(us, 1_000_000)
-    return f"{whole}s" if frac == 0 else f"{whole}.{frac:06d}".rstrip("0") + "s"
 
 
 def _status_ranges(expect: tuple[str, ...]) -> list[dict[str, int]]:
@@ -378,11 +371,31 @@ def ratelimit_cluster(port: int) -> dict[str, Any]:
     }
 
 
-def build_clusters(plan: Plan, ratelimit_port: int | None, dynamic_dir: str,
+def self_cluster(listen_host: str, listen_port: int) -> dict[str, Any]:
+    """Envoy's own listener, for `fallback service`: the Lua filter resends a failed call
+    there with the other service's name as Host, so that service's whole policy applies."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen_host, listen_host)
+    return {
+        "name": SELF_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": SELF_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, listen_port)}}]}],
+        },
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_connections": HUGE,
+                                             "max_pending_requests": HUGE, "max_requests": HUGE,
+                                             "max_retries": 0}]},
+    }
+
+
+def build_clusters(plan: Plan, listen: tuple[str, int], ratelimit_port: int | None, dynamic_dir: str,
                    sink: NoteSink) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Every cluster of the plan, and the SDS secret files they name (file name -> content)."""
     secrets: dict[str, dict[str, Any]] = {}
     clusters = [_cluster(plan, unit, dynamic_dir, secrets, sink) for unit in all_units(plan)]
+    if uses_service_fallback(plan):
+        clusters.append(self_cluster(*listen))
     if ratelimit_port is not None and any(
         u.spec.limit is not None and u.spec.limit.shared for u in all_units(plan)
     ):

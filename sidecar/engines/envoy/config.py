@@ -69,7 +69,7 @@ def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: boo
     sink = NoteSink()
     shared_ok = ports.ratelimit_port is not None
     dyn = str(dynamic_dir)
-    clusters, secrets = build_clusters(plan, ports.ratelimit_port, dyn, sink)
+    clusters, secrets = build_clusters(plan, (ports.listen_host, ports.listen_port), ports.ratelimit_port, dyn, sink)
     route_config = build_route_config(plan, sink, chaos=chaos, shared_ok=shared_ok)
     listener = build_listener(plan, ports.listen_host, ports.listen_port, route_config, sink,
                               chaos=chaos, shared_ok=shared_ok)

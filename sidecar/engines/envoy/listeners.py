@@ -14,11 +14,10 @@ from importlib import resources
 from typing import Any
 
 from dsl.plan import LimitSpec, Plan
-from sidecar.engines.envoy.clusters import duration
 from sidecar.engines.envoy.names import RATELIMIT_CLUSTER
 from sidecar.engines.envoy.notes import NoteSink
 from sidecar.engines.envoy.routes import FAULT, LOCAL_RATELIMIT, LOCAL_STAGE, LUA, SHARED_STAGE
-from sidecar.engines.envoy.units import all_units
+from sidecar.engines.envoy.units import all_units, duration
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 FILL_STEP = 0.05  # Envoy's smallest token-bucket fill interval (50 ms)

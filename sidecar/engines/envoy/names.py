@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 RATELIMIT_CLUSTER = "_riprap_ratelimit"  # service names start with a letter: no clash
+SELF_CLUSTER = "_riprap_self"  # Envoy's own listener (`fallback service`, lua/riprap.lua)
 
 
 def cluster_name(service: str, shard: str | None = None) -> str:
@@ -10,4 +11,4 @@ def cluster_name(service: str, shard: str | None = None) -> str:
     return service if shard is None else f"{service}/{shard}"
 
 
-__all__ = ["RATELIMIT_CLUSTER", "cluster_name"]
+__all__ = ["RATELIMIT_CLUSTER", "SELF_CLUSTER", "cluster_name"]

@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dsl.plan import IDEMPOTENT_METHODS, ChaosSpec, FallbackSpec, Plan, RetrySpec
-from sidecar.engines.envoy.clusters import duration
+from dsl.plan import IDEMPOTENT_METHODS, ChaosSpec, Plan, RetrySpec
 from sidecar.engines.envoy.notes import NoteSink
-from sidecar.engines.envoy.units import Unit, target, units_of
+from sidecar.engines.envoy.units import Unit, duration, target, units_of
 
 LUA = "envoy.filters.http.lua"
 LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
@@ -140,21 +139,20 @@ def _hedge(unit: Unit, sink: NoteSink) -> tuple[float | None, int]:
     return delay, h.max_extra
 
 
-def _fallback_meta(unit: Unit, sink: NoteSink) -> dict[str, Any] | None:
-    static: FallbackSpec | None = None
+def _fallback_meta(plan: Plan, unit: Unit) -> list[dict[str, Any]]:
+    """The fallback chain for the Lua filter, in order (lua/riprap.lua answers from it)."""
+    links: list[dict[str, Any]] = []
     for fb in unit.spec.fallbacks:
         if fb.kind == "stale":
-            sink.add(unit.service.name, "fallback stale",
-                     "Envoy keeps no copy of past answers: this link is skipped and the next one answers")
-        elif fb.kind == "service":
-            sink.add(unit.service.name, f"fallback service {fb.service}",
-                     "Envoy does not resend a failed call to another service: this link is skipped")
-        elif fb.kind == "static" and static is None:
-            static = fb
-    if static is None:
-        return None
-    return {"status": static.status, "body": static.body or "",
-            "content_type": static.content_type or "text/plain; charset=utf-8"}
+            links.append({"kind": "stale", "max_age_ms": max(1, round((fb.max_age or 0.0) * 1000))})
+        elif fb.kind == "service" and fb.service is not None and fb.service in plan.services:
+            target_svc = plan.services[fb.service]
+            links.append({"kind": "service", "host": fb.service,
+                          "timeout_ms": max(1, round(target_svc.timeout * 1000))})
+        elif fb.kind == "static":
+            links.append({"kind": "static", "status": fb.status, "body": fb.body or "",
+                          "content_type": fb.content_type or "text/plain; charset=utf-8"})
+    return links
 
 
 def _fault(chaos: tuple[ChaosSpec, ...], service: str, sink: NoteSink) -> dict[str, Any]:
@@ -200,11 +198,15 @@ class RouteBuilder:
         self.chaos = chaos
         self.shared_ok = shared_ok
 
-    def _meta(self, unit: Unit, shard_meta: dict[str, Any] | None) -> dict[str, Any]:
+    def _meta(self, unit: Unit, shard_meta: dict[str, Any] | None, strip: str | None) -> dict[str, Any]:
         meta: dict[str, Any] = {"service": unit.service.name, "timeout_ms": max(1, round(unit.spec.timeout * 1000))}
-        fb = _fallback_meta(unit, self.sink)
-        if fb is not None:
-            meta["fallback"] = fb
+        fallbacks = _fallback_meta(self.plan, unit)
+        if fallbacks:
+            meta["fallbacks"] = fallbacks
+            if any(f["kind"] == "service" for f in fallbacks):
+                meta["body_limit"] = unit.service.max_body_buffer
+        if strip is not None:
+            meta["strip"] = strip
         if unit.spec.breaker is not None and unit.spec.outlier is None:
             meta["breaker"] = True
         if shard_meta is not None:
@@ -212,7 +214,7 @@ class RouteBuilder:
         return meta
 
     def unit_routes(self, unit: Unit, match: dict[str, Any], rewrite: str | None,
-                    shard_meta: dict[str, Any] | None) -> list[dict[str, Any]]:
+                    shard_meta: dict[str, Any] | None, strip: str | None) -> list[dict[str, Any]]:
         """The routes of one unit under `match`: idempotent calls, then the others."""
         spec = unit.spec
         hedge_delay, hedge_extra = _hedge(unit, self.sink)
@@ -235,7 +237,7 @@ class RouteBuilder:
         per_filter: dict[str, Any] = {}
         if self.chaos and spec.chaos:
             per_filter[FAULT] = _fault(spec.chaos, unit.service.name, self.sink)
-        meta = {"filter_metadata": {LUA: self._meta(unit, shard_meta)}}
+        meta = {"filter_metadata": {LUA: self._meta(unit, shard_meta, strip)}}
 
         def route(extra_match: list[dict[str, Any]], safe: bool) -> dict[str, Any]:
             act = dict(action)
@@ -294,7 +296,7 @@ class RouteBuilder:
                 m: dict[str, Any] = dict(match)
                 if unit.shard is not None:
                     m["headers"] = [{"name": SHARD_HEADER, "string_match": {"exact": unit.shard}}]
-                routes.extend(self.unit_routes(unit, m, rewrite, shard_meta))
+                routes.extend(self.unit_routes(unit, m, rewrite, shard_meta, prefix))
             if shard_meta is not None:
                 # no shard picked yet: the Lua filter reads this route, sets x-riprap-shard
                 # and clears the route cache; reaching the router here means no shard

@@ -73,4 +73,16 @@ def is_ip(host: str) -> bool:
     return True
 
 
-__all__ = ["Target", "Unit", "all_units", "is_ip", "target", "units_of"]
+def duration(seconds: float) -> str:
+    """Envoy's JSON duration (`1.5s`), to the microsecond, never zero."""
+    us = max(1, round(seconds * 1_000_000))
+    whole, frac = divmod(us, 1_000_000)
+    return f"{whole}s" if frac == 0 else f"{whole}.{frac:06d}".rstrip("0") + "s"
+
+
+def uses_service_fallback(plan: Plan) -> bool:
+    """Whether a unit resends failed calls to another service (Envoy needs its own listener as a cluster)."""
+    return any(fb.kind == "service" for u in all_units(plan) for fb in u.spec.fallbacks)
+
+
+__all__ = ["Target", "Unit", "all_units", "duration", "is_ip", "target", "units_of", "uses_service_fallback"]

@@ -188,3 +188,43 @@ service keyed {{
         assert env.client.get("/", headers={"Host": "keyed", "X-User": "u1"}).status_code == 200
         assert env.client.get("/", headers={"Host": "keyed", "X-User": "u1"}).status_code == 429
         assert env.client.get("/", headers={"Host": "keyed", "X-User": "u2"}).status_code == 200
+
+
+def test_stale_then_service_then_static_fallbacks(tmp_path: Path, upstreams: list[FaultServer]) -> None:
+    main, other = upstreams[0], upstreams[1]
+    plan = compile_text(tmp_path, f"""
+service recs {{
+    endpoint {main.url}
+    fallback stale 1m
+    fallback service trending
+    fallback status 200 text "static"
+}}
+service trending {{
+    endpoint {other.url}
+}}
+""")
+    with RunningEnvoy(tmp_path, plan) as env:
+        good = env.client.get("/list?u=1", headers={"Host": "recs"})
+        assert good.status_code == 200 and good.json()["server"] == "u0"
+        main.set(error_rate=1.0, error_status=503)
+        r = env.client.get("/list?u=1", headers={"Host": "recs"})  # the copy of the good answer
+        assert r.status_code == 200 and r.json() == good.json()
+        assert r.headers["x-riprap-fallback"] == "stale"
+        assert r.headers["x-riprap-reason"] == "upstream-5xx"
+        r = env.client.get("/list?u=2", headers={"Host": "recs"})  # no copy: the other service
+        assert r.status_code == 200 and r.json()["server"] == "u1"
+        assert r.headers["x-riprap-fallback"] == "service"
+        assert r.headers["x-riprap-attempts"] == "2"
+        assert _seen(other)["target"] == "/list?u=2"
+        r = env.client.post("/list", headers={"Host": "recs"}, content=b'{"a": 1}')
+        assert r.status_code == 200 and r.headers["x-riprap-fallback"] == "service"
+        other.set(mode="refuse")
+        r = env.client.get("/list?u=3", headers={"Host": "recs"})  # both failed: the static answer
+        assert r.status_code == 200 and r.text == "static"
+        assert r.headers["x-riprap-fallback"] == "static"
+        # answers a shared cache may not keep are never served stale
+        main.recover()
+        assert env.client.get("/p", headers={"Host": "recs", "Cookie": "a=1"}).status_code == 200
+        main.set(error_rate=1.0, error_status=503)
+        r = env.client.get("/p", headers={"Host": "recs", "Cookie": "a=1"})
+        assert r.headers["x-riprap-fallback"] == "static"

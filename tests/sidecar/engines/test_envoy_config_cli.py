@@ -41,7 +41,7 @@ def test_compile_target_envoy_prints_what_differs(tmp_path: Path) -> None:
                            "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
-    assert "warning[envoy]: service inventory: fallback stale:" in done.stderr
+    assert "warning[envoy]: service inventory: breaker:" in done.stderr
     assert f"{EXAMPLE}:" in done.stderr
 
 

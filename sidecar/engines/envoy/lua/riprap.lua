@@ -2,10 +2,31 @@
 -- (under "envoy.filters.http.lua"), written by sidecar/engines/envoy/routes.py:
 --   service     the service name (every riprap route has it)
 --   timeout_ms  the route's timeout, to cap with an incoming x-riprap-deadline-ms
+--   strip       "/NAME" when the route was reached by its path prefix
 --   shard       {by, key, names, default, strip, timeouts}: pick a shard by rendezvous hash
---   fallback    {status, body, content_type}: the static answer for a failed call (5xx)
+--   fallbacks   the chain for a failed call (5xx), in order:
+--               {kind="stale", max_age_ms} | {kind="service", host, timeout_ms} |
+--               {kind="static", status, body, content_type}
 --   breaker     true: "no healthy upstream" is the approximated breaker being open
+--   body_limit  the largest request body kept to resend to a fallback service
 -- `blake2b` (lua/blake2b.lua) is prepended to this file by the compiler.
+--
+-- State is per Envoy worker (a Lua state each): the stale copies (bounded as riprap's
+-- StaleCache: 1024 entries, 16 MiB, 1 MiB each) and, while a call with a stale or
+-- service fallback is in flight, what its fallback needs from the request.
+
+local SELF = "_riprap_self"
+local STALE_MAX_ENTRIES, STALE_MAX_BYTES, STALE_MAX_ENTRY = 1024, 16 * 1048576, 1048576
+local HOP = {["connection"] = true, ["keep-alive"] = true, ["transfer-encoding"] = true, ["te"] = true,
+             ["upgrade"] = true, ["proxy-connection"] = true, ["content-length"] = true, ["trailer"] = true}
+
+local stale = {}          -- key -> {status, headers, body, at, size, vary}
+local stale_order = {}    -- {key, seq}, oldest store first (an entry stored again is newer)
+local stale_vary = {}      -- service .. " " .. path -> the names its answer's Vary lists
+local stale_vary_count = 0
+local stale_bytes, stale_count = 0, 0
+local calls = {}          -- call id -> {method, path, headers, body, cacheable}
+local calls_count, next_call = 0, 0
 
 local function trim(s)
   return (string.gsub(s, "^%s*(.-)%s*$", "%1"))
@@ -73,6 +94,62 @@ local function respond_bad_key(handle, service)
     '{"error": "no shard key", "reason": "no-shard-key", "service": "' .. service .. '"}')
 end
 
+local function meta_list(v)
+  if v == nil then return {} end
+  return v
+end
+
+local function needs_call_state(fallbacks)
+  for _, fb in ipairs(fallbacks) do
+    if fb["kind"] == "stale" or fb["kind"] == "service" then return true end
+  end
+  return false
+end
+
+local function has_stale(fallbacks)
+  for _, fb in ipairs(fallbacks) do
+    if fb["kind"] == "stale" then return true end
+  end
+  return false
+end
+
+local function has_service(fallbacks)
+  for _, fb in ipairs(fallbacks) do
+    if fb["kind"] == "service" then return true end
+  end
+  return false
+end
+
+-- What a fallback of this call needs from its request, kept until its answer.
+local function remember_call(handle, headers, md, fallbacks)
+  local method = headers:get(":method") or "GET"
+  local path = headers:get(":path") or "/"
+  local strip = md:get("strip")
+  if strip ~= nil and string.sub(path, 1, #strip) == strip then
+    path = string.sub(path, #strip + 1)
+    if path == "" or string.sub(path, 1, 1) == "?" then path = "/" .. path end
+  end
+  local copy = {}
+  for k, v in pairs(headers) do
+    if string.sub(k, 1, 1) ~= ":" and not HOP[k] and string.sub(k, 1, 9) ~= "x-riprap-" then copy[k] = v end
+  end
+  local call = {method = method, path = path, headers = copy, body = ""}
+  call.cacheable = (method == "GET" or method == "HEAD") and copy["cookie"] == nil
+  call.auth = copy["authorization"] ~= nil
+  if calls_count > 10000 then calls, calls_count = {}, 0 end  -- calls that never answered
+  next_call = next_call + 1
+  local id = tostring(next_call)
+  calls[id] = call
+  calls_count = calls_count + 1
+  handle:streamInfo():dynamicMetadata():set("envoy.filters.http.lua", "call", id)
+  local length = tonumber(headers:get("content-length") or "0") or 0
+  local limit = md:get("body_limit") or 1048576
+  if has_service(fallbacks) and length > 0 and length <= limit then
+    local body = handle:body()  -- replayable for the fallback service
+    call.body = body:getBytes(0, body:length())
+  end
+end
+
 function envoy_on_request(handle)
   local md = handle:metadata()
   local service = md:get("service")
@@ -96,6 +173,7 @@ function envoy_on_request(handle)
     local t = shard["timeouts"]
     if t ~= nil and t[pick] ~= nil then timeout_ms = t[pick] end
     handle:clearRouteCache()
+    md = handle:metadata()  -- the shard's own route
   else
     headers:remove("x-riprap-shard")
   end
@@ -106,32 +184,185 @@ function envoy_on_request(handle)
       headers:replace("x-envoy-upstream-rq-timeout-ms", tostring(math.floor(n)))
     end
   end
+  local fallbacks = meta_list(md:get("fallbacks"))
+  if needs_call_state(fallbacks) then
+    remember_call(handle, headers, md, fallbacks)
+  end
+end
+
+local function take_call(handle)
+  local dm = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.lua")
+  if dm == nil or dm["call"] == nil then return nil end
+  local id = dm["call"]
+  local call = calls[id]
+  if call ~= nil then
+    calls[id] = nil
+    calls_count = calls_count - 1
+  end
+  return call
+end
+
+local function lower_list(value)
+  local out = {}
+  for item in string.gmatch(string.lower(value or ""), "[^,%s]+") do out[#out + 1] = item end
+  return out
+end
+
+local function vary_key(call, vary)
+  local parts = {}
+  for _, name in ipairs(vary) do parts[#parts + 1] = name .. "=" .. (call.headers[name] or "") end
+  return table.concat(parts, "\n")
+end
+
+local function stale_evict()
+  while #stale_order > 0 and (stale_count > STALE_MAX_ENTRIES or stale_bytes > STALE_MAX_BYTES) do
+    local item = table.remove(stale_order, 1)
+    local key = item[1]
+    local e = stale[key]
+    if e ~= nil and e.seq == item[2] then
+      stale[key] = nil
+      stale_bytes = stale_bytes - e.size
+      stale_count = stale_count - 1
+    end
+  end
+end
+
+-- A 2xx GET answer that a shared cache could store (RFC 9111, as policies/headers.py):
+-- copied as it streams through, kept as the last good answer for its key.
+local function keep_stale(handle, service, call)
+  local headers = handle:headers()
+  local status = tonumber(headers:get(":status")) or 0
+  if call.method ~= "GET" or status < 200 or status > 299 or status == 206 then return end
+  local cc = string.lower(headers:get("cache-control") or "")
+  if headers:get("set-cookie") ~= nil or string.find(cc, "private", 1, true)
+      or string.find(cc, "no-store", 1, true) then return end
+  if call.auth and not string.find(cc, "public", 1, true) then return end
+  local vary = lower_list(headers:get("vary"))
+  for _, v in ipairs(vary) do if v == "*" then return end end
+  local kept = {}
+  for k, v in pairs(headers) do
+    if string.sub(k, 1, 1) ~= ":" and not HOP[k] and string.sub(k, 1, 9) ~= "x-riprap-" then
+      kept[#kept + 1] = {k, v}
+    end
+  end
+  local key = service .. " " .. call.path .. "\n" .. vary_key(call, vary)
+  local parts, size = {}, #key
+  for chunk in handle:bodyChunks() do
+    size = size + chunk:length()
+    if size > STALE_MAX_ENTRY then return end
+    parts[#parts + 1] = chunk:getBytes(0, chunk:length())
+  end
+  next_call = next_call + 1
+  local old = stale[key]
+  if old ~= nil then
+    stale_bytes = stale_bytes - old.size
+    stale_count = stale_count - 1
+  end
+  stale[key] = {status = status, headers = kept, body = table.concat(parts), at = handle:timestamp(),
+                size = size, seq = next_call}
+  stale_bytes = stale_bytes + size
+  stale_count = stale_count + 1
+  stale_order[#stale_order + 1] = {key, next_call}
+  -- the Vary names are needed to find the entry again
+  local base = service .. " " .. call.path
+  if stale_vary[base] == nil then
+    if stale_vary_count >= 2 * STALE_MAX_ENTRIES then stale_vary, stale_vary_count = {}, 0 end
+    stale_vary_count = stale_vary_count + 1
+  end
+  stale_vary[base] = vary
+  stale_evict()
+end
+
+local function find_stale(handle, service, call, max_age_ms)
+  if call == nil or not call.cacheable then return nil end
+  local base = service .. " " .. call.path
+  local vary = stale_vary[base]
+  if vary == nil then return nil end
+  local e = stale[base .. "\n" .. vary_key(call, vary)]
+  if e == nil or handle:timestamp() - e.at >= max_age_ms then return nil end
+  return e
+end
+
+-- Replace the failed answer: status, headers (all of them) and body.
+local function answer_with(handle, status, header_list, body, kind, reason, head)
+  handle:body(true)
+  local headers = handle:headers()
+  local names = {}
+  for k, _ in pairs(headers) do
+    if k ~= ":status" and k ~= "x-riprap-attempts" then names[#names + 1] = k end
+  end
+  for _, k in ipairs(names) do headers:remove(k) end
+  headers:replace(":status", tostring(status))
+  for _, kv in ipairs(header_list) do headers:add(kv[1], kv[2]) end
+  headers:replace("x-riprap-fallback", kind)
+  headers:replace("x-riprap-reason", reason)
+  handle:body(true):setBytes(head and "" or body)
+end
+
+local function try_service(handle, fb, call)
+  if call == nil then return false end
+  local req = {[":method"] = call.method, [":path"] = call.path, [":authority"] = fb["host"]}
+  for k, v in pairs(call.headers) do
+    if k ~= "host" then req[k] = v end
+  end
+  handle:body(true)
+  local ok, rh, rb = pcall(handle.httpCall, handle, SELF, req, call.body, fb["timeout_ms"] or 15000)
+  if not ok or rh == nil then return false end
+  local status = tonumber(rh[":status"]) or 599
+  if status >= 500 then return false end
+  if rh["x-riprap-reason"] ~= nil and rh["x-riprap-fallback"] == nil then return false end  -- a refusal
+  return true, status, rh, rb or ""
 end
 
 function envoy_on_response(handle)
   local md = handle:metadata()
-  if md:get("service") == nil then return end
+  local service = md:get("service")
+  if service == nil then return end
   local headers = handle:headers()
   local attempts = headers:get("x-riprap-attempts")
   if attempts == nil or attempts == "" or attempts == "-" then
-    headers:replace("x-riprap-attempts", "0")
+    attempts = "0"
+    headers:replace("x-riprap-attempts", attempts)
   end
+  local fallbacks = meta_list(md:get("fallbacks"))
+  local call = nil
+  if needs_call_state(fallbacks) then call = take_call(handle) end
   local status = tonumber(headers:get(":status")) or 0
-  if status < 500 then return end
+  if status < 500 then
+    if call ~= nil and call.cacheable and has_stale(fallbacks) then keep_stale(handle, service, call) end
+    return
+  end
   local reason = headers:get("x-riprap-reason")
   if reason == "no-healthy-endpoint" and md:get("breaker") then
     reason = "breaker-open"
     headers:replace("x-riprap-reason", reason)
   end
-  local fb = md:get("fallback")
-  if fb == nil then return end
   if reason == nil then reason = "upstream-5xx" end
-  -- headers first: the header map may not be touched once body() has waited
-  headers:replace(":status", tostring(fb["status"]))
-  headers:replace("content-type", fb["content_type"])
-  headers:replace("x-riprap-fallback", "static")
-  headers:replace("x-riprap-reason", reason)
-  headers:remove("x-riprap-chaos")
-  headers:remove("retry-after")
-  handle:body(true):setBytes(fb["body"])
+  local head = call ~= nil and call.method == "HEAD"
+  for _, fb in ipairs(fallbacks) do
+    local kind = fb["kind"]
+    if kind == "stale" then
+      local e = find_stale(handle, service, call, fb["max_age_ms"])
+      if e ~= nil then
+        answer_with(handle, e.status, e.headers, e.body, "stale", reason, head)
+        return
+      end
+    elseif kind == "service" then
+      local ok, st, rh, rb = try_service(handle, fb, call)
+      if ok then
+        local list = {}
+        for k, v in pairs(rh) do
+          if string.sub(k, 1, 1) ~= ":" and not HOP[k] and k ~= "x-riprap-attempts"
+              and k ~= "x-riprap-fallback" and k ~= "x-riprap-reason" then list[#list + 1] = {k, v} end
+        end
+        local theirs = tonumber(rh["x-riprap-attempts"] or "0") or 0
+        answer_with(handle, st, list, rb, "service", reason, head)
+        handle:headers():replace("x-riprap-attempts", tostring((tonumber(attempts) or 0) + theirs))
+        return
+      end
+    elseif kind == "static" then
+      answer_with(handle, fb["status"], {{"content-type", fb["content_type"]}}, fb["body"], "static", reason, head)
+      return
+    end
+  end
 end
