@@ -270,13 +270,20 @@ def _tls(unit: Unit, targets: list[Target], dynamic_dir: str,
     }
     if sni is not None and not is_ip(sni):
         ctx["sni"] = sni
-    elif sni is None:
-        sink.add(unit.service.name, "tls",
-                 "endpoints with different host names: SNI and the certificate check follow each call's Host")
     return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
 
 
-def _protocol_options(auto_sni: bool) -> dict[str, Any]:
+def _auto_sni(unit: Unit, targets: list[Target]) -> dict[str, bool] | None:
+    """Endpoints with several host names and no `sni`: SNI (and the name checked) per call,
+    from the Host Envoy sends, which is the endpoint's own name."""
+    tls = unit.spec.tls or TlsSpec()
+    names = {t.host for t in targets if t.scheme == "https" and not is_ip(t.host)}
+    if tls.sni is not None or len(names) < 2:
+        return None
+    return {"auto_sni": True, "auto_san_validation": tls.verify}
+
+
+def _protocol_options(auto_sni: dict[str, bool] | None) -> dict[str, Any]:
     """HTTP/1.1 upstream, with one upstream filter: x-riprap-deadline-ms from Envoy's own
     per-attempt remaining time (x-envoy-expected-rq-timeout-ms, which is then removed)."""
     opts: dict[str, Any] = {
@@ -312,8 +319,8 @@ def _protocol_options(auto_sni: bool) -> dict[str, Any]:
             },
         ],
     }
-    if auto_sni:
-        opts["upstream_http_protocol_options"] = {"auto_sni": True, "auto_san_validation": True}
+    if auto_sni is not None:
+        opts["upstream_http_protocol_options"] = auto_sni
     return opts
 
 
@@ -347,7 +354,7 @@ def _cluster(plan: Plan, unit: Unit, dynamic_dir: str, secrets: dict[str, dict[s
     tls = _tls(unit, targets, dynamic_dir, secrets, sink)
     if tls is not None:
         cluster["transport_socket"] = tls
-    auto_sni = tls is not None and "sni" not in tls["typed_config"] and not (unit.spec.tls and unit.spec.tls.sni)
+    auto_sni = _auto_sni(unit, targets) if tls is not None else None
     cluster["typed_extension_protocol_options"] = {PROTOCOL_OPTIONS: _protocol_options(auto_sni)}
     return cluster
 
