@@ -228,3 +228,40 @@ service trending {{
         main.set(error_rate=1.0, error_status=503)
         r = env.client.get("/p", headers={"Host": "recs", "Cookie": "a=1"})
         assert r.headers["x-riprap-fallback"] == "static"
+
+
+def test_hedge_after_delay_wins_on_the_other_endpoint(tmp_path: Path, upstreams: list[FaultServer]) -> None:
+    slow, fast = upstreams[0], upstreams[1]
+    slow.set(delay=2.0)
+    plan = compile_text(tmp_path, f"""
+service recs {{
+    timeout 3s
+    endpoint {slow.url}
+    endpoint {fast.url}
+    balance round-robin
+    hedge after 100ms
+}}
+""")
+    with RunningEnvoy(tmp_path, plan) as env:
+        for _ in range(4):  # round-robin: some calls start on the slow endpoint
+            r = env.client.get("/", headers={"Host": "recs"})
+            assert r.status_code == 200 and r.json()["server"] == "u1"
+            assert r.elapsed.total_seconds() < 1.5
+        assert slow.hits >= 1
+        assert env.stats()["cluster.recs.upstream_rq_total"] >= 5
+
+
+def test_retry_after_is_honoured(tmp_path: Path, upstreams: list[FaultServer]) -> None:
+    a = upstreams[0]
+    a.set(fail_next=1, error_status=503, retry_after="1")
+    plan = compile_text(tmp_path, f"""
+service api {{
+    timeout 5s
+    endpoint {a.url}
+    retry 2 on 503 backoff 5ms..10ms
+}}
+""")
+    with RunningEnvoy(tmp_path, plan) as env:
+        r = env.client.get("/", headers={"Host": "api"})
+        assert r.status_code == 200 and r.headers["x-riprap-attempts"] == "2"
+        assert r.elapsed.total_seconds() >= 0.9  # waited for Retry-After, not the 5 ms backoff
