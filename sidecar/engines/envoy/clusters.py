@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any
 
-from dsl.plan import BreakerSpec, Plan, TlsSpec
+from dsl.plan import Plan, TlsSpec
 from sidecar.engines.envoy.names import RATELIMIT_CLUSTER, SELF_CLUSTER
 from sidecar.engines.envoy.notes import NoteSink
 from sidecar.engines.envoy.units import Target, Unit, all_units, duration, is_ip, target, uses_service_fallback
@@ -66,45 +66,11 @@ def _health_checks(unit: Unit) -> list[dict[str, Any]]:
     ]
 
 
-def _breaker_outlier(b: BreakerSpec) -> dict[str, Any]:
-    """A whole-service breaker, approximated by ejecting every failing endpoint."""
-    out: dict[str, Any] = {
-        "interval": "1s",
-        "base_ejection_time": duration(b.open),
-        "max_ejection_time": duration(b.max_open),
-        "max_ejection_percent": 100,
-        "enforcing_success_rate": 0,
-        "consecutive_gateway_failure": HUGE,
-        "enforcing_consecutive_gateway_failure": 0,
-    }
-    if b.kind == "consecutive":
-        out.update(consecutive_5xx=b.failures or 5, enforcing_consecutive_5xx=100)
-    else:
-        out.update(
-            consecutive_5xx=HUGE,
-            enforcing_consecutive_5xx=0,
-            failure_percentage_threshold=max(0, min(100, round((b.rate or 0.5) * 100))),
-            failure_percentage_request_volume=b.min_calls,
-            failure_percentage_minimum_hosts=1,
-            enforcing_failure_percentage=100,
-        )
-    return out
-
-
 def _outlier(unit: Unit, sink: NoteSink) -> dict[str, Any] | None:
     spec = unit.spec
     o = spec.outlier
-    if spec.breaker is not None:
-        what = "each endpoint is ejected (Envoy outlier detection) instead of one breaker for the "
-        what += "service" if unit.shard is None else "shard"
-        what += "; after the open time an endpoint returns at once, with no probe calls"
-        if spec.breaker.slow is not None:
-            what += "; slow calls are not counted as failures"
-        if o is not None:
-            what = "approximated by the outlier line's ejection (Envoy has one outlier detector per cluster)"
-        sink.add(unit.service.name, "breaker", what)
     if o is None:
-        return _breaker_outlier(spec.breaker) if spec.breaker is not None else None
+        return None
     tiers = {e.tier for e in spec.endpoints}
     if len(tiers) > 1 and o.max_fraction < 1.0:
         sink.add(unit.service.name, "outlier",
@@ -340,8 +306,8 @@ def _cluster(plan: Plan, unit: Unit, dynamic_dir: str, secrets: dict[str, dict[s
     if spec.balance == "least-request":
         cluster["least_request_lb_config"] = {"choice_count": 2}
     # Without panic routing, a cluster with no healthy host answers 503 at once, which the
-    # fallback (or the approximated breaker) then answers: riprap's `no-healthy-endpoint`.
-    if spec.fallbacks or spec.breaker is not None:
+    # fallback then answers: riprap's `no-healthy-endpoint`.
+    if spec.fallbacks:
         cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
     checks = _health_checks(unit)
     if checks:

@@ -11,10 +11,11 @@ the static fallback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
-from dsl.plan import IDEMPOTENT_METHODS, ChaosSpec, Plan, RetrySpec
+from dsl.plan import IDEMPOTENT_METHODS, BreakerSpec, ChaosSpec, Plan, RetrySpec
 from sidecar.engines.envoy.notes import NoteSink
 from sidecar.engines.envoy.units import Unit, duration, target, units_of
 
@@ -22,6 +23,7 @@ LUA = "envoy.filters.http.lua"
 LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
 FAULT = "envoy.filters.http.fault"
 SHARD_HEADER = "x-riprap-shard"
+STATE_HOST = "_riprap"  # not a service name (those start with a letter)
 LOCAL_STAGE = 0
 SHARED_STAGE = 1
 ATTEMPTS = {
@@ -155,6 +157,25 @@ def _fallback_meta(plan: Plan, unit: Unit) -> list[dict[str, Any]]:
     return links
 
 
+def breaker_meta(b: BreakerSpec) -> dict[str, Any]:
+    """The breaker spec for the Lua filter (times in ms); `id` changes with the spec, so a
+    reload keeps a breaker's state only while its spec is the same."""
+    spec: dict[str, Any] = {
+        "kind": b.kind,
+        "failures": b.failures or 1,
+        "rate": b.rate if b.rate is not None else 1.0,
+        "window": max(1, b.window),
+        "min_calls": b.min_calls,
+        "open_ms": b.open * 1000,
+        "max_open_ms": b.max_open * 1000,
+        "probes": max(1, b.probes),
+    }
+    if b.slow is not None:
+        spec["slow_ms"] = b.slow * 1000
+    spec["id"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return spec
+
+
 def _fault(chaos: tuple[ChaosSpec, ...], service: str, sink: NoteSink) -> dict[str, Any]:
     cfg: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}
     aborts = [c for c in chaos if c.kind == "abort"]
@@ -207,8 +228,12 @@ class RouteBuilder:
                 meta["body_limit"] = unit.service.max_body_buffer
         if strip is not None:
             meta["strip"] = strip
-        if unit.spec.breaker is not None and unit.spec.outlier is None:
-            meta["breaker"] = True
+        if unit.spec.breaker is not None:
+            meta["breaker"] = breaker_meta(unit.spec.breaker)
+            meta["breaker_key"] = unit.cluster
+            self.sink.add(unit.service.name, "breaker",
+                          "counted per call (after its retries and hedges), not per attempt; "
+                          "each Envoy worker keeps its own breaker")
         if shard_meta is not None:
             meta["shard"] = shard_meta
         return meta
@@ -350,6 +375,12 @@ def build_route_config(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bo
             _header("x-riprap-attempts", "0"),
         ],
     })
+    # this Envoy's breakers (the Lua filter answers), for riprap's /state
+    vhosts.append({"name": "riprap:state", "domains": [STATE_HOST], "routes": [{
+        "match": {"path": "/breakers"},
+        "direct_response": {"status": 404},
+        "metadata": {"filter_metadata": {LUA: {"riprap_state": "breakers"}}},
+    }]})
     vhosts.append({"name": "riprap:unknown", "domains": ["*"], "routes": catch_all})
     return {
         "name": "riprap",

@@ -5,6 +5,7 @@ shards, deadlines and limits behave as the contract says."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -148,6 +149,7 @@ service inv {{
             assert r.json()["server"] == servers[shard_for(key, names)].name
         r = env.client.get("/item", headers={"Host": "inv"})
         assert r.status_code == 400 and r.headers["x-riprap-reason"] == "no-shard-key"
+        assert r.headers["x-riprap-attempts"] == "0"
 
 
 def test_deadline_sent_and_honoured(tmp_path: Path, upstreams: list[FaultServer]) -> None:
@@ -265,3 +267,38 @@ service api {{
         r = env.client.get("/", headers={"Host": "api"})
         assert r.status_code == 200 and r.headers["x-riprap-attempts"] == "2"
         assert r.elapsed.total_seconds() >= 0.9  # waited for Retry-After, not the 5 ms backoff
+
+
+def test_breaker_opens_fails_fast_and_closes_after_a_probe(tmp_path: Path, upstreams: list[FaultServer]) -> None:
+    a, b = upstreams[0], upstreams[1]
+    a.set(error_rate=1.0, error_status=500)
+    b.set(error_rate=1.0, error_status=500)
+    plan = compile_text(tmp_path, f"""
+service pay {{
+    endpoint {a.url}
+    breaker failures 3 open 1s probes 1
+}}
+service recs {{
+    endpoint {b.url}
+    breaker failures 2 open 30s
+    fallback status 200 text "later"
+}}
+""")
+    with RunningEnvoy(tmp_path, plan) as env:
+        assert [env.client.get("/", headers={"Host": "pay"}).status_code for _ in range(3)] == [500] * 3
+        r = env.client.get("/", headers={"Host": "pay"})
+        assert r.status_code == 503 and r.headers["x-riprap-reason"] == "breaker-open"
+        assert r.headers["x-riprap-attempts"] == "0" and r.json()["service"] == "pay"
+        assert a.hits == 3
+        state = env.client.get("/breakers", headers={"Host": "_riprap"}).json()
+        assert state["pay"]["state"] == "open" and state["pay"]["opened"] == 1
+        a.recover()
+        time.sleep(1.1)
+        assert env.client.get("/", headers={"Host": "pay"}).status_code == 200  # the probe
+        assert env.client.get("/breakers", headers={"Host": "_riprap"}).json()["pay"]["state"] == "closed"
+        for _ in range(2):
+            assert env.client.get("/", headers={"Host": "recs"}).headers["x-riprap-reason"] == "upstream-5xx"
+        r = env.client.get("/", headers={"Host": "recs"})
+        assert r.status_code == 200 and r.text == "later"
+        assert r.headers["x-riprap-fallback"] == "static" and r.headers["x-riprap-reason"] == "breaker-open"
+        assert b.hits == 2

@@ -7,13 +7,14 @@
 --   fallbacks   the chain for a failed call (5xx), in order:
 --               {kind="stale", max_age_ms} | {kind="service", host, timeout_ms} |
 --               {kind="static", status, body, content_type}
---   breaker     true: "no healthy upstream" is the approximated breaker being open
+--   breaker     the breaker spec (routes.py breaker_meta), `breaker_key` its scope
+--   riprap_state  "breakers": answer this worker's breakers as JSON (Host `_riprap`)
 --   body_limit  the largest request body kept to resend to a fallback service
 -- `blake2b` (lua/blake2b.lua) is prepended to this file by the compiler.
 --
--- State is per Envoy worker (a Lua state each): the stale copies (bounded as riprap's
--- StaleCache: 1024 entries, 16 MiB, 1 MiB each) and, while a call with a stale or
--- service fallback is in flight, what its fallback needs from the request.
+-- State is per Envoy worker (a Lua state each): the breakers, the stale copies (bounded
+-- as riprap's StaleCache: 1024 entries, 16 MiB, 1 MiB each) and, while a call with a
+-- stale or service fallback is in flight, what its fallback needs from the request.
 
 local SELF = "_riprap_self"
 local STALE_MAX_ENTRIES, STALE_MAX_BYTES, STALE_MAX_ENTRY = 1024, 16 * 1048576, 1048576
@@ -90,108 +91,110 @@ end
 local function respond_bad_key(handle, service)
   handle:respond(
     {[":status"] = "400", ["content-type"] = "application/json",
-     ["x-riprap-reason"] = "no-shard-key", ["x-riprap-attempts"] = "0"},
+     ["x-riprap-reason"] = "no-shard-key"},
     '{"error": "no shard key", "reason": "no-shard-key", "service": "' .. service .. '"}')
 end
 
-local function meta_list(v)
-  if v == nil then return {} end
-  return v
+
+-- ---- the breaker (policies/breaker.py, per call): closed -> open -> half-open ----------
+-- spec (route metadata `breaker`): {kind, failures, rate, window, min_calls, open_ms,
+-- max_open_ms, probes, slow_ms}; key (`breaker_key`): the service or SERVICE/SHARD.
+
+local breakers = {}
+
+local function breaker_of(key, spec)
+  local b = breakers[key]
+  if b == nil or b.spec_id ~= spec["id"] then
+    b = {spec_id = spec["id"], state = "closed", consecutive = 0, ring = {}, ring_i = 0, ring_n = 0,
+         ring_failures = 0, open_for = spec["open_ms"], open_until = 0, half_since = 0,
+         probes_out = 0, probe_ok = 0, opened = 0}
+    breakers[key] = b
+  end
+  return b
 end
 
-local function needs_call_state(fallbacks)
-  for _, fb in ipairs(fallbacks) do
-    if fb["kind"] == "stale" or fb["kind"] == "service" then return true end
-  end
-  return false
+local function b_trip(b, now)
+  b.open_until = now + b.open_for
+  b.opened = b.opened + 1
+  b.state = "open"
 end
 
-local function has_stale(fallbacks)
-  for _, fb in ipairs(fallbacks) do
-    if fb["kind"] == "stale" then return true end
-  end
-  return false
+local function b_close(b, spec)
+  b.open_for = spec["open_ms"]
+  b.consecutive = 0
+  b.ring, b.ring_i, b.ring_n, b.ring_failures = {}, 0, 0, 0
+  b.state = "closed"
 end
 
-local function has_service(fallbacks)
-  for _, fb in ipairs(fallbacks) do
-    if fb["kind"] == "service" then return true end
+local function b_allow(b, spec, now)
+  if b.state == "closed" then return true end
+  if b.state == "open" then
+    if now < b.open_until then return false end
+    b.state, b.half_since, b.probes_out, b.probe_ok = "half-open", now, 0, 0
+  elseif b.probes_out >= spec["probes"] then
+    if now - b.half_since < math.max(b.open_for, 1) then return false end
+    b.half_since = now  -- probe outcomes never came back: hand the slots out again
+    b.probes_out = b.probe_ok
   end
-  return false
+  b.probes_out = b.probes_out + 1
+  return true
 end
 
--- What a fallback of this call needs from its request, kept until its answer.
-local function remember_call(handle, headers, md, fallbacks)
-  local method = headers:get(":method") or "GET"
-  local path = headers:get(":path") or "/"
-  local strip = md:get("strip")
-  if strip ~= nil and string.sub(path, 1, #strip) == strip then
-    path = string.sub(path, #strip + 1)
-    if path == "" or string.sub(path, 1, 1) == "?" then path = "/" .. path end
-  end
-  local copy = {}
-  for k, v in pairs(headers) do
-    if string.sub(k, 1, 1) ~= ":" and not HOP[k] and string.sub(k, 1, 9) ~= "x-riprap-" then copy[k] = v end
-  end
-  local call = {method = method, path = path, headers = copy, body = ""}
-  call.cacheable = (method == "GET" or method == "HEAD") and copy["cookie"] == nil
-  call.auth = copy["authorization"] ~= nil
-  if calls_count > 10000 then calls, calls_count = {}, 0 end  -- calls that never answered
-  next_call = next_call + 1
-  local id = tostring(next_call)
-  calls[id] = call
-  calls_count = calls_count + 1
-  handle:streamInfo():dynamicMetadata():set("envoy.filters.http.lua", "call", id)
-  local length = tonumber(headers:get("content-length") or "0") or 0
-  local limit = md:get("body_limit") or 1048576
-  if has_service(fallbacks) and length > 0 and length <= limit then
-    local body = handle:body()  -- replayable for the fallback service
-    call.body = body:getBytes(0, body:length())
-  end
-end
-
-function envoy_on_request(handle)
-  local md = handle:metadata()
-  local service = md:get("service")
-  if service == nil then return end
-  local headers = handle:headers()
-  local timeout_ms = md:get("timeout_ms")
-  local shard = md:get("shard")
-  if shard ~= nil then
-    local key = shard_key(headers, shard)
-    local pick
-    if key == nil then
-      pick = shard["default"]
-      if pick == nil then
-        respond_bad_key(handle, service)
-        return
+local function b_record(b, spec, now, ok, duration)
+  if ok and spec["slow_ms"] ~= nil and duration > spec["slow_ms"] then ok = false end
+  if b.state == "closed" then
+    if spec["kind"] == "rate" then
+      local window = spec["window"]
+      local i = b.ring_i
+      if b.ring_n == window then
+        if b.ring[i] then b.ring_failures = b.ring_failures - 1 end
+      else
+        b.ring_n = b.ring_n + 1
       end
+      b.ring[i] = not ok
+      if not ok then b.ring_failures = b.ring_failures + 1 end
+      b.ring_i = (i + 1) % window
+      local min_calls = math.max(1, math.min(spec["min_calls"], window))
+      if b.ring_failures > 0 and b.ring_n >= min_calls and b.ring_failures >= spec["rate"] * b.ring_n - 1e-9 then
+        b_trip(b, now)
+      end
+    elseif ok then
+      b.consecutive = 0
     else
-      pick = blake2b.pick(shard["names"], key)
+      b.consecutive = b.consecutive + 1
+      if b.consecutive >= spec["failures"] then b_trip(b, now) end
     end
-    headers:replace("x-riprap-shard", pick)
-    local t = shard["timeouts"]
-    if t ~= nil and t[pick] ~= nil then timeout_ms = t[pick] end
-    handle:clearRouteCache()
-    md = handle:metadata()  -- the shard's own route
-  else
-    headers:remove("x-riprap-shard")
-  end
-  local incoming = headers:get("x-riprap-deadline-ms")
-  if incoming ~= nil then
-    local n = tonumber(incoming)
-    if n ~= nil and n >= 1 and (timeout_ms == nil or n < timeout_ms) then
-      headers:replace("x-envoy-upstream-rq-timeout-ms", tostring(math.floor(n)))
+  elseif b.state == "half-open" then
+    if b.probe_ok >= b.probes_out then return end  -- a late outcome from before the trip
+    if not ok then
+      b.open_for = math.min(b.open_for * 2, math.max(spec["max_open_ms"], spec["open_ms"]))
+      b_trip(b, now)
+    else
+      b.probe_ok = b.probe_ok + 1
+      if b.probe_ok >= spec["probes"] then b_close(b, spec) end
     end
-  end
-  local fallbacks = meta_list(md:get("fallbacks"))
-  if needs_call_state(fallbacks) then
-    remember_call(handle, headers, md, fallbacks)
   end
 end
 
-local function take_call(handle)
-  local dm = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.lua")
+local function b_state(b, now)
+  if b.state == "open" and now >= b.open_until then return "half-open" end
+  return b.state
+end
+
+-- GET /breakers with Host `_riprap` (routes.py): this worker's breakers, as JSON.
+local function breakers_json(now)
+  local parts = {}
+  for key, b in pairs(breakers) do
+    local retry_in = 0
+    if b.state == "open" and now < b.open_until then retry_in = (b.open_until - now) / 1000 end
+    parts[#parts + 1] = string.format(
+      '"%s":{"state":"%s","open_for":%.3f,"retry_in":%.3f,"opened":%d,"failures":%d,"calls":%d}',
+      key, b_state(b, now), b.open_for / 1000, retry_in, b.opened,
+      b.ring_n > 0 and b.ring_failures or b.consecutive, b.ring_n)
+  end
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+local function take_call(dm)
   if dm == nil or dm["call"] == nil then return nil end
   local id = dm["call"]
   local call = calls[id]
@@ -284,7 +287,7 @@ local function find_stale(handle, service, call, max_age_ms)
 end
 
 -- Replace the failed answer: status, headers (all of them) and body.
-local function answer_with(handle, status, header_list, body, kind, reason, head)
+local function answer_with(handle, ans, reason, head)
   handle:body(true)
   local headers = handle:headers()
   local names = {}
@@ -292,26 +295,189 @@ local function answer_with(handle, status, header_list, body, kind, reason, head
     if k ~= ":status" and k ~= "x-riprap-attempts" then names[#names + 1] = k end
   end
   for _, k in ipairs(names) do headers:remove(k) end
-  headers:replace(":status", tostring(status))
-  for _, kv in ipairs(header_list) do headers:add(kv[1], kv[2]) end
-  headers:replace("x-riprap-fallback", kind)
+  headers:replace(":status", tostring(ans.status))
+  for _, kv in ipairs(ans.headers) do headers:add(kv[1], kv[2]) end
+  headers:replace("x-riprap-fallback", ans.kind)
   headers:replace("x-riprap-reason", reason)
-  handle:body(true):setBytes(head and "" or body)
+  handle:body(true):setBytes(head and "" or ans.body)
 end
 
-local function try_service(handle, fb, call)
+local function try_service(handle, fb, call, responding)
   if call == nil then return false end
   local req = {[":method"] = call.method, [":path"] = call.path, [":authority"] = fb["host"]}
   for k, v in pairs(call.headers) do
     if k ~= "host" then req[k] = v end
   end
-  handle:body(true)
+  if responding then handle:body(true) end  -- the failed answer's body, before waiting
   local ok, rh, rb = pcall(handle.httpCall, handle, SELF, req, call.body, fb["timeout_ms"] or 15000)
   if not ok or rh == nil then return false end
   local status = tonumber(rh[":status"]) or 599
   if status >= 500 then return false end
   if rh["x-riprap-reason"] ~= nil and rh["x-riprap-fallback"] == nil then return false end  -- a refusal
   return true, status, rh, rb or ""
+end
+
+
+-- ---- the call flow ------------------------------------------------------------------
+
+local function meta_list(v)
+  if v == nil then return {} end
+  return v
+end
+
+local function has_kind(fallbacks, kind)
+  for _, fb in ipairs(fallbacks) do
+    if fb["kind"] == kind then return true end
+  end
+  return false
+end
+
+local function needs_call_state(fallbacks)
+  return has_kind(fallbacks, "stale") or has_kind(fallbacks, "service")
+end
+
+local function stash(handle, key, value)
+  handle:streamInfo():dynamicMetadata():set("envoy.filters.http.lua", key, value)
+end
+
+-- What a fallback needs from the request: method, path as sent upstream, headers.
+local function make_call(headers, md)
+  local method = headers:get(":method") or "GET"
+  local path = headers:get(":path") or "/"
+  local strip = md:get("strip")
+  if strip ~= nil and string.sub(path, 1, #strip) == strip then
+    path = string.sub(path, #strip + 1)
+    if path == "" or string.sub(path, 1, 1) == "?" then path = "/" .. path end
+  end
+  local copy = {}
+  for k, v in pairs(headers) do
+    if string.sub(k, 1, 1) ~= ":" and not HOP[k] and string.sub(k, 1, 9) ~= "x-riprap-" then copy[k] = v end
+  end
+  return {method = method, path = path, headers = copy, body = "",
+          cacheable = (method == "GET" or method == "HEAD") and copy["cookie"] == nil,
+          auth = copy["authorization"] ~= nil}
+end
+
+-- The request body, when it has a Content-Length within the bound (resent by a fallback).
+local function read_body(handle, headers, md)
+  local length = tonumber(headers:get("content-length") or "0") or 0
+  if length <= 0 or length > (md:get("body_limit") or 1048576) then return "" end
+  local body = handle:body()
+  return body:getBytes(0, body:length())
+end
+
+-- Kept until the call's answer, for its stale or service fallback.
+local function remember_call(handle, headers, md, fallbacks)
+  local call = make_call(headers, md)
+  if calls_count > 10000 then calls, calls_count = {}, 0 end  -- calls that never answered
+  next_call = next_call + 1
+  local id = tostring(next_call)
+  calls[id] = call
+  calls_count = calls_count + 1
+  stash(handle, "call", id)
+  if has_kind(fallbacks, "service") then call.body = read_body(handle, headers, md) end  -- last: it waits
+end
+
+-- The first link of the chain that answers: {status, headers, body, kind, attempts} or nil.
+local function chain_answer(handle, service, call, fallbacks, responding)
+  for _, fb in ipairs(fallbacks) do
+    local kind = fb["kind"]
+    if kind == "stale" then
+      local e = find_stale(handle, service, call, fb["max_age_ms"])
+      if e ~= nil then return {status = e.status, headers = e.headers, body = e.body, kind = "stale"} end
+    elseif kind == "service" then
+      local ok, st, rh, rb = try_service(handle, fb, call, responding)
+      if ok then
+        local list = {}
+        for k, v in pairs(rh) do
+          if string.sub(k, 1, 1) ~= ":" and not HOP[k] and string.sub(k, 1, 9) ~= "x-riprap-" then
+            list[#list + 1] = {k, v}
+          end
+        end
+        return {status = st, headers = list, body = rb, kind = "service",
+                attempts = tonumber(rh["x-riprap-attempts"] or "0") or 0}
+      end
+    elseif kind == "static" then
+      return {status = fb["status"], headers = {{"content-type", fb["content_type"]}}, body = fb["body"],
+              kind = "static"}
+    end
+  end
+  return nil
+end
+
+local function refuse_open(handle, headers, md, service, fallbacks)
+  local call = make_call(headers, md)
+  if has_kind(fallbacks, "service") then call.body = read_body(handle, headers, md) end
+  local ans = chain_answer(handle, service, call, fallbacks, false)
+  if ans == nil then
+    handle:respond({[":status"] = "503", ["content-type"] = "application/json",
+                    ["x-riprap-reason"] = "breaker-open"},
+                   '{"error": "breaker open", "reason": "breaker-open", "service": "' .. service .. '"}')
+    return
+  end
+  local out = {[":status"] = tostring(ans.status)}
+  for _, kv in ipairs(ans.headers) do out[kv[1]] = kv[2] end
+  out["x-riprap-fallback"] = ans.kind
+  out["x-riprap-reason"] = "breaker-open"
+  handle:respond(out, call.method == "HEAD" and "" or ans.body)
+end
+
+function envoy_on_request(handle)
+  local md = handle:metadata()
+  if md:get("riprap_state") == "breakers" then
+    handle:respond({[":status"] = "200", ["content-type"] = "application/json"}, breakers_json(handle:timestamp()))
+    return
+  end
+  local service = md:get("service")
+  if service == nil then return end
+  local headers = handle:headers()
+  local timeout_ms = md:get("timeout_ms")
+  local shard = md:get("shard")
+  if shard ~= nil then
+    local key = shard_key(headers, shard)
+    local pick
+    if key == nil then
+      pick = shard["default"]
+      if pick == nil then
+        respond_bad_key(handle, service)
+        return
+      end
+    else
+      pick = blake2b.pick(shard["names"], key)
+    end
+    headers:replace("x-riprap-shard", pick)
+    local t = shard["timeouts"]
+    if t ~= nil and t[pick] ~= nil then timeout_ms = t[pick] end
+    handle:clearRouteCache()
+    md = handle:metadata()  -- the shard's own route
+  else
+    headers:remove("x-riprap-shard")
+  end
+  local capped = false
+  local incoming = headers:get("x-riprap-deadline-ms")
+  if incoming ~= nil then
+    local n = tonumber(incoming)
+    if n ~= nil and n >= 1 and (timeout_ms == nil or n < timeout_ms) then
+      headers:replace("x-envoy-upstream-rq-timeout-ms", tostring(math.floor(n)))
+      capped = true
+    end
+  end
+  local fallbacks = meta_list(md:get("fallbacks"))
+  local bspec = md:get("breaker")
+  if bspec ~= nil then
+    local bkey = md:get("breaker_key")
+    local now = handle:timestamp()
+    if not b_allow(breaker_of(bkey, bspec), bspec, now) then
+      refuse_open(handle, headers, md, service, fallbacks)
+      return
+    end
+    stash(handle, "breaker", bkey)
+    stash(handle, "start", now)
+    if capped then stash(handle, "capped", true) end
+  end
+  if needs_call_state(fallbacks) then
+    remember_call(handle, headers, md, fallbacks)
+  end
 end
 
 function envoy_on_response(handle)
@@ -324,45 +490,36 @@ function envoy_on_response(handle)
     attempts = "0"
     headers:replace("x-riprap-attempts", attempts)
   end
-  local fallbacks = meta_list(md:get("fallbacks"))
-  local call = nil
-  if needs_call_state(fallbacks) then call = take_call(handle) end
   local status = tonumber(headers:get(":status")) or 0
+  local reason = headers:get("x-riprap-reason")
+  local fallbacks = meta_list(md:get("fallbacks"))
+  local bspec = md:get("breaker")
+  local dm = nil
+  if bspec ~= nil or needs_call_state(fallbacks) then
+    dm = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.lua")
+  end
+  if bspec ~= nil and dm ~= nil and dm["breaker"] ~= nil then
+    local b = breakers[dm["breaker"]]
+    -- overloaded is decided before the breaker; a call cut by its caller's shorter
+    -- deadline is not the upstream's failure
+    if b ~= nil and reason ~= "overloaded" and not (dm["capped"] and reason == "timeout") then
+      local now = handle:timestamp()
+      b_record(b, bspec, now, status < 500, now - (dm["start"] or now))
+    end
+  end
+  local call = nil
+  if needs_call_state(fallbacks) then call = take_call(dm) end
   if status < 500 then
-    if call ~= nil and call.cacheable and has_stale(fallbacks) then keep_stale(handle, service, call) end
+    if call ~= nil and call.cacheable and has_kind(fallbacks, "stale") then keep_stale(handle, service, call) end
     return
   end
-  local reason = headers:get("x-riprap-reason")
-  if reason == "no-healthy-endpoint" and md:get("breaker") then
-    reason = "breaker-open"
-    headers:replace("x-riprap-reason", reason)
-  end
+  if #fallbacks == 0 then return end
   if reason == nil then reason = "upstream-5xx" end
-  local head = call ~= nil and call.method == "HEAD"
-  for _, fb in ipairs(fallbacks) do
-    local kind = fb["kind"]
-    if kind == "stale" then
-      local e = find_stale(handle, service, call, fb["max_age_ms"])
-      if e ~= nil then
-        answer_with(handle, e.status, e.headers, e.body, "stale", reason, head)
-        return
-      end
-    elseif kind == "service" then
-      local ok, st, rh, rb = try_service(handle, fb, call)
-      if ok then
-        local list = {}
-        for k, v in pairs(rh) do
-          if string.sub(k, 1, 1) ~= ":" and not HOP[k] and k ~= "x-riprap-attempts"
-              and k ~= "x-riprap-fallback" and k ~= "x-riprap-reason" then list[#list + 1] = {k, v} end
-        end
-        local theirs = tonumber(rh["x-riprap-attempts"] or "0") or 0
-        answer_with(handle, st, list, rb, "service", reason, head)
-        handle:headers():replace("x-riprap-attempts", tostring((tonumber(attempts) or 0) + theirs))
-        return
-      end
-    elseif kind == "static" then
-      answer_with(handle, fb["status"], {{"content-type", fb["content_type"]}}, fb["body"], "static", reason, head)
-      return
+  local ans = chain_answer(handle, service, call, fallbacks, true)
+  if ans ~= nil then
+    answer_with(handle, ans, reason, call ~= nil and call.method == "HEAD")
+    if ans.attempts ~= nil then
+      handle:headers():replace("x-riprap-attempts", tostring((tonumber(attempts) or 0) + ans.attempts))
     end
   end
 end
