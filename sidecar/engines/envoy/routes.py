@@ -20,6 +20,7 @@ from sidecar.engines.envoy.notes import NoteSink
 from sidecar.engines.envoy.units import Unit, duration, target, units_of
 
 LUA = "envoy.filters.http.lua"
+LUA_META = "filter_metadata"
 LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
 FAULT = "envoy.filters.http.fault"
 SHARD_HEADER = "x-riprap-shard"
@@ -130,10 +131,9 @@ def _hedge(unit: Unit, sink: NoteSink) -> tuple[float | None, int]:
     if h.delay is not None:
         delay = h.delay
     else:
-        delay = max(h.min_delay, h.initial_delay)
-        pct = round((h.percentile or 0.0) * 100, 3)
+        delay = max(h.min_delay, h.initial_delay)  # the Lua filter sets the observed pNN per call
         sink.add(unit.service.name, "hedge",
-                 f"hedge at p{pct:g}: Envoy hedges after a fixed {delay * 1000:g}ms, not the observed percentile")
+                 "the percentile is of whole calls (not attempts), as each Envoy worker sees them")
     r = unit.spec.retry
     if r is not None and r.per_try_timeout is not None and abs(r.per_try_timeout - delay) > 1e-9:
         sink.add(unit.service.name, "hedge",
@@ -236,6 +236,11 @@ class RouteBuilder:
                           "each Envoy worker keeps its own breaker")
         if shard_meta is not None:
             meta["shard"] = shard_meta
+        h = unit.spec.hedge
+        if h is not None and h.delay is None and h.percentile is not None:
+            meta["hedge"] = {"p": h.percentile, "min_ms": h.min_delay * 1000,
+                             "initial_ms": h.initial_delay * 1000, "warmup": h.warmup_calls}
+            meta["latency_key"] = unit.cluster
         return meta
 
     def unit_routes(self, unit: Unit, match: dict[str, Any], rewrite: str | None,
@@ -262,7 +267,7 @@ class RouteBuilder:
         per_filter: dict[str, Any] = {}
         if self.chaos and spec.chaos:
             per_filter[FAULT] = _fault(spec.chaos, unit.service.name, self.sink)
-        meta = {"filter_metadata": {LUA: self._meta(unit, shard_meta, strip)}}
+        meta = {LUA_META: {LUA: self._meta(unit, shard_meta, strip)}}
 
         def route(extra_match: list[dict[str, Any]], safe: bool) -> dict[str, Any]:
             act = dict(action)
@@ -276,7 +281,12 @@ class RouteBuilder:
             m = dict(match)
             if extra_match or "headers" in m:
                 m["headers"] = list(m.get("headers", [])) + extra_match
-            out: dict[str, Any] = {"match": m, "route": act, "metadata": meta,
+            route_meta = meta
+            if not safe and "hedge" in meta[LUA_META][LUA]:
+                # no hedge for a call that may not be sent twice: no per-try override either
+                lua = {k: v for k, v in meta[LUA_META][LUA].items() if k not in ("hedge", "latency_key")}
+                route_meta = {LUA_META: {LUA: lua}}
+            out: dict[str, Any] = {"match": m, "route": act, "metadata": route_meta,
                                    "response_headers_to_add": [ATTEMPTS],
                                    "request_headers_to_remove": [SHARD_HEADER]}
             if per_filter:

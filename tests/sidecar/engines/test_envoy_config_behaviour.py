@@ -302,3 +302,26 @@ service recs {{
         assert r.status_code == 200 and r.text == "later"
         assert r.headers["x-riprap-fallback"] == "static" and r.headers["x-riprap-reason"] == "breaker-open"
         assert b.hits == 2
+
+
+def test_hedge_at_percentile_follows_observed_latency(tmp_path: Path, upstreams: list[FaultServer]) -> None:
+    a, b = upstreams[0], upstreams[1]
+    plan = compile_text(tmp_path, f"""
+service recs {{
+    timeout 3s
+    endpoint {a.url}
+    endpoint {b.url}
+    balance round-robin
+    hedge at p50 min 10ms
+}}
+""")
+    with RunningEnvoy(tmp_path, plan) as env:
+        a.set(delay=0.06)  # below the 100 ms used until 20 calls were seen: no hedge yet
+        first = [env.client.get("/", headers={"Host": "recs"}).json()["server"] for _ in range(4)]
+        assert first.count("u0") == 2
+        a.set(delay=0.0)
+        for _ in range(24):  # fast calls: p50 is a few ms, so the hedge delay drops to 10 ms
+            env.client.get("/", headers={"Host": "recs"})
+        a.set(delay=0.06)
+        later = [env.client.get("/", headers={"Host": "recs"}).json()["server"] for _ in range(4)]
+        assert later == ["u1"] * 4  # a call that starts on the slow endpoint is won by its hedge

@@ -9,6 +9,7 @@
 --               {kind="static", status, body, content_type}
 --   breaker     the breaker spec (routes.py breaker_meta), `breaker_key` its scope
 --   riprap_state  "breakers": answer this worker's breakers as JSON (Host `_riprap`)
+--   hedge       {p, min_ms, initial_ms, warmup} for `hedge at pNN`, `latency_key` its scope
 --   body_limit  the largest request body kept to resend to a fallback service
 -- `blake2b` (lua/blake2b.lua) is prepended to this file by the compiler.
 --
@@ -318,6 +319,41 @@ local function try_service(handle, fb, call, responding)
 end
 
 
+-- ---- hedge at pNN: the observed percentile as Envoy's per-try (hedge) timeout --------
+-- spec (route metadata `hedge`): {p, min_ms, initial_ms, warmup}; key: `breaker_key`'s
+-- sibling `latency_key`. The last 256 latencies of whole calls; the percentile is taken
+-- again every 16 calls (nearest rank, as policies/latency.py).
+
+local latencies = {}
+
+local function latency_of(key)
+  local w = latencies[key]
+  if w == nil then
+    w = {ring = {}, i = 0, total = 0, delay = nil}
+    latencies[key] = w
+  end
+  return w
+end
+
+local function hedge_delay(w, spec)
+  if w.total < spec["warmup"] then return spec["initial_ms"] end
+  if w.delay == nil or w.total % 16 == 0 then
+    local sorted = {}
+    for _, v in ipairs(w.ring) do sorted[#sorted + 1] = v end
+    table.sort(sorted)
+    local rank = math.max(1, math.ceil(spec["p"] * #sorted - 1e-9))
+    w.delay = sorted[rank]
+  end
+  return math.max(spec["min_ms"], w.delay)
+end
+
+local function record_latency(w, ms)
+  if ms < 0 then ms = 0 end
+  w.i = (w.i % 256) + 1
+  w.ring[w.i] = ms
+  w.total = w.total + 1
+end
+
 -- ---- the call flow ------------------------------------------------------------------
 
 local function meta_list(v)
@@ -463,6 +499,12 @@ function envoy_on_request(handle)
     end
   end
   local fallbacks = meta_list(md:get("fallbacks"))
+  local hspec = md:get("hedge")
+  if hspec ~= nil then
+    local delay = hedge_delay(latency_of(md:get("latency_key")), hspec)
+    headers:replace("x-envoy-upstream-rq-per-try-timeout-ms", tostring(math.max(1, math.floor(delay))))
+    stash(handle, "start", handle:timestamp())
+  end
   local bspec = md:get("breaker")
   if bspec ~= nil then
     local bkey = md:get("breaker_key")
@@ -494,9 +536,13 @@ function envoy_on_response(handle)
   local reason = headers:get("x-riprap-reason")
   local fallbacks = meta_list(md:get("fallbacks"))
   local bspec = md:get("breaker")
+  local hspec = md:get("hedge")
   local dm = nil
-  if bspec ~= nil or needs_call_state(fallbacks) then
+  if bspec ~= nil or hspec ~= nil or needs_call_state(fallbacks) then
     dm = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.lua")
+  end
+  if hspec ~= nil and dm ~= nil and dm["start"] ~= nil and reason == nil then
+    record_latency(latency_of(md:get("latency_key")), handle:timestamp() - dm["start"])
   end
   if bspec ~= nil and dm ~= nil and dm["breaker"] ~= nil then
     local b = breakers[dm["breaker"]]
