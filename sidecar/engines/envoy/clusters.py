@@ -255,7 +255,9 @@ def _protocol_options(auto_sni: dict[str, bool] | None) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
         "explicit_http_config": {"http_protocol_options": {}},
-        "common_http_protocol_options": {"max_headers_count": 256, "idle_timeout": "60s"},
+        # an upstream answer with a head over riprap's bounds is a 502, as on the python engine
+        "common_http_protocol_options": {"max_headers_count": 256, "idle_timeout": "60s",
+                                         "max_response_headers_kb": 64},
         "http_filters": [
             {
                 "name": "riprap.deadline",

@@ -5,6 +5,7 @@ shards, deadlines and limits behave as the contract says."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,16 @@ def upstreams() -> Iterator[list[FaultServer]]:
     yield servers
     for s in servers:
         s.stop()
+
+
+def _raw(port: int, target: str, host: str) -> str:
+    """One request with the target exactly as given (httpx would remove dot segments)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.decode("latin-1").lower().replace("http/1.1", "HTTP/1.1", 1)
 
 
 def _seen(server: FaultServer) -> dict[str, object]:
@@ -325,3 +336,19 @@ service recs {{
         a.set(delay=0.06)
         later = [env.client.get("/", headers={"Host": "recs"}).json()["server"] for _ in range(4)]
         assert later == ["u1"] * 4  # a call that starts on the slow endpoint is won by its hedge
+
+
+def test_paths_are_forwarded_as_sent_but_never_climb(tmp_path: Path, upstreams: list[FaultServer]) -> None:
+    a = upstreams[0]
+    plan = compile_text(tmp_path, f"""
+service files {{
+    endpoint {a.url}/base
+}}
+""")
+    with RunningEnvoy(tmp_path, plan) as env:
+        port = env.ports.listen_port
+        head = _raw(port, "/files/a/./b/../c%2Fd?x=1&y=%20", "localhost")
+        assert head.startswith("HTTP/1.1 200") and _seen(a)["target"] == "/base/a/./b/../c%2Fd?x=1&y=%20"
+        head = _raw(port, "/files/a/../../etc", "localhost")
+        assert head.startswith("HTTP/1.1 400") and "x-riprap-reason: bad-request" in head
+        assert _raw(port, "/x/../../y", "files").startswith("HTTP/1.1 400")

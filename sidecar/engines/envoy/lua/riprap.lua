@@ -458,6 +458,24 @@ local function refuse_open(handle, headers, md, service, fallbacks)
   handle:respond(out, call.method == "HEAD" and "" or ans.body)
 end
 
+-- A path whose `..` segments climb above the endpoint's own prefix is refused (the path
+-- is forwarded byte for byte, so nothing else would stop it).
+local function climbs(path, strip)
+  path = string.match(path, "^[^?]*")
+  if not string.find(path, "..", 1, true) then return false end
+  if strip ~= nil and string.sub(path, 1, #strip) == strip then path = string.sub(path, #strip + 1) end
+  local depth = 0
+  for seg in string.gmatch(path, "[^/]+") do
+    if seg == ".." then
+      depth = depth - 1
+      if depth < 0 then return true end
+    elseif seg ~= "." then
+      depth = depth + 1
+    end
+  end
+  return false
+end
+
 function envoy_on_request(handle)
   local md = handle:metadata()
   if md:get("riprap_state") == "breakers" then
@@ -467,6 +485,12 @@ function envoy_on_request(handle)
   local service = md:get("service")
   if service == nil then return end
   local headers = handle:headers()
+  if climbs(headers:get(":path") or "/", md:get("strip")) then
+    handle:respond({[":status"] = "400", ["content-type"] = "application/json", ["x-riprap-reason"] = "bad-request"},
+                   '{"error": "the path climbs above the service", "reason": "bad-request", "service": "'
+                   .. service .. '"}')
+    return
+  end
   local timeout_ms = md:get("timeout_ms")
   local shard = md:get("shard")
   if shard ~= nil then
