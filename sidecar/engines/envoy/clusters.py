@@ -100,14 +100,22 @@ def _thresholds(unit: Unit, sink: NoteSink) -> dict[str, Any]:
     }
     c = spec.concurrency
     if c is not None:
-        t["max_connections"] = c.max
-        t["max_requests"] = c.max + c.queue
-        t["max_pending_requests"] = c.queue if c.queue > 0 else c.max
-        differs = "at most N calls hold an upstream connection (Envoy circuit breakers)"
-        if c.queue:
-            differs += "; the queue is Envoy's pending-request queue, a queued call waits up to its timeout"
-            differs += " rather than queue-timeout"
-        sink.add(unit.service.name, "concurrency", differs)
+        if c.queue == 0:
+            # at most N streams attached to connections; the next one overflows (503) as
+            # soon as its connection is up: no call waits
+            t["max_requests"] = c.max
+            sink.add(unit.service.name, "concurrency",
+                     "Envoy's circuit breakers: a call over the cap gets its 503 once its upstream "
+                     "connection is open, not before")
+        else:
+            # N connections (HTTP/1.1: one call each); calls wait for one in Envoy's pending
+            # queue, which also holds calls whose new connection is still opening
+            t["max_connections"] = c.max
+            t["max_pending_requests"] = c.queue + c.max
+            t["max_requests"] = c.max + c.queue
+            sink.add(unit.service.name, "concurrency",
+                     "the queue is Envoy's pending-request queue: it may hold up to N more calls while "
+                     "connections open, and a queued call waits up to its timeout rather than queue-timeout")
     r = spec.retry
     if r is not None and r.budget is not None:
         t["retry_budget"] = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -352,3 +353,56 @@ service files {{
         head = _raw(port, "/files/a/../../etc", "localhost")
         assert head.startswith("HTTP/1.1 400") and "x-riprap-reason: bad-request" in head
         assert _raw(port, "/x/../../y", "files").startswith("HTTP/1.1 400")
+
+
+def test_concurrency_cap_answers_overloaded(tmp_path: Path, upstreams: list[FaultServer]) -> None:
+    a = upstreams[0]
+    a.set(delay=0.5)
+    plan = compile_text(tmp_path, f"""
+service pay {{
+    timeout 3s
+    endpoint {a.url}
+    concurrency 1
+}}
+""")
+    with RunningEnvoy(tmp_path, plan) as env:
+        results: list[int] = []
+        reasons: list[str | None] = []
+
+        def call() -> None:
+            r = env.client.get("/", headers={"Host": "pay"})
+            results.append(r.status_code)
+            reasons.append(r.headers.get("x-riprap-reason"))
+
+        first = threading.Thread(target=call)
+        first.start()
+        deadline = time.monotonic() + 5
+        while a.in_flight < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        call()  # the slot is taken: 503 at once
+        first.join()
+        assert sorted(results) == [200, 503]
+        assert "overloaded" in reasons
+
+
+def test_concurrency_queue_waits_then_overflows(tmp_path: Path, upstreams: list[FaultServer]) -> None:
+    a = upstreams[0]
+    a.set(delay=0.4)
+    plan = compile_text(tmp_path, f"""
+service pay {{
+    timeout 5s
+    endpoint {a.url}
+    concurrency 1 queue 1
+}}
+""")
+    with RunningEnvoy(tmp_path, plan) as env:
+        env.client.get("/", headers={"Host": "pay"})  # one warm connection
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(
+            env.client.get("/", headers={"Host": "pay"}).status_code)) for _ in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        assert results.count(200) >= 2 and 503 in results
