@@ -258,42 +258,13 @@ def _auto_sni(unit: Unit, targets: list[Target]) -> dict[str, bool] | None:
 
 
 def _protocol_options(auto_sni: dict[str, bool] | None) -> dict[str, Any]:
-    """HTTP/1.1 upstream, with one upstream filter: x-riprap-deadline-ms from Envoy's own
-    per-attempt remaining time (x-envoy-expected-rq-timeout-ms, which is then removed)."""
+    """HTTP/1.1 upstream, riprap's bounds on the upstream's answer head."""
     opts: dict[str, Any] = {
         "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
         "explicit_http_config": {"http_protocol_options": {}},
         # an upstream answer with a head over riprap's bounds is a 502, as on the python engine
         "common_http_protocol_options": {"max_headers_count": 256, "idle_timeout": "60s",
                                          "max_response_headers_kb": 64},
-        "http_filters": [
-            {
-                "name": "riprap.deadline",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                    "mutations": {
-                        "request_mutations": [
-                            {
-                                "append": {
-                                    "header": {
-                                        "key": "x-riprap-deadline-ms",
-                                        "value": "%REQ(x-envoy-expected-rq-timeout-ms)%",
-                                    },
-                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                                }
-                            },
-                            {"remove": "x-envoy-expected-rq-timeout-ms"},
-                        ]
-                    },
-                },
-            },
-            {
-                "name": "envoy.filters.http.upstream_codec",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
-                },
-            },
-        ],
     }
     if auto_sni is not None:
         opts["upstream_http_protocol_options"] = auto_sni

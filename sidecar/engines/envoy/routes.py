@@ -27,6 +27,13 @@ SHARD_HEADER = "x-riprap-shard"
 STATE_HOST = "_riprap"  # not a service name (those start with a letter)
 LOCAL_STAGE = 0
 SHARED_STAGE = 1
+EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
+# the time left for this attempt, as Envoy computes it (route timeout, capped by an
+# incoming x-riprap-deadline-ms through the Lua filter)
+DEADLINE = {
+    "header": {"key": "x-riprap-deadline-ms", "value": f"%REQ({EXPECTED_TIMEOUT})%"},
+    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+}
 ATTEMPTS = {
     "header": {"key": "x-riprap-attempts", "value": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"},
     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
@@ -287,10 +294,11 @@ class RouteBuilder:
                 lua = {k: v for k, v in meta[LUA_META][LUA].items() if k not in ("hedge", "latency_key")}
                 route_meta = {LUA_META: {LUA: lua}}
             out: dict[str, Any] = {"match": m, "route": act, "metadata": route_meta,
-                                   "response_headers_to_add": [ATTEMPTS],
-                                   "request_headers_to_remove": [SHARD_HEADER]}
+                                   "request_headers_to_add": [DEADLINE],
+                                   "request_headers_to_remove": [SHARD_HEADER],
+                                   "response_headers_to_add": [ATTEMPTS]}
             if per_filter:
-                out["typed_per_filter_config"] = per_filter
+                out["typed_per_filter_config"] = dict(per_filter)
             return out
 
         may_resend = spec.retry is not None or spec.hedge is not None
@@ -354,6 +362,17 @@ def _header(key: str, value: str) -> dict[str, Any]:
     return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
 
+def _stamp(route: dict[str, Any]) -> None:
+    """Give the route's Lua metadata an `id` (a hash of the rest): the Lua filter converts
+    a route's metadata once per id instead of on every call."""
+    meta = route.get("metadata", {}).get(LUA_META, {}).get(LUA)
+    if meta is None:
+        return
+    meta.pop("id", None)
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    route["metadata"] = {LUA_META: {LUA: {"id": hashlib.sha256(text.encode()).hexdigest()[:16], **meta}}}
+
+
 def unknown_service_body(plan: Plan) -> str:
     return json.dumps({"error": "unknown service", "reason": "unknown-service",
                        "services": sorted(plan.services)})
@@ -392,6 +411,9 @@ def build_route_config(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bo
         "metadata": {"filter_metadata": {LUA: {"riprap_state": "breakers"}}},
     }]})
     vhosts.append({"name": "riprap:unknown", "domains": ["*"], "routes": catch_all})
+    for vhost in vhosts:
+        for route in vhost["routes"]:
+            _stamp(route)
     return {
         "name": "riprap",
         "virtual_hosts": vhosts,

@@ -354,12 +354,31 @@ local function record_latency(w, ms)
   w.total = w.total + 1
 end
 
--- ---- the call flow ------------------------------------------------------------------
+-- ---- route metadata, converted once per route version ----------------------------------
 
-local function meta_list(v)
-  if v == nil then return {} end
-  return v
+local KEYS = {"service", "timeout_ms", "strip", "shard", "fallbacks", "breaker", "breaker_key", "hedge",
+              "latency_key", "body_limit", "riprap_state"}
+local route_cache, route_cache_count = {}, 0
+
+-- The matched route's riprap metadata as a Lua table, or nil. Envoy converts metadata on
+-- every get(); the routes' `id` (a hash of the rest) lets that happen once per route.
+local function route_meta(handle)
+  local md = handle:metadata()
+  local id = md:get("id")
+  if id == nil then return nil end
+  local m = route_cache[id]
+  if m == nil then
+    m = {}
+    for _, k in ipairs(KEYS) do m[k] = md:get(k) end
+    if m.fallbacks == nil then m.fallbacks = {} end
+    if route_cache_count > 4096 then route_cache, route_cache_count = {}, 0 end
+    route_cache[id] = m
+    route_cache_count = route_cache_count + 1
+  end
+  return m
 end
+
+-- ---- the call flow ------------------------------------------------------------------
 
 local function has_kind(fallbacks, kind)
   for _, fb in ipairs(fallbacks) do
@@ -380,7 +399,7 @@ end
 local function make_call(headers, md)
   local method = headers:get(":method") or "GET"
   local path = headers:get(":path") or "/"
-  local strip = md:get("strip")
+  local strip = md.strip
   if strip ~= nil and string.sub(path, 1, #strip) == strip then
     path = string.sub(path, #strip + 1)
     if path == "" or string.sub(path, 1, 1) == "?" then path = "/" .. path end
@@ -397,7 +416,7 @@ end
 -- The request body, when it has a Content-Length within the bound (resent by a fallback).
 local function read_body(handle, headers, md)
   local length = tonumber(headers:get("content-length") or "0") or 0
-  if length <= 0 or length > (md:get("body_limit") or 1048576) then return "" end
+  if length <= 0 or length > (md.body_limit or 1048576) then return "" end
   local body = handle:body()
   return body:getBytes(0, body:length())
 end
@@ -477,22 +496,22 @@ local function climbs(path, strip)
 end
 
 function envoy_on_request(handle)
-  local md = handle:metadata()
-  if md:get("riprap_state") == "breakers" then
+  local md = route_meta(handle)
+  if md == nil then return end
+  if md.riprap_state == "breakers" then
     handle:respond({[":status"] = "200", ["content-type"] = "application/json"}, breakers_json(handle:timestamp()))
     return
   end
-  local service = md:get("service")
-  if service == nil then return end
+  local service = md.service
   local headers = handle:headers()
-  if climbs(headers:get(":path") or "/", md:get("strip")) then
+  if climbs(headers:get(":path") or "/", md.strip) then
     handle:respond({[":status"] = "400", ["content-type"] = "application/json", ["x-riprap-reason"] = "bad-request"},
                    '{"error": "the path climbs above the service", "reason": "bad-request", "service": "'
                    .. service .. '"}')
     return
   end
-  local timeout_ms = md:get("timeout_ms")
-  local shard = md:get("shard")
+  local timeout_ms = md.timeout_ms
+  local shard = md.shard
   if shard ~= nil then
     local key = shard_key(headers, shard)
     local pick
@@ -509,9 +528,7 @@ function envoy_on_request(handle)
     local t = shard["timeouts"]
     if t ~= nil and t[pick] ~= nil then timeout_ms = t[pick] end
     handle:clearRouteCache()
-    md = handle:metadata()  -- the shard's own route
-  else
-    headers:remove("x-riprap-shard")
+    md = route_meta(handle) or md  -- the shard's own route
   end
   local capped = false
   local incoming = headers:get("x-riprap-deadline-ms")
@@ -522,59 +539,63 @@ function envoy_on_request(handle)
       capped = true
     end
   end
-  local fallbacks = meta_list(md:get("fallbacks"))
-  local hspec = md:get("hedge")
+  local fallbacks = md.fallbacks
+  local hspec = md.hedge
+  local bspec = md.breaker
+  local now = nil
   if hspec ~= nil then
-    local delay = hedge_delay(latency_of(md:get("latency_key")), hspec)
+    now = handle:timestamp()
+    local delay = hedge_delay(latency_of(md.latency_key), hspec)
     headers:replace("x-envoy-upstream-rq-per-try-timeout-ms", tostring(math.max(1, math.floor(delay))))
-    stash(handle, "start", handle:timestamp())
   end
-  local bspec = md:get("breaker")
   if bspec ~= nil then
-    local bkey = md:get("breaker_key")
-    local now = handle:timestamp()
-    if not b_allow(breaker_of(bkey, bspec), bspec, now) then
+    now = now or handle:timestamp()
+    if not b_allow(breaker_of(md.breaker_key, bspec), bspec, now) then
       refuse_open(handle, headers, md, service, fallbacks)
       return
     end
-    stash(handle, "breaker", bkey)
-    stash(handle, "start", now)
     if capped then stash(handle, "capped", true) end
+    if bspec["slow_ms"] == nil and hspec == nil then now = nil end
   end
+  if now ~= nil then stash(handle, "start", now) end  -- only what the answer needs: timing
   if needs_call_state(fallbacks) then
     remember_call(handle, headers, md, fallbacks)
   end
 end
 
 function envoy_on_response(handle)
-  local md = handle:metadata()
-  local service = md:get("service")
-  if service == nil then return end
+  local md = route_meta(handle)
+  if md == nil or md.service == nil then return end
+  local service = md.service
   local headers = handle:headers()
   local attempts = headers:get("x-riprap-attempts")
   if attempts == nil or attempts == "" or attempts == "-" then
     attempts = "0"
     headers:replace("x-riprap-attempts", attempts)
   end
+  local fallbacks = md.fallbacks
+  local bspec = md.breaker
+  local hspec = md.hedge
+  if bspec == nil and hspec == nil and #fallbacks == 0 then return end
   local status = tonumber(headers:get(":status")) or 0
   local reason = headers:get("x-riprap-reason")
-  local fallbacks = meta_list(md:get("fallbacks"))
-  local bspec = md:get("breaker")
-  local hspec = md:get("hedge")
   local dm = nil
-  if bspec ~= nil or hspec ~= nil or needs_call_state(fallbacks) then
-    dm = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.lua")
+  if hspec ~= nil or needs_call_state(fallbacks) or (bspec ~= nil and (bspec["slow_ms"] ~= nil or reason == "timeout")) then
+    dm = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.lua") or {}
   end
-  if hspec ~= nil and dm ~= nil and dm["start"] ~= nil and reason == nil then
-    record_latency(latency_of(md:get("latency_key")), handle:timestamp() - dm["start"])
+  local now = nil
+  if hspec ~= nil and dm["start"] ~= nil and reason == nil then
+    now = handle:timestamp()
+    record_latency(latency_of(md.latency_key), now - dm["start"])
   end
-  if bspec ~= nil and dm ~= nil and dm["breaker"] ~= nil then
-    local b = breakers[dm["breaker"]]
+  if bspec ~= nil then
+    local b = breakers[md.breaker_key]
     -- overloaded is decided before the breaker; a call cut by its caller's shorter
     -- deadline is not the upstream's failure
-    if b ~= nil and reason ~= "overloaded" and not (dm["capped"] and reason == "timeout") then
-      local now = handle:timestamp()
-      b_record(b, bspec, now, status < 500, now - (dm["start"] or now))
+    if b ~= nil and reason ~= "overloaded" and not (reason == "timeout" and dm["capped"]) then
+      now = now or handle:timestamp()
+      local start = (dm ~= nil and dm["start"]) or now
+      b_record(b, bspec, now, status < 500, now - start)
     end
   end
   local call = nil
