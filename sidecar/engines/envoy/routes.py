@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from dsl.plan import IDEMPOTENT_METHODS, BreakerSpec, ChaosSpec, Plan, RetrySpec
@@ -235,6 +236,9 @@ class RouteBuilder:
                 meta["body_limit"] = unit.service.max_body_buffer
         if strip is not None:
             meta["strip"] = strip
+        lim = unit.spec.limit
+        if lim is not None and lim.rate > 0 and math.ceil(1 / lim.rate - 1e-9) > 1:
+            meta["retry_after"] = str(math.ceil(1 / lim.rate - 1e-9))
         if unit.spec.breaker is not None:
             meta["breaker"] = breaker_meta(unit.spec.breaker)
             meta["breaker_key"] = unit.cluster

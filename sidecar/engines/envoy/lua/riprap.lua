@@ -357,7 +357,7 @@ end
 -- ---- route metadata, converted once per route version ----------------------------------
 
 local KEYS = {"service", "timeout_ms", "strip", "shard", "fallbacks", "breaker", "breaker_key", "hedge",
-              "latency_key", "body_limit", "riprap_state"}
+              "latency_key", "body_limit", "riprap_state", "retry_after"}
 local route_cache, route_cache_count = {}, 0
 
 -- The matched route's riprap metadata as a Lua table, or nil. Envoy converts metadata on
@@ -572,6 +572,9 @@ function envoy_on_response(handle)
   if attempts == nil or attempts == "" or attempts == "-" then
     attempts = "0"
     headers:replace("x-riprap-attempts", attempts)
+  end
+  if md.retry_after ~= nil and headers:get("x-riprap-reason") == "rate-limited" then
+    headers:replace("retry-after", md.retry_after)  -- a bucket slower than 1/s: whole seconds to a token
   end
   local fallbacks = md.fallbacks
   local bspec = md.breaker
