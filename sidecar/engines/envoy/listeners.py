@@ -100,6 +100,7 @@ def token_bucket(rate: float, burst: float) -> dict[str, Any]:
 def _local_ratelimit(plan: Plan, shared_ok: bool, sink: NoteSink) -> dict[str, Any] | None:
     descriptors: list[dict[str, Any]] = []
     seen: set[str] = set()
+    max_keys = 0
     for unit in all_units(plan):
         lim: LimitSpec | None = unit.spec.limit
         if lim is None or (lim.shared and shared_ok) or unit.service.name in seen:
@@ -110,6 +111,10 @@ def _local_ratelimit(plan: Plan, shared_ok: bool, sink: NoteSink) -> dict[str, A
         entries: list[dict[str, Any]] = [{"key": "riprap_service", "value": unit.service.name}]
         if lim.per_header:
             entries.append({"key": "riprap_key", "value": ""})  # a bucket per header value
+            max_keys = max(max_keys, lim.max_keys)
+            sink.add(unit.service.name, "limit per header",
+                     "Envoy keeps each value whole (not a fixed-size digest) among its bounded "
+                     "buckets (the last 10000 values used)")
         descriptors.append({"entries": entries, "token_bucket": token_bucket(lim.rate, lim.burst)})
     if not descriptors:
         return None
@@ -126,6 +131,7 @@ def _local_ratelimit(plan: Plan, shared_ok: bool, sink: NoteSink) -> dict[str, A
             "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"},
                                 "runtime_key": "riprap_limit_enforced"},
             "descriptors": descriptors,
+            **({"max_dynamic_descriptors": max_keys} if max_keys else {}),  # Envoy's default is 20
         },
     }
 
