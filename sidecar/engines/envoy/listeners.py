@@ -197,6 +197,7 @@ def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: 
         "merge_slashes": False,
         "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
         "upgrade_configs": [{"upgrade_type": "websocket"}],
+        "generate_request_id": False,  # riprap adds no request id (and a UUID per call costs)
         "local_reply_config": local_reply_config(),
     }
     return {
