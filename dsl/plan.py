@@ -5,8 +5,9 @@ Every duration is in seconds (float), every percentage a fraction in 0..1, every
 per second. `to_dict`/`from_dict` round-trip exactly, and `digest` hashes the canonical
 JSON so that two equal plans have the same hash in every process.
 
-The JSON shape is pinned by `plan.schema.json`; `load_plan`/`plan_from_dict` validate
-against it on every load.
+The JSON shape is pinned by `plan.schema.json` (`dsl.schema.validate_plan_dict`): the
+compiler validates every plan it writes, and `dsl.loader.load_plan_source` every plan
+`.json` it reads, before `Plan.from_dict` builds it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """riprap's own failures: one exception tree, one `x-riprap-reason` per class.
 
 Every answer riprap makes itself (rather than passing on an upstream's) comes from one of
-these. The transport raises them internally and turns them into HTTP answers at its edge
-(`to_response`), so the sidecar and in-process callers see the same statuses and headers.
+these. The engine raises them internally and turns them into HTTP answers at the service
+edge (`policies.answers.error_response`), so the sidecar and in-process callers see the
+same statuses and headers.
 
     ResilienceError              reason            status
      +-- UnknownService          unknown-service   404 (403 for the sidecar's proxy form)

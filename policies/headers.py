@@ -19,18 +19,30 @@ from policies.httpx_compat import header_items, set_header
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 256
 
-# Request headers never forwarded as they are: hop-by-hop ones (RFC 9110 7.6.1), and the
-# ones riprap sets per attempt (Host, framing, the remaining deadline).
+# Hop-by-hop headers (RFC 9110 7.6.1, plus the proxy-only ones), never passed on in
+# either direction, nor any header a `Connection` header names (`connection_named`). The
+# one definition: the engine, the sidecar's proxy and the stale cache all use it. Also
+# never forwarded as they are: the request headers riprap sets per attempt (Host,
+# framing, the remaining deadline).
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
 DEADLINE_BYTES = DEADLINE_HEADER.encode()
 PER_ATTEMPT = frozenset({b"host", b"content-length", DEADLINE_BYTES})
-# Response headers not replayed from the stale cache (framing is recomputed).
-NOT_CACHED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
-                        "trailer", "upgrade", REASON_HEADER, ATTEMPTS_HEADER,
-                        FALLBACK_HEADER})
+# Response headers not replayed from the stale cache: hop-by-hop ones, framing (it is
+# recomputed) and riprap's own.
+NOT_CACHED = frozenset({h.decode("ascii") for h in HOP_BY_HOP} | {
+    "content-length", REASON_HEADER, ATTEMPTS_HEADER, FALLBACK_HEADER})
+
+
+def connection_named(value: bytes, named: set[bytes] | None = None) -> set[bytes]:
+    """The header names a `Connection` header's `value` lists (lower-cased), added to
+    `named` (a message may carry several `Connection` headers)."""
+    if named is None:
+        named = set()
+    named.update(t.strip().lower() for t in value.split(b","))
+    return named
 
 
 def forward_headers(raw: Iterable[tuple[bytes, bytes]]
@@ -44,8 +56,7 @@ def forward_headers(raw: Iterable[tuple[bytes, bytes]]
         low = name.lower()
         if low in HOP_BY_HOP:
             if low == b"connection":
-                extra = extra or set()
-                extra.update(v.strip().lower() for v in value.split(b","))
+                extra = connection_named(value, extra)
             continue
         if low in PER_ATTEMPT:
             if low == DEADLINE_BYTES:
@@ -79,8 +90,7 @@ def forward_items(headers: httpx.Headers, wanted: frozenset[bytes] = frozenset()
                 values.append(item[2])
         if low in HOP_BY_HOP:
             if low == b"connection":
-                extra = extra or set()
-                extra.update(v.strip().lower() for v in item[2].split(b","))
+                extra = connection_named(item[2], extra)
             continue
         if low in PER_ATTEMPT:
             if low == DEADLINE_BYTES:
@@ -145,6 +155,6 @@ def parse_deadline_header(value: str | None, now: float) -> float | None:
     return now + ms / 1000.0
 
 
-__all__ = ["DEADLINE_BYTES", "HOP_BY_HOP", "MAX_HEADERS", "MAX_HEAD_BYTES", "NOT_CACHED",
+__all__ = ["DEADLINE_BYTES", "HOP_BY_HOP", "connection_named", "MAX_HEADERS", "MAX_HEAD_BYTES", "NOT_CACHED",
            "PER_ATTEMPT", "UpstreamHeadTooLarge", "forward_headers", "forward_items",
            "head_size", "header_value", "lower_ascii", "parse_deadline_header", "set_header"]

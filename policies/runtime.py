@@ -38,6 +38,7 @@ from policies.fallback import StaleCache, StaticAnswer, cache_key, shared_cache_
 from policies.headers import NOT_CACHED, forward_items, header_value, lower_ascii
 from policies.health import ActiveHealth, EndpointState, OutlierDetector
 from policies.health_checks import run_health_checks
+from policies.hosts import HostTable
 from policies.hedge import HedgeDelay
 from policies.latency import LatencyWindow
 from policies.limiter import KeyedLimiter
@@ -346,34 +347,9 @@ class PlanRuntime:
             if spec.name != name:
                 spec = dataclasses.replace(spec, name=name)
             self.services[name] = ServiceRuntime(spec, env, prev_services.get(name))
-        self.hosts: dict[str, str] = {}
-        self._seen_hosts: dict[str, str | None] = {}
-        for name, spec in plan.services.items():
-            self.hosts.setdefault(name.lower(), name)
-            for host in spec.hosts:
-                self.hosts.setdefault(host.lower(), name)
-
-    def service_for_host(self, host: str) -> str | None:
-        """The service a Host names (its name or a `host` alias; case and port ignored)."""
-        seen = self._seen_hosts  # recent answers: the runtime is immutable
-        try:
-            return seen[host]
-        except KeyError:
-            pass
-        name = self._service_for_host(host)
-        if len(host) <= 256:  # bounded: at most 1024 hosts of at most 256 characters
-            if len(seen) >= 1024:
-                seen.clear()
-            seen[host] = name
-        return name
-
-    def _service_for_host(self, host: str) -> str | None:
-        h = host.strip().lower()
-        if h.startswith("["):
-            h = h[: h.find("]") + 1]
-        elif h.count(":") == 1:
-            h = h.split(":", 1)[0]
-        return self.hosts.get(h.rstrip("."))
+        self.hosts = HostTable({name: spec.hosts for name, spec in plan.services.items()})
+        # the service a Host names (its name or a `host` alias; case and port ignored)
+        self.service_for_host = self.hosts.service_for_host
 
     def has_service(self, name: str) -> bool:
         return name in self.services

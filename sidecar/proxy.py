@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import httpx
 
+from policies.headers import HOP_BY_HOP, connection_named
 from policies.httpx_compat import build_request, make_url
 from policies.httpx_compat import header_items as _header_items
 from sidecar.logs import AccessLog
@@ -31,11 +32,6 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-# RFC 9110 section 7.6.1, plus the proxy-only ones; also anything named in `Connection`.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-})
 # Not hop-by-hop, but owned by this hop: the transport sets Host to the endpoint's
 # authority, and `Expect: 100-continue` was already answered by uvicorn.
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"expect"}
@@ -170,7 +166,7 @@ def _forward_items(headers: list[tuple[bytes, bytes]]
             if k == b"host":
                 host = v.decode("latin-1")
             elif k == b"connection":
-                named = {t.strip().lower() for t in v.split(b",")}
+                named = connection_named(v, named)
             elif k == b"transfer-encoding":
                 has_body = True
             continue
@@ -198,7 +194,7 @@ def _answer_headers(items: Any) -> tuple[list[tuple[bytes, bytes]], int]:
     for _, k, v in items:
         if k in HOP_BY_HOP:
             if k == b"connection":
-                named = {t.strip().lower() for t in v.split(b",")}
+                named = connection_named(v, named)
             continue
         if k == b"content-length":
             try:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
 from dsl.plan import Plan
+from policies.hosts import HostTable, host_key
 
 # Key set by the sidecar's uvicorn protocol for absolute-form request targets.
 ABSOLUTE_TARGET_KEY = "riprap.absolute_target"
-HOST_CACHE_SIZE = 256  # remembered `Host` spellings per routing table
 
 
 class Route(NamedTuple):
@@ -47,41 +47,22 @@ class Refusal:
     body: bytes
 
 
-def host_without_port(host: str) -> str:
-    """`Example.COM:80` -> `example.com`; `[::1]:7400` -> `::1`."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[1:end] if end > 0 else host
-    if host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.rstrip(".")
 
 
 class Router:
     """The routing table of one plan. Immutable; rebuilt and swapped on reload."""
 
     def __init__(self, plan: Plan) -> None:
-        by_host: dict[str, str] = {}
-        for name, svc in plan.services.items():
-            by_host[name.lower()] = name
-            for alias in svc.hosts:
-                by_host[host_without_port(alias)] = name
-        self._by_host: Mapping[str, str] = by_host
+        # the engine's own table (`policies.hosts`): one rule for which service a host names
+        self.service_for_host = HostTable(
+            {name: svc.hosts for name, svc in plan.services.items()}).service_for_host
         self._by_name: Mapping[str, str] = {n: n for n in plan.services}
         self.services: tuple[str, ...] = tuple(sorted(plan.services))
-        # `Host` header as sent -> service, for hosts that name one: skips normalizing the
-        # same few values on every call. Bounded: only plan-named hosts are ever added, and
-        # at most HOST_CACHE_SIZE spellings of them.
-        self._host_cache: dict[str, str] = {}
 
     def refusal(self, status: int, name: str) -> Refusal:
         body = json.dumps({"error": f"unknown service '{name}'", "reason": "unknown-service",
                            "services": list(self.services)}).encode()
         return Refusal(status, "unknown-service", body)
-
-    def service_for_host(self, host: str) -> str | None:
-        return self._by_host.get(host_without_port(host))
 
     def route(self, method: str, host: str | None, raw_path: bytes,
               absolute_host: str | None) -> Route | Refusal:
@@ -89,23 +70,19 @@ class Router:
         if method == "CONNECT":
             target = absolute_host or host or ""
             if self.service_for_host(target) is None:
-                return self.refusal(403, host_without_port(target))
+                return self.refusal(403, host_key(target))
             body = json.dumps({
                 "error": "CONNECT tunnels are not supported: send plain http:// requests "
                          "through the proxy so that policies apply",
                 "reason": "connect-unsupported", "services": list(self.services)}).encode()
             return Refusal(405, "connect-unsupported", body)
         if absolute_host is not None:
-            name = self._by_host.get(host_without_port(absolute_host))
+            name = self.service_for_host(absolute_host)
             if name is None:
-                return self.refusal(403, host_without_port(absolute_host))
+                return self.refusal(403, host_key(absolute_host))
             return Route(name, raw_path)
         if host:
-            name = self._host_cache.get(host)
-            if name is None:
-                name = self._by_host.get(host_without_port(host))
-                if name is not None and len(self._host_cache) < HOST_CACHE_SIZE:
-                    self._host_cache[host] = name
+            name = self.service_for_host(host)
             if name is not None:
                 return Route(name, raw_path)
         # `/NAME/rest` -> NAME, forwarded as `/rest` (`/NAME` alone -> `/`).
@@ -121,9 +98,9 @@ class Router:
                 if not rest.startswith(b"/"):
                     rest = b"/" + rest
                 return Route(name, rest)
-            bare = host_without_port(host) if host else ""
+            bare = host_key(host) if host else ""
             return self.refusal(404, first if (first and _is_local(bare)) else (bare or first))
-        return self.refusal(404, host_without_port(host) if host else "")
+        return self.refusal(404, host_key(host) if host else "")
 
 
 def _is_local(host: str) -> bool:

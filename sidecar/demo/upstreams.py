@@ -1,6 +1,6 @@
 """The demo's upstream fleet: payments, inventory and recommendations replicas.
 
-Each replica is one `sidecar.faults` server in its own process (so "kill a replica" is a
+Each replica is one `riprap_testing.faults` server in its own process (so "kill a replica" is a
 real SIGKILL, and "heal" starts a fresh process on the same port), driven over its
 control port (`POST /mode`, `POST /recover`) for the softer faults: 503s, slowness.
 """
@@ -28,7 +28,7 @@ class Fleet:
         self.down: set[str] = set()
 
     def _spawn(self, up: Upstream) -> None:
-        argv = [sys.executable, "-m", "sidecar.faults", "--name", up.name, "--port",
+        argv = [sys.executable, "-m", "riprap_testing.faults", "--name", up.name, "--port",
                 str(up.port), "--control-port", str(up.control_port),
                 "--seed", str(self.seed + up.port % 97)]
         self.procs[up.name] = self.registry.start(up.name, argv)

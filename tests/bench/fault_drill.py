@@ -52,7 +52,7 @@ async def _serve(name: str, port: int, control: int, seed: int, slow_rate: float
                  error_rate: float, refuse: bool) -> None:
     """One replica: a bare asyncio HTTP/1.1 server (keep-alive, no bodies expected).
 
-    Bare asyncio rather than `sidecar.faults` because the drill needs "a fraction of answers
+    Bare asyncio rather than `riprap_testing.faults` because the drill needs "a fraction of answers
     are slow", which faults.py has no knob for, and the least per-request overhead.
     """
     rng = random.Random(f"{seed}-{name}")

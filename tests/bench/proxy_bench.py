@@ -45,7 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sidecar.faults import free_port  # noqa: E402
+from riprap_testing.faults import free_port  # noqa: E402
 
 PY = sys.executable
 BODY = "x" * 90 + "\n"  # with headers: a ~100-byte answer body

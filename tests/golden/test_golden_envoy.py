@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from sidecar.engines.envoy.config import CDS_FILE, LDS_FILE, RDS_FILE, to_yaml, validation_bootstrap
-from sidecar.faults import free_port
+from riprap_testing.faults import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar" / "engines"))
 from envoy_harness import envoy_binary  # noqa: E402

@@ -1,6 +1,6 @@
 """Real-socket fixtures for the sidecar: fault-controllable upstreams and sidecar processes.
 
-Upstreams are `sidecar.faults.FaultServer`s (in-process, each on its own loop and thread,
+Upstreams are `riprap_testing.faults.FaultServer`s (in-process, each on its own loop and thread,
 on a free 127.0.0.1 port). The sidecar runs as a real subprocess
 (`python -m sidecar.cli run FILE`) on free ports; `start()` waits for `/readyz`.
 """
@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-from sidecar.faults import FaultServer, free_port
+from riprap_testing.faults import FaultServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

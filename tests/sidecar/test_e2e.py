@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from dsl.loader import load_plan_source
-from sidecar.faults import FaultServer
+from riprap_testing.faults import FaultServer
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from sidecar.faults import FaultProcess, FaultServer
+from riprap_testing.faults import FaultProcess, FaultServer
 
 
 @pytest.fixture()

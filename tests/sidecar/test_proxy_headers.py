@@ -46,3 +46,15 @@ def test_fast_url_equals_httpx_public_url(target: bytes) -> None:
     got = make_url("svc", target)
     assert got == httpx.URL(scheme="http", host="svc", raw_path=target)
     assert got.raw_path == target and got.host == "svc"
+
+
+def test_one_hop_by_hop_rule_for_the_proxy_the_engine_and_the_stale_cache() -> None:
+    from policies.headers import HOP_BY_HOP, NOT_CACHED, forward_headers
+
+    # several Connection headers: every header any of them names is dropped, both ways
+    raw = [(b"Connection", b"x-a"), (b"Connection", b"X-B, keep-alive"), (b"X-A", b"1"),
+           (b"x-b", b"2"), (b"x-c", b"3"), (b"TE", b"trailers")]
+    assert _forward_headers(raw)[0] == [(b"x-c", b"3")]
+    assert forward_headers(raw)[0] == [(b"x-c", b"3")]
+    assert _response_headers(raw)[0] == [(b"x-c", b"3")]
+    assert {h.decode() for h in HOP_BY_HOP} <= NOT_CACHED

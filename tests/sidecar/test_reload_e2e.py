@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from sidecar.faults import FaultServer
+from riprap_testing.faults import FaultServer
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from dsl.plan import EndpointSpec, Plan, ServicePlan
-from sidecar.routing import Refusal, Route, Router, host_without_port
+from policies.hosts import host_key
+from sidecar.routing import Refusal, Route, Router
 
 
 def plan() -> Plan:
@@ -23,8 +24,8 @@ def plan() -> Plan:
     ("Example.COM:80", "example.com"), ("[::1]:7400", "::1"), ("a.b.", "a.b"),
     ("payments", "payments"), ("::1", "::1"),
 ])
-def test_host_without_port(host: str, expected: str) -> None:
-    assert host_without_port(host) == expected
+def test_host_key(host: str, expected: str) -> None:
+    assert host_key(host) == expected
 
 
 @pytest.mark.parametrize("host", ["payments", "PAYMENTS:9999", "pay.internal", "payments.example"])

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.faults import free_port
+from riprap_testing.faults import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_app_is_restarted_on_exit_and_on_failed_health(module_tmp: Path, sidecar
     policy = module_tmp / "sup.riprap"
     policy.write_text(
         "app sup {\n"
-        f'    run "exec {sys.executable} -m sidecar.faults --name app --port {port} '
+        f'    run "exec {sys.executable} -m riprap_testing.faults --name app --port {port} '
         f'--control-port {control}"\n'
         f"    health GET http://127.0.0.1:{port}/healthz every 100ms timeout 200ms fall 2\n"
         "    restart backoff 50ms..1s\n"
@@ -78,7 +78,7 @@ def test_what_the_app_command_started_is_ended_before_a_restart(
     policy = module_tmp / "wrapped.riprap"
     policy.write_text(
         "app wrapped {\n"
-        f'    run "{sys.executable} -m sidecar.faults --name app --port {port} '
+        f'    run "{sys.executable} -m riprap_testing.faults --name app --port {port} '
         f'--control-port {control}; exit 3"\n'
         f"    health GET http://127.0.0.1:{port}/healthz every 100ms timeout 200ms fall 2\n"
         "    restart backoff 50ms..1s\n"

@@ -15,7 +15,7 @@ import pytest
 from dsl.compiler import compile_file
 from dsl.plan import Plan
 from sidecar.engines.envoy import EnvoyConfig, EnvoyPorts, build_config, write_config
-from sidecar.faults import free_port
+from riprap_testing.faults import free_port
 
 
 def envoy_binary() -> str:

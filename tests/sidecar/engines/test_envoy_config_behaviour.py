@@ -15,7 +15,7 @@ import pytest
 
 from envoy_harness import RunningEnvoy, compile_text
 from policies.sharding import shard_for
-from sidecar.faults import FaultServer
+from riprap_testing.faults import FaultServer
 
 pytestmark = pytest.mark.slow
 

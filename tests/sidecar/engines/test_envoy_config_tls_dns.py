@@ -18,7 +18,7 @@ from dsl.plan import ChaosSpec, EndpointSpec, LimitSpec, Plan, ServicePlan, TlsS
 from envoy_harness import RunningEnvoy, validate
 from sidecar.engines.envoy import EnvoyPorts, build_config, cluster_name, write_config
 from sidecar.engines.envoy.config import to_yaml, validation_bootstrap
-from sidecar.faults import FaultServer
+from riprap_testing.faults import FaultServer
 
 pytestmark = pytest.mark.slow
 

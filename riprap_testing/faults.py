@@ -10,7 +10,7 @@ Two ways to run it:
 * in-process: ``FaultServer(name="a").start()`` runs it on its own event loop in a
   daemon thread (works from sync and async tests alike); ``server.set(mode="hang")``,
   ``server.recover()``, ``server.hits``... change and read it at runtime;
-* as a subprocess: ``python -m sidecar.faults --port 9001 --control-port 9081 --name a``
+* as a subprocess: ``python -m riprap_testing.faults --port 9001 --control-port 9081 --name a``
   prints ``READY <port> <control-port>`` and is driven over HTTP on the control port
   (``POST /mode`` with a JSON object, ``POST /recover``, ``GET /stats``), which keeps
   answering while the data port refuses. ``FaultProcess`` wraps that.
@@ -480,7 +480,7 @@ class FaultServer:
 
 
 class FaultProcess:
-    """The fault server as a subprocess (``python -m sidecar.faults``), driven over HTTP."""
+    """The fault server as a subprocess (``python -m riprap_testing.faults``), driven over HTTP."""
 
     def __init__(self, name: str = "upstream", port: int = 0, control_port: int = 0) -> None:
         self.name = name
@@ -494,7 +494,7 @@ class FaultProcess:
 
     def start(self, timeout: float = 10.0) -> "FaultProcess":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.faults", "--name", self.name, "--port",
+            [sys.executable, "-m", "riprap_testing.faults", "--name", self.name, "--port",
              str(self.port), "--control-port", str(self.control_port)],
             stdout=subprocess.PIPE, text=True,
         )
@@ -556,7 +556,7 @@ async def _main_async(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sidecar.faults",
+    p = argparse.ArgumentParser(prog="python -m riprap_testing.faults",
                                 description="A fault-controllable upstream HTTP server.")
     p.add_argument("--name", default="upstream")
     p.add_argument("--host", default="127.0.0.1")
