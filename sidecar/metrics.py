@@ -274,9 +274,11 @@ class SidecarMetrics(Collector):
     def attempt_finished(self, service: str, endpoint: str, outcome: str,
                          latency: float) -> None:
         try:
+            if not (isinstance(service, str) and isinstance(endpoint, str)):
+                return  # a bad event is dropped whole: a None label would break the scrape
+            self.upstream_latency.observe((service,), latency)
             self.attempts.inc((service, endpoint, outcome if outcome in ATTEMPT_OUTCOMES
                                else _bounded(outcome, ATTEMPT_OUTCOMES)))
-            self.upstream_latency.observe((service,), latency)
         except Exception:  # noqa: BLE001
             log.debug("metrics: attempt_finished failed", exc_info=True)
 

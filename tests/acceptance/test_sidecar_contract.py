@@ -1938,12 +1938,18 @@ def test_stale_copy_is_per_method(env: dict[str, Any]) -> None:
 def test_hedge_first_good_answer_wins(env: dict[str, Any]) -> None:
     """Section 4: the first *good* answer wins: a fast 503 from the hedge loses to a 200."""
     sc, A, B = env["sc"], env["A"], env["B"]
+    started_on_a = 0
     for _ in range(4):
         i = uid()
         r = sc.get(f"/hedgegood/goodbad/0.3/{i}")
-        if A.hits(i):
+        if A.hits(i):  # A is slow: after 50ms the hedge went to B, whose fast 503 lost
+            started_on_a += 1
             assert r.status_code == 200 and r.headers["x-upstream"] == "A", \
                 (r.status_code, len(B.hits(i)))
+            assert len(B.hits(i)) == 1
+        else:  # started on B: its 503 came before the hedge delay, so no copy was sent
+            assert r.status_code == 503 and len(B.hits(i)) == 1, r.status_code
+    assert started_on_a >= 1  # round-robin over two endpoints: some call starts on A
 
 
 def test_limit_default_burst_is_one_second(env: dict[str, Any]) -> None:

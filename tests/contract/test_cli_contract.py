@@ -276,7 +276,9 @@ def test_s8_diagnostic_header_format_and_1_based_location(three_errors):
 def test_s8_source_line_and_caret_under_the_column(three_errors):
     # §8: then the source line and a caret under the column
     src_lines = THREE_ERRORS.lstrip("\n").splitlines()
-    for d in errors(three_errors):
+    found = errors(three_errors)
+    assert len(found) >= 3, found
+    for d in found:
         src = src_lines[d.line - 1]
         idx = next((i for i, b in enumerate(d.body) if b.endswith(src)), None)
         assert idx is not None, f"source line {src!r} not shown for {d}"

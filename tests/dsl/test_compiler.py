@@ -225,7 +225,9 @@ def test_spans_and_unit() -> None:
 
 def test_plan_round_trips_and_validates() -> None:
     root = Path(__file__).resolve().parents[2]
-    for example in sorted((root / "examples").rglob("*.riprap")):
+    examples = sorted((root / "examples").rglob("*.riprap"))
+    assert examples
+    for example in examples:
         unit = compile_file(str(example))
         assert unit.plan is not None, example
         data = unit.plan.to_dict()

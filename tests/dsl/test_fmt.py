@@ -27,6 +27,7 @@ def digest(text: str, path: str = "t.riprap") -> str:
 
 
 def test_examples_format_idempotently_and_keep_their_plans() -> None:
+    assert EXAMPLES
     for example in EXAMPLES:
         text = example.read_text(encoding="utf-8")
         once = fmt(text)

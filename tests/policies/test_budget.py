@@ -127,3 +127,6 @@ def test_matches_an_event_list_model(ops, ratio, floor):
             assert b.try_spend() is allowed
             if allowed:
                 events.append((slot, "retry"))
+    slot = int(clock.now() // 1.0)
+    live = [kind for s, kind in events if s > slot - 10]
+    assert (b.calls, b.retries) == (live.count("call"), live.count("retry"))

@@ -31,6 +31,7 @@ def bounds() -> dict[str, Requirement]:
 
 
 def test_httpx_and_aiohttp_are_bounded_above_and_below_and_the_installed_ones_fit() -> None:
+    assert set(bounds()) == {"httpx", "aiohttp"}
     for name, req in bounds().items():
         ops = {spec.operator for spec in req.specifier}
         assert ops & {">=", ">"} and ops & {"<=", "<"}, f"{name} needs both bounds: {req}"

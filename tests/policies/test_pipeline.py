@@ -297,9 +297,12 @@ def test_retry_after_is_whole_seconds_rounded_up() -> None:
 
 
 def test_safe_observer_swallows_observer_errors() -> None:
+    told: list[str] = []
+
     class Boom:
         def __getattr__(self, name: str) -> object:
             def fail(*a: object) -> None:
+                told.append(name)
                 raise RuntimeError(name)
             return fail
 
@@ -313,3 +316,5 @@ def test_safe_observer_swallows_observer_errors() -> None:
     obs.ejected("s", "e")
     obs.rejected("s", "limit")
     obs.health_changed("s", "e", False)
+    assert told == ["call_finished", "attempt_finished", "retried", "retry_refused", "hedged",
+                    "breaker_changed", "ejected", "rejected", "health_changed"]

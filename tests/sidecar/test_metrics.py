@@ -77,6 +77,8 @@ def test_observer_never_raises() -> None:
     m.call_finished("svc", "ok", 200, 1, float("nan"), None)  # nan observes fine
     m.attempt_finished(None, None, None, "x")  # type: ignore[arg-type]
     m.breaker_changed("svc", None, "sideways")
+    # and it still counts what it was told, and still renders
+    assert value(m, "riprap_calls_total", service="svc", outcome="ok") == 1.0
 
 
 def test_fanout_isolates_a_failing_observer() -> None:
