@@ -316,6 +316,11 @@ class Sidecar:
         return self.client.request(kw.pop("method", "GET"), path, headers=headers, **kw)
 
 
+# `run_sidecar(policy, *args, port=..., admin=...)`, the fixture of conftest.py that starts
+# every sidecar of these tests
+RunSidecar = Callable[..., Sidecar]
+
+
 def wait_for(pred: Callable[[], Any], timeout: float, step: float = 0.02) -> Any:
     """Poll `pred` until truthy; its value, or None at the timeout."""
     end = time.monotonic() + timeout
