@@ -17,17 +17,18 @@ import re
 from typing import Iterable, Mapping
 from urllib.parse import urlsplit
 
-from dsl.ast import File, Lit, Stmt
+from dsl.ast import File, Lit, Opt, Stmt
 from dsl.diagnostics import Diagnostic, Span, did_you_mean
+from dsl.explain import shown_store
 from dsl.plan import BUILTIN_TIMEOUT, Plan, ServicePlan, ShardPlan
 from dsl.transformer import BadJson, string_problem
 
 POLICY_KINDS = frozenset(
-    {"timeout", "retry", "hedge", "breaker", "limit", "concurrency", "fallback", "chaos"}
+    {"timeout", "retry", "hedge", "breaker", "limit", "concurrency", "fallback", "chaos", "tls"}
 )
 ENDPOINT_KINDS = frozenset({"endpoint", "failover", "balance", "health", "outlier"})
 ALLOWED: dict[str, frozenset[str]] = {
-    "top": frozenset({"app", "listen", "admin", "defaults", "policy", "service"}),
+    "top": frozenset({"app", "listen", "admin", "defaults", "policy", "service", "resolver", "store"}),
     "defaults": POLICY_KINDS,
     "policy": POLICY_KINDS,
     "service": POLICY_KINDS
@@ -43,6 +44,8 @@ WHERE: dict[str, str] = {
     "defaults": "at the top of the file",
     "policy": "at the top of the file",
     "service": "at the top of the file",
+    "resolver": "at the top of the file",
+    "store": "at the top of the file",
     "use": "in service blocks",
     "host": "in service blocks",
     "shard-by": "in service blocks",
@@ -66,10 +69,13 @@ BLOCK_WORDS = {
 }
 # directives where a later line replaces an earlier one (a duplicate in one block is suspect)
 REPLACING = frozenset(
-    {"timeout", "retry", "hedge", "breaker", "limit", "concurrency", "balance", "health", "outlier"}
+    {"timeout", "retry", "hedge", "breaker", "limit", "concurrency", "balance", "health", "outlier", "tls"}
 )
 RETRY_CONDITIONS = ("connect-failure", "reset", "timeout")
 JITTERS = ("full", "equal", "decorrelated", "none")
+VERIFY = ("on", "off")
+STORE_SCHEMES = ("redis", "rediss")
+MIN_RESOLVE_EVERY = 1.0  # `resolve every D` below this is a warning (RP310)
 BALANCES = ("round-robin", "least-request", "random")
 KNOWN_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE", "POST", "PATCH", "CONNECT")
 _METHOD = re.compile(r"[A-Z]+")
@@ -81,11 +87,12 @@ OPTIONS: dict[tuple[str, str | None], frozenset[str]] = {
     ("hedge", "at"): frozenset({"min", "max"}),
     ("breaker", "failures"): frozenset({"open", "probes"}),
     ("breaker", "failure-rate"): frozenset({"window", "min", "open", "probes", "slow"}),
-    ("limit", None): frozenset({"burst", "per-header"}),
+    ("limit", None): frozenset({"burst", "per-header", "shared"}),
     ("concurrency", None): frozenset({"queue", "queue-timeout"}),
     ("chaos", "abort"): frozenset({"status"}),
-    ("endpoint", None): frozenset({"weight"}),
-    ("failover", None): frozenset({"weight", "tier"}),
+    ("endpoint", None): frozenset({"weight", "resolve"}),
+    ("failover", None): frozenset({"weight", "tier", "resolve"}),
+    ("tls", None): frozenset({"ca", "cert", "key", "sni", "verify"}),
     ("outlier", None): frozenset({"eject", "max"}),
 }
 MAX_RETRIES = 100  # `retry N`: N is 0..100 (docs/language.md)
@@ -288,9 +295,67 @@ class _Checker:
 
     # statement handlers (v_KIND) ---------------------------------------------------
     def v_listen(self, stmt: Stmt, block: str) -> None:
-        self.address(stmt.args[0])
+        lit = stmt.args[0]
+        self.address(lit)
+        if address_problem(lit.text) is None and not is_loopback(lit.text):
+            what = (
+                "calls sent here go out through the sidecar"
+                if stmt.kind == "listen"
+                else "the admin endpoints (/plan, /state, /metrics) have no authentication"
+            )
+            self.warn(
+                "RP311",
+                lit.span,
+                f"{stmt.kind} {lit.text} binds beyond loopback: any host that reaches this one can connect, and {what}",
+                "bind 127.0.0.1 unless the network in front is trusted (a pod network, a firewall)",
+            )
 
     v_admin = v_listen
+
+    def v_resolver(self, stmt: Stmt, block: str) -> None:
+        for lit in stmt.args:
+            problem = address_problem(lit.text)
+            if problem:
+                self.error("RP217", lit.span, f"bad resolver address '{lit.text}': {problem}", "write HOST:PORT, e.g. 127.0.0.1:53")
+
+    def v_store(self, stmt: Stmt, block: str) -> None:
+        lit = stmt.args[0]
+        problem = store_problem(lit.text)
+        if problem:
+            self.error(
+                "RP232",
+                lit.span,
+                f"bad store URL '{shown_store(lit.text)}': {problem}",
+                "write redis://[:PASSWORD@]HOST:PORT[/DB], or rediss://... for TLS",
+            )
+
+    def v_tls(self, stmt: Stmt, block: str) -> None:
+        for opt in stmt.opts:
+            if opt.key in ("ca", "cert", "key"):
+                self.string(opt.args[0])
+                if opt.args[0].value == "":
+                    self.error("RP229", opt.args[0].span, f"the tls {opt.key} path is empty")
+        cert, key = stmt.opt("cert"), stmt.opt("key")
+        if (cert is None) != (key is None):
+            given, missing = (cert, "key") if cert is not None else (key, "cert")
+            assert given is not None
+            self.error(
+                "RP230",
+                given.span,
+                f"tls {given.key} without {missing}: a client certificate needs its private key",
+                'give both: cert "client.pem" key "client-key.pem"',
+            )
+        verify = stmt.opt("verify")
+        if verify is not None:
+            lit = verify.args[0]
+            self.one_of(lit, VERIFY, "verify setting")
+            if lit.text == "off":
+                self.warn(
+                    "RP308",
+                    verify.span,
+                    "tls verify off: upstream certificates are not checked, so anyone on the path can read and change these calls",
+                    'trust a private CA with `tls ca "ca.pem"` instead',
+                )
 
     def v_run(self, stmt: Stmt, block: str) -> None:
         lit = stmt.args[0]
@@ -386,6 +451,14 @@ class _Checker:
         opt = stmt.opt("burst")
         if opt:
             self.at_least(opt.args[0], 1, "burst")
+        shared = stmt.opt("shared")
+        if shared is not None and not any(s.kind == "store" for s in self.file.stmts):
+            self.error(
+                "RP231",
+                shared.span,
+                "a shared limit needs a `store`: the fleet's bucket lives there",
+                "add e.g. `store redis://127.0.0.1:6379` at the top of the file",
+            )
 
     def v_concurrency(self, stmt: Stmt, block: str) -> None:
         self.at_least(stmt.args[0], 1, "concurrency")
@@ -436,6 +509,36 @@ class _Checker:
         opt = stmt.opt("tier")
         if opt:
             self.at_least(opt.args[0], 1, "failover tier", code="RP214")
+        opt = stmt.opt("resolve")
+        if opt:
+            self.v_resolve(stmt.args[0], opt)
+
+    def v_resolve(self, url: Lit, opt: Opt) -> None:
+        try:
+            host = urlsplit(url.text).hostname or ""
+        except ValueError:
+            host = ""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            self.warn(
+                "RP309",
+                opt.span,
+                f"'resolve' on {host} does nothing: an IP address has no name to look up",
+                "remove `resolve`, or give the URL a host name",
+            )
+        if opt.args:
+            every = opt.args[0]
+            self.positive(every, "resolve interval")
+            if 0 < every.value < MIN_RESOLVE_EVERY:
+                self.warn(
+                    "RP310",
+                    every.span,
+                    f"resolve every {every.text} is below 1s: every sidecar asks DNS that often",
+                    "DNS answers rarely change faster than that; the default is every 5s",
+                )
 
     v_failover = v_endpoint
 
@@ -484,7 +587,7 @@ class _Checker:
     def check_top(self, top: tuple[Stmt, ...]) -> None:
         first: dict[str, Stmt] = {}
         for stmt in top:
-            if stmt.kind in ("app", "listen", "admin", "defaults"):
+            if stmt.kind in ("app", "listen", "admin", "defaults", "resolver", "store"):
                 if stmt.kind in first:
                     self.error(
                         "RP221",
@@ -671,6 +774,43 @@ def address_problem(text: str) -> str | None:
         return None
     if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9\-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9\-]*[A-Za-z0-9])?)*", host):
         return "not a host name"
+    return None
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a `HOST:PORT` binds only loopback: 127.0.0.0/8, [::1] or `localhost`."""
+    host = address.rpartition(":")[0]
+    if host.startswith("["):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower().rstrip(".") == "localhost"
+
+
+def store_problem(text: str) -> str | None:
+    """Why a `store` URL is not `redis://[:PASSWORD@]HOST:PORT[/DB]` (or `rediss://`), or None."""
+    scheme = text.partition("://")[0].lower()
+    if scheme not in STORE_SCHEMES:
+        return f"the scheme must be redis:// or rediss:// (TLS), not {scheme}://"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return "the port must be 1..65535"
+    if not parts.hostname:
+        return "no host"
+    host = parts.netloc.rsplit("@", 1)[-1]
+    if port is not None:
+        host = host.rsplit(":", 1)[0]
+    problem = address_problem(f"{host}:{port or 6379}")
+    if problem:
+        return problem
+    db = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if db and not db.isdigit():
+        return f"the database must be a number (/0, /1, ...), not /{db}"
+    if parts.query or parts.fragment:
+        return "a store URL takes no query or fragment"
     return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import ssl
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from dsl.plan import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
     DEFAULT_ORDER,
+    DEFAULT_RESOLVE_EVERY,
     DEFAULT_RETRY_ON,
     IDEMPOTENT_METHODS,
     AppHealthSpec,
@@ -43,10 +45,12 @@ from dsl.plan import (
     ShardingSpec,
     ShardPlan,
     SuperviseSpec,
+    TlsSpec,
 )
 from dsl.units import CompiledUnit
 
 MAX_FALLBACK_FILE = 1024 * 1024
+MAX_TLS_FILE = 1024 * 1024  # a PEM bundle larger than this is not a certificate file
 REPLACED = ("timeout", "retry", "hedge", "breaker", "limit", "concurrency")
 
 
@@ -60,7 +64,7 @@ class _Layer:
 
     def apply(self, stmts: Iterable[Stmt]) -> None:
         for s in stmts:
-            if s.kind in REPLACED or s.kind in ("balance", "health", "outlier"):
+            if s.kind in REPLACED or s.kind in ("balance", "health", "outlier", "tls"):
                 self.last[s.kind] = s
             elif s.kind == "fallback":
                 self.fallbacks.append(s)
@@ -80,6 +84,7 @@ class _Builder:
         self.retry_spans: dict[str, Span] = {}
         self.timeout_spans: dict[str, Span] = {}
         self.fallback_cache: dict[str, FallbackSpec | None] = {}
+        self.tls_cache: dict[int, TlsSpec | None] = {}
 
     # ---- specs from statements -------------------------------------------------------
     def fallback(self, s: Stmt) -> FallbackSpec | None:
@@ -97,9 +102,43 @@ class _Builder:
             )
         return self.fallback_file(status, body)
 
+    def inside(self, lit: Lit, what: str) -> Path | None:
+        """The absolute path of a file the policy names, or None (and RP228) when the
+        path is absolute or leads out of the policy file's folder: a policy names only
+        files beside it, so `/plan` can never serve `../../etc/passwd`."""
+        raw = str(lit.value)
+        norm = os.path.normpath(raw)
+        if os.path.isabs(raw):
+            problem = "it is absolute"
+        elif norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            problem = "it climbs out of the policy file's folder"
+        else:
+            path = self.base_dir / norm
+            try:
+                real = path.resolve()
+                home = self.base_dir.resolve()
+            except (OSError, RuntimeError):
+                return path
+            if real == home or home in real.parents:
+                return path
+            problem = f"it is a link that leads out of the policy file's folder (to {real})"
+        self.error(
+            "RP228",
+            lit.span,
+            f"{what} {raw}: {problem}",
+            "name a file inside the policy file's folder, relative to it (e.g. \"fallbacks/x.json\")",
+        )
+        return None
+
     def fallback_file(self, status: int, lit: Lit) -> FallbackSpec | None:
-        path = (self.base_dir / str(lit.value)).resolve()
-        key = f"{status}:{path}"
+        key = f"{status}:{lit.value}"
+        if key in self.fallback_cache:
+            return self.fallback_cache[key]
+        inside = self.inside(lit, "fallback file")
+        if inside is None:
+            self.fallback_cache[key] = None
+            return None
+        path = inside.resolve()
         if key in self.fallback_cache:
             return self.fallback_cache[key]
         spec = None
@@ -127,6 +166,44 @@ class _Builder:
             if str(path) not in self.watch:
                 self.watch.append(str(path))
         self.fallback_cache[key] = spec
+        return spec
+
+    def tls(self, s: Stmt) -> TlsSpec | None:
+        """The spec of a `tls` line, its files read and parsed once (RP228, RP229)."""
+        if id(s) in self.tls_cache:
+            return self.tls_cache[id(s)]
+        paths: dict[str, str] = {}
+        ok = True
+        for key in ("ca", "cert", "key"):
+            opt = s.opt(key)
+            if opt is None or opt.args[0].value is None:
+                continue
+            path = self.inside(opt.args[0], f"tls {key} file")
+            if path is None:
+                ok = False
+            else:
+                paths[key] = str(path)
+        if ok:
+            for problem in tls_file_problems(paths):
+                self.error("RP229", s.span, problem, "a tls file is PEM: a CA bundle, a certificate, an unencrypted private key")
+                ok = False
+        for name in paths.values():
+            if name not in self.watch:
+                self.watch.append(name)
+        sni = s.opt("sni")
+        verify = s.opt("verify")
+        spec = (
+            TlsSpec(
+                ca=paths.get("ca"),
+                cert=paths.get("cert"),
+                key=paths.get("key"),
+                sni=str(sni.args[0].value) if sni else None,
+                verify=verify is None or verify.args[0].text != "off",
+            )
+            if ok
+            else None
+        )
+        self.tls_cache[id(s)] = spec
         return spec
 
     def error(self, code: str, span: Span, message: str, hint: str | None = None) -> None:
@@ -212,6 +289,7 @@ class _Builder:
             rate=rate,
             burst=float(burst.args[0].value) if burst else max(1.0, rate),
             per_header=str(per.args[0].value) if per else None,
+            shared=s.opt("shared") is not None,
         )
 
     @staticmethod
@@ -267,7 +345,13 @@ class _Builder:
             w = s.opt("weight")
             t = s.opt("tier")
             tier = 0 if s.kind == "endpoint" else (int(t.args[0].value) if t else 1)
-            out.append(EndpointSpec(url=str(s.args[0].value), weight=int(w.args[0].value) if w else 1, tier=tier))
+            r = s.opt("resolve")
+            resolve = (r.args[0].value if r.args else DEFAULT_RESOLVE_EVERY) if r else None
+            out.append(
+                EndpointSpec(
+                    url=str(s.args[0].value), weight=int(w.args[0].value) if w else 1, tier=tier, resolve=resolve
+                )
+            )
         return tuple(out)
 
     # ---- resolution -----------------------------------------------------------------
@@ -286,6 +370,7 @@ class _Builder:
             "balance": str(last["balance"].args[0].value) if "balance" in last else "least-request",
             "health": self.health(last["health"]) if "health" in last else None,
             "outlier": self.outlier(last["outlier"]) if "outlier" in last else None,
+            "tls": self.tls(last["tls"]) if "tls" in last else None,
         }
 
     def service(self, svc: Stmt, defaults: list[Stmt], policies: dict[str, Stmt]) -> ServicePlan:
@@ -368,6 +453,8 @@ class _Builder:
         app_name = Path(source).stem
         listen, admin = DEFAULT_LISTEN, DEFAULT_ADMIN
         supervise = None
+        resolver: tuple[str, ...] = ()
+        store: str | None = None
         defaults: list[Stmt] = []
         policies: dict[str, Stmt] = {}
         for s in top:
@@ -379,6 +466,10 @@ class _Builder:
                 listen = s.args[0].text
             elif s.kind == "admin":
                 admin = s.args[0].text
+            elif s.kind == "resolver" and not resolver:
+                resolver = tuple(lit.text for lit in s.args)
+            elif s.kind == "store" and store is None:
+                store = s.args[0].text
             elif s.kind == "defaults":
                 defaults = list(s.body or ())
             elif s.kind == "policy" and s.name is not None:
@@ -394,9 +485,68 @@ class _Builder:
             admin=admin,
             services=services,
             supervise=supervise,
+            resolver=resolver,
+            store=store,
             source=source,
             watch=tuple([source] + self.watch),
         )
+
+
+class _Encrypted(Exception):
+    """Raised by the password callback: a private key that needs a password."""
+
+
+def _no_password() -> str:
+    raise _Encrypted()
+
+
+def tls_file_problems(paths: Mapping[str, str]) -> list[str]:
+    """Why the `tls` files (`ca`, `cert`, `key` -> absolute path) cannot be used, in words
+    naming each file; empty when they load as the sidecar will load them (with `ssl`)."""
+    problems: list[str] = []
+    texts: dict[str, str] = {}
+    for key, path in paths.items():
+        try:
+            size = os.path.getsize(path)
+            if size > MAX_TLS_FILE:
+                raise ValueError(f"it is {size} bytes; a PEM file is far smaller")
+            with open(path, "rb") as fh:
+                texts[key] = fh.read().decode("ascii", errors="replace")
+        except FileNotFoundError:
+            problems.append(f"tls {key} file not found: {path}")
+        except IsADirectoryError:
+            problems.append(f"tls {key} file is a directory: {path}")
+        except (OSError, ValueError) as exc:
+            problems.append(f"cannot read tls {key} file {path}: {getattr(exc, 'strerror', None) or exc}")
+    if "ca" in texts:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_verify_locations(cafile=paths["ca"])
+        except (ssl.SSLError, ValueError) as exc:
+            problems.append(f"tls ca file is not a PEM CA bundle: {paths['ca']} ({_ssl_reason(exc)})")
+    pair: list[str] = []
+    if "cert" in texts and "BEGIN CERTIFICATE" not in texts["cert"]:
+        pair.append(f"tls cert file is not a PEM certificate: {paths['cert']}")
+    if "key" in texts and "PRIVATE KEY" not in texts["key"]:
+        pair.append(f"tls key file is not a PEM private key: {paths['key']}")
+    if not pair and "cert" in texts and "key" in texts:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_cert_chain(paths["cert"], paths["key"], password=_no_password)
+        except _Encrypted:
+            pair.append(f"tls key file is encrypted (riprap reads unencrypted keys only): {paths['key']}")
+        except (ssl.SSLError, ValueError) as exc:
+            pair.append(
+                f"tls cert and key cannot be used together: {paths['cert']}, {paths['key']} ({_ssl_reason(exc)})"
+            )
+    return problems + pair
+
+
+def _ssl_reason(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str):
+        return reason.lower().replace("_", " ")
+    return str(exc) or type(exc).__name__
 
 
 def _spans(file: File) -> tuple[Span, dict[str, Span]]:
@@ -437,6 +587,8 @@ def _compile_ast(
     for stmt in _walk(file.stmts):
         if stmt.kind == "fallback" and stmt.form == "file" and stmt.args[1].value is not None:
             builder.fallback_file(int(stmt.args[0].value), stmt.args[1])
+        elif stmt.kind == "tls":
+            builder.tls(stmt)
     diags += builder.diags
     if any(d.is_error for d in diags) or file.recovered:
         builder.diags = []

@@ -7,7 +7,7 @@ numbers come from dsl/worstcase.py, the one place that math lives.
 
 from __future__ import annotations
 
-from dsl.plan import Plan, ServicePlan, ShardPlan
+from dsl.plan import EndpointSpec, Plan, ServicePlan, ShardPlan
 from dsl.units import CompiledUnit
 from dsl.worstcase import breakdown, fmt_seconds
 
@@ -36,8 +36,20 @@ def _rate(per_second: float) -> str:
     return f"{per_second * 3600:g}/h"
 
 
-def policy_lines(p: ServicePlan | ShardPlan) -> dict[str, str]:
-    """Directive -> sentence, for the policies of a service or shard."""
+def shown_store(url: str | None) -> str:
+    """A store URL for people: its password hidden."""
+    if url is None:
+        return "(none)"
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, _, userinfo = head.partition("://")
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{tail}" if ":" in userinfo else url
+
+
+def policy_lines(p: ServicePlan | ShardPlan, store: str | None = None) -> dict[str, str]:
+    """Directive -> sentence, for the policies of a service or shard (`store`: the plan's)."""
     out: dict[str, str] = {}
     out["timeout"] = f"{fmt_seconds(p.timeout)} for the whole call, retries and hedges included"
     r = p.retry
@@ -104,6 +116,12 @@ def policy_lines(p: ServicePlan | ShardPlan) -> dict[str, str]:
         if lim is None
         else f"{_rate(lim.rate)}, burst {lim.burst:g}"
         + (f", one bucket per '{lim.per_header}' header value" if lim.per_header else "")
+        + (
+            f"; fleet-wide: one bucket shared by every sidecar of this app, kept in the store {shown_store(store)}"
+            " (while the store does not answer, each sidecar enforces its share locally)"
+            if lim.shared
+            else ""
+        )
         + "; over the limit: 429 with Retry-After"
     )
     c = p.concurrency
@@ -117,7 +135,10 @@ def policy_lines(p: ServicePlan | ShardPlan) -> dict[str, str]:
     out["balance"] = p.balance
     tiers: dict[int, list[str]] = {}
     for e in p.endpoints:
-        tiers.setdefault(e.tier, []).append(e.url + (f" (weight {e.weight})" if e.weight != 1 else ""))
+        notes = [f"weight {e.weight}"] if e.weight != 1 else []
+        if e.resolve is not None:
+            notes.append(f"resolved in DNS every {fmt_seconds(e.resolve)}, each address an endpoint")
+        tiers.setdefault(e.tier, []).append(e.url + (f" ({'; '.join(notes)})" if notes else ""))
     if tiers:
         out["endpoints"] = "; ".join(
             ("primary: " if t == 0 else f"failover tier {t}: ") + ", ".join(urls)
@@ -129,6 +150,16 @@ def policy_lines(p: ServicePlan | ShardPlan) -> dict[str, str]:
             f"{hl.method} {hl.path} every {fmt_seconds(hl.interval)}, timeout {fmt_seconds(hl.timeout)}; "
             f"down after {hl.fall} failures, up after {hl.rise} successes; expects {', '.join(hl.expect)}"
         )
+    t = p.tls
+    if t is not None:
+        parts = [f"trust the CA certificates in {t.ca}" if t.ca else "trust the system's CA certificates"]
+        if t.cert:
+            parts.append(f"present the client certificate {t.cert} with key {t.key} (mutual TLS)")
+        parts.append(f"send SNI {t.sni} and check the certificate against it" if t.sni else "SNI: the endpoint's host name")
+        if not t.verify:
+            parts = [p_ for p_ in parts if not p_.startswith("trust")]
+            parts.append("certificates are NOT verified (verify off)")
+        out["tls"] = "https endpoints: " + "; ".join(parts)
     o = p.outlier
     if o is not None:
         out["outlier"] = (
@@ -163,6 +194,7 @@ _SHOWN = (
     "balance",
     "health",
     "outlier",
+    "tls",
     "fallback",
     "limit",
     "concurrency",
@@ -174,13 +206,13 @@ _SHOWN = (
 )
 
 
-def explain_service(svc: ServicePlan) -> str:
-    """The resolved policy of one service, in words."""
+def explain_service(svc: ServicePlan, store: str | None = None) -> str:
+    """The resolved policy of one service, in words (`store`: the plan's, for shared limits)."""
     lines = [f"service {svc.name}"]
     if svc.hosts:
         lines.append(f"  hosts: {svc.name}, {', '.join(svc.hosts)}")
     lines.append("  order (outermost first): " + " > ".join(_ORDER_WORDS.get(o, o) for o in svc.order))
-    words = policy_lines(svc)
+    words = policy_lines(svc, store)
     for key in _SHOWN:
         if key in words and not (svc.shards and key in ("endpoints", "balance")):
             lines.append(f"  {key}: {words[key]}")
@@ -191,12 +223,16 @@ def explain_service(svc: ServicePlan) -> str:
         lines.append(f"  sharded by {key} (rendezvous hashing){default}")
         for shard in svc.shards:
             lines.append(f"  shard {shard.name}:")
-            mine = policy_lines(shard)
+            mine = policy_lines(shard, store)
             for k in _SHOWN:
                 if k in mine and (k in ("endpoints", "balance") or mine[k] != words.get(k)):
                     lines.append(f"    {k}: {mine[k]}")
     lines += ["  " + line for line in breakdown(svc).lines()]
     return "\n".join(lines)
+
+
+def _all_endpoints(svc: ServicePlan) -> list[EndpointSpec]:
+    return list(svc.endpoints) + [e for shard in svc.shards for e in shard.endpoints]
 
 
 def explain_plan(plan: Plan, service: str | None = None) -> str:
@@ -211,10 +247,17 @@ def explain_plan(plan: Plan, service: str | None = None) -> str:
                 f"restart after {sup.health.fall} failures"
             )
         head.append(text)
+    resolved = any(e.resolve is not None for svc in plan.services.values() for e in _all_endpoints(svc))
+    if plan.resolver:
+        head.append(f"  DNS: resolved endpoints ask {', '.join(plan.resolver)} (UDP, TCP when an answer is truncated)")
+    elif resolved:
+        head.append("  DNS: resolved endpoints ask the system's resolvers (/etc/resolv.conf)")
+    if plan.store is not None:
+        head.append(f"  store: {shown_store(plan.store)} holds the shared limits")
     blocks = ["\n".join(head)]
     for name, svc in plan.services.items():
         if service is None or name == service:
-            blocks.append(explain_service(svc))
+            blocks.append(explain_service(svc, plan.store))
     return "\n\n".join(blocks) + "\n"
 
 

@@ -30,11 +30,12 @@ OPTION_ORDER = {
     "retry": ("on", "backoff", "jitter", "per-try", "budget", "methods"),
     "hedge": ("min", "max"),
     "breaker": ("window", "min", "open", "probes", "slow"),
-    "limit": ("burst", "per-header"),
+    "limit": ("burst", "per-header", "shared"),
     "concurrency": ("queue", "queue-timeout"),
     "chaos": ("status",),
-    "endpoint": ("weight", "tier"),
-    "failover": ("weight", "tier"),
+    "endpoint": ("weight", "tier", "resolve"),
+    "failover": ("weight", "tier", "resolve"),
+    "tls": ("ca", "cert", "key", "sni", "verify"),
     "health": ("every", "timeout", "fall", "rise", "expect"),
     "outlier": ("eject", "max"),
 }
@@ -63,6 +64,10 @@ def _opt(opt: Opt) -> str:
         return text + (f" min {opt.args[1].text}" if len(opt.args) > 1 else "")
     if opt.key == "per-header":
         return f"per header {opt.args[0].text}"
+    if opt.key == "resolve":
+        return "resolve" + (f" every {opt.args[0].text}" if opt.args else "")
+    if not opt.args:
+        return opt.key
     return f"{opt.key} " + " ".join(_lit(a) for a in opt.args)
 
 
@@ -85,8 +90,8 @@ def statement_text(stmt: Stmt) -> str:
         head = f"{k} {stmt.form} " + " ".join(_lit(a) for a in args)
     elif k == "outlier":
         head = f"outlier failures {args[0].text}"
-    elif k == "host":
-        head = "host " + ", ".join(a.text for a in args)
+    elif k in ("host", "resolver"):
+        head = f"{k} " + ", ".join(a.text for a in args)
     elif k == "health":
         method = stmt.opt("method")
         head = "health " + (f"{method.args[0].text} " if method else "") + args[0].text

@@ -24,6 +24,7 @@ DEFAULT_ADMIN = "127.0.0.1:7401"
 DEFAULT_RETRY_ON = ("connect-failure", "reset", "502", "503", "504")
 IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
 DEFAULT_BODY_BUFFER = 1024 * 1024
+DEFAULT_RESOLVE_EVERY = 5.0  # `resolve` without `every`: seconds between DNS lookups
 
 # Where each policy sits around a call, outermost first. The compiler writes this into
 # every service plan; the pipeline builds in this order and `explain` prints it.

@@ -60,6 +60,11 @@ CASES: dict[str, tuple[str, int, int]] = {
     "RP225": ('app shop {\n    restart backoff 1s..5s\n}\nservice a {\n' + EP + "}\n", 1, 1),
     "RP226": ('service a {\n' + EP + '    fallback status 503 file "missing.json"\n}\n', 3, 30),
     "RP227": ("service a {\n" + EP + "    retry 101 budget 10%\n}\n", 3, 11),
+    "RP228": ('service a {\n' + EP + '    fallback status 200 file "../../etc/passwd"\n}\n', 3, 30),
+    "RP229": ('service a {\n' + EP + '    tls ca "missing-ca.pem"\n}\n', 3, 5),
+    "RP230": ('service a {\n' + EP + '    tls sni api.internal cert "client.pem"\n}\n', 3, 26),
+    "RP231": ("service a {\n" + EP + "    limit 20/s burst 5 shared\n}\n", 3, 24),
+    "RP232": ("store http://127.0.0.1:6379\nservice a {\n" + EP + "}\n", 1, 7),
     "RP301": ("service a {\n" + EP + "    timeout 1s\n    retry 3 per-try 400ms budget 10%\n}\n", 4, 5),
     "RP302": ("service a {\n" + EP + "    timeout 20s\n}\n", 3, 5),
     "RP303": ("service a {\n" + EP + "    timeout 2s\n    retry 2\n}\n", 4, 5),
@@ -67,6 +72,10 @@ CASES: dict[str, tuple[str, int, int]] = {
     "RP305": ("app lonely\n", 1, 1),
     "RP306": ("policy p {\n    timeout 1s\n}\nservice a {\n" + EP + "    timeout 1s\n}\n", 1, 8),
     "RP307": ("service a {\n" + EP + "    retry 1 jitter full budget 10%\n}\n", 3, 13),
+    "RP308": ("service a {\n    endpoint https://127.0.0.1:9001\n    tls verify off\n}\n", 3, 9),
+    "RP309": ("service a {\n    endpoint http://127.0.0.1:9001 resolve\n}\n", 2, 36),
+    "RP310": ("service a {\n    endpoint http://pool.internal:9001 resolve every 200ms\n}\n", 2, 54),
+    "RP311": ("admin 0.0.0.0:7401\nservice a {\n" + EP + "}\n", 1, 7),
 }
 
 # codes about reading files, tested with real files below

@@ -86,7 +86,7 @@ comment = st.sampled_from(["", "", "", "  # note", " #x", "\t# a, b {c}"])
 
 @st.composite
 def policy_line(draw: st.DrawFn) -> str:
-    kind = draw(st.sampled_from(["timeout", "retry", "hedge", "breaker", "limit", "concurrency", "fallback", "chaos"]))
+    kind = draw(st.sampled_from(["timeout", "retry", "hedge", "breaker", "limit", "concurrency", "fallback", "chaos", "tls"]))
     s = draw(sep)
     if kind == "timeout":
         return f"timeout{s}{draw(durations)}"
@@ -117,9 +117,14 @@ def policy_line(draw: st.DrawFn) -> str:
             return f"breaker failures {draw(small)} open {draw(durations)} probes {draw(small)}"
         return f"breaker failure-rate {draw(percents)} window 20 min {draw(small)} slow {draw(durations)}"
     if kind == "limit":
-        return f"limit {draw(rates)}" + (f" burst {draw(small)}" if draw(st.booleans()) else "") + (
-            " per header X-Tenant" if draw(st.booleans()) else ""
-        )
+        opts = [f"burst {draw(small)}"] if draw(st.booleans()) else []
+        opts += ["per header X-Tenant"] if draw(st.booleans()) else []
+        opts += ["shared"] if draw(st.booleans()) else []
+        return s.join([f"limit {draw(rates)}"] + list(draw(st.permutations(opts))))
+    if kind == "tls":
+        opts = [f"sni {draw(st.sampled_from(['api.internal', 'x']))}"] if draw(st.booleans()) else []
+        opts += [f"verify {draw(st.sampled_from(['on', 'off']))}"] if draw(st.booleans()) else []
+        return s.join(["tls"] + list(draw(st.permutations(opts))))
     if kind == "concurrency":
         return f"concurrency {draw(small)} queue {draw(small)} queue-timeout {draw(durations)}"
     if kind == "fallback":
@@ -144,6 +149,10 @@ def policy_file(draw: st.DrawFn) -> str:
         out.append("app gen" + draw(comment))
     if draw(st.booleans()):
         out.append("listen 127.0.0.1:7400")
+    if draw(st.integers(0, 3)):
+        out.append("store redis://127.0.0.1:6379/0" + draw(comment))
+    if draw(st.booleans()):
+        out.append("resolver " + draw(st.sampled_from(["127.0.0.1:53", "127.0.0.1:5353,[::1]:53", "dns.internal:53 ,  [::1]:53"])))
     n_policies = draw(st.integers(0, 2))
     if draw(st.booleans()):
         lines = draw(st.lists(policy_line(), max_size=3))
@@ -162,9 +171,19 @@ def policy_file(draw: st.DrawFn) -> str:
                 "shard b { endpoint http://127.0.0.1:9002 weight 2 }",
             ]
         else:
-            body.append(f"endpoint http://127.0.0.1:{9100 + i}")
+            body.append(
+                draw(
+                    st.sampled_from(
+                        [
+                            f"endpoint http://127.0.0.1:{9100 + i}",
+                            f"endpoint http://pool{i}.internal:9100 resolve",
+                            f"endpoint http://pool{i}.internal:9100 resolve every 2s weight 2",
+                        ]
+                    )
+                )
+            )
             if draw(st.booleans()):
-                body.append("failover http://127.0.0.1:9200 tier 2 weight 3")
+                body.append(draw(st.sampled_from(["failover http://127.0.0.1:9200 tier 2 weight 3", "failover http://backup.internal:9200 resolve every 10s tier 2"])))
             if draw(st.booleans()):
                 body.append("health GET /healthz every 2s expect 200, 2xx")
         body += draw(st.lists(policy_line(), max_size=3))

@@ -6,7 +6,7 @@ Run after a deliberate change to the compiler or to an example:
     .venv/bin/python tests/golden/regen.py FILE...  # only these
 
 Review the diff before committing it: a golden plan is the compiler's promise.
-Machine-specific absolute paths (`source`, `watch`, fallback `file`) are written
+Machine-specific absolute paths (`source`, `watch`, fallback `file`, tls files) are written
 relative to the repository root, so the goldens are the same on every checkout.
 """
 
@@ -49,6 +49,10 @@ def normalise(plan: dict[str, Any]) -> dict[str, Any]:
             for fb in scope.get("fallbacks", []):
                 if fb.get("file"):
                     fb["file"] = _rel(fb["file"])
+            tls = scope.get("tls") or {}
+            for key in ("ca", "cert", "key"):
+                if tls.get(key):
+                    tls[key] = _rel(tls[key])
     return data
 
 
