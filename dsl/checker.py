@@ -20,57 +20,15 @@ from urllib.parse import urlsplit
 from dsl.ast import File, Lit, Opt, Stmt
 from dsl.diagnostics import Diagnostic, Span, did_you_mean
 from dsl.explain import shown_store
+from dsl import statements as T
 from dsl.plan import BUILTIN_TIMEOUT, Plan, ServicePlan, ShardPlan
 from dsl.transformer import BadJson, string_problem
 
-POLICY_KINDS = frozenset(
-    {"timeout", "retry", "hedge", "breaker", "limit", "concurrency", "fallback", "chaos", "tls"}
-)
-ENDPOINT_KINDS = frozenset({"endpoint", "failover", "balance", "health", "outlier"})
-ALLOWED: dict[str, frozenset[str]] = {
-    "top": frozenset({"app", "listen", "admin", "defaults", "policy", "service", "resolver", "store"}),
-    "defaults": POLICY_KINDS,
-    "policy": POLICY_KINDS,
-    "service": POLICY_KINDS
-    | ENDPOINT_KINDS
-    | {"use", "host", "shard-by", "shard", "shard-default"},
-    "shard": POLICY_KINDS | ENDPOINT_KINDS,
-    "app": frozenset({"run", "health", "restart"}),
-}
-WHERE: dict[str, str] = {
-    "app": "at the top of the file",
-    "listen": "at the top of the file",
-    "admin": "at the top of the file",
-    "defaults": "at the top of the file",
-    "policy": "at the top of the file",
-    "service": "at the top of the file",
-    "resolver": "at the top of the file",
-    "store": "at the top of the file",
-    "use": "in service blocks",
-    "host": "in service blocks",
-    "shard-by": "in service blocks",
-    "shard": "in service blocks",
-    "shard-default": "in service blocks",
-    "endpoint": "in service and shard blocks",
-    "failover": "in service and shard blocks",
-    "balance": "in service and shard blocks",
-    "outlier": "in service and shard blocks",
-    "health": "in service, shard and app blocks",
-    "run": "in an app block",
-    "restart": "in an app block",
-}
-BLOCK_WORDS = {
-    "top": "at the top of the file",
-    "defaults": "in defaults",
-    "policy": "in a policy",
-    "service": "in a service",
-    "shard": "in a shard",
-    "app": "in an app block",
-}
+# which statement may stand where, its options, how it merges: from the statement table
+ALLOWED = T.ALLOWED
+BLOCK_WORDS = T.BLOCK_WORDS
 # directives where a later line replaces an earlier one (a duplicate in one block is suspect)
-REPLACING = frozenset(
-    {"timeout", "retry", "hedge", "breaker", "limit", "concurrency", "balance", "health", "outlier", "tls"}
-)
+REPLACING = T.REPLACING
 RETRY_CONDITIONS = ("connect-failure", "reset", "timeout")
 JITTERS = ("full", "equal", "decorrelated", "none")
 VERIFY = ("on", "off")
@@ -81,20 +39,7 @@ KNOWN_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE", "POST", "PA
 _METHOD = re.compile(r"[A-Z]+")
 
 # the options each statement form accepts
-OPTIONS: dict[tuple[str, str | None], frozenset[str]] = {
-    ("retry", None): frozenset({"on", "backoff", "jitter", "per-try", "budget", "methods"}),
-    ("hedge", "after"): frozenset({"max"}),
-    ("hedge", "at"): frozenset({"min", "max"}),
-    ("breaker", "failures"): frozenset({"open", "probes"}),
-    ("breaker", "failure-rate"): frozenset({"window", "min", "open", "probes", "slow"}),
-    ("limit", None): frozenset({"burst", "per-header", "shared"}),
-    ("concurrency", None): frozenset({"queue", "queue-timeout"}),
-    ("chaos", "abort"): frozenset({"status"}),
-    ("endpoint", None): frozenset({"weight", "resolve"}),
-    ("failover", None): frozenset({"weight", "tier", "resolve"}),
-    ("tls", None): frozenset({"ca", "cert", "key", "sni", "verify"}),
-    ("outlier", None): frozenset({"eject", "max"}),
-}
+OPTIONS: dict[tuple[str, str | None], frozenset[str]] = {key: frozenset(keys) for key, keys in T.OPTIONS.items()}
 MAX_RETRIES = 100  # `retry N`: N is 0..100 (docs/language.md)
 MAX_SECONDS = 365 * 24 * 3600  # a duration is at most a year
 # kind -> (largest value, hint): beyond these a number is an error (RP227) at its place
@@ -103,8 +48,10 @@ NUMBER_LIMITS: dict[str, tuple[float, str]] = {
     "duration": (MAX_SECONDS, "a duration is at most a year (8760h)"),
     "rate": (1e9, "a rate is at most 1000000000/s"),
 }
-HEALTH_OPTIONS = frozenset({"method", "every", "timeout", "fall", "rise", "expect"})
-APP_HEALTH_OPTIONS = frozenset({"method", "every", "timeout", "fall"})
+HEALTH_OPTIONS = OPTIONS[("health", None)]
+APP_HEALTH_OPTIONS = frozenset(T.STATEMENTS["health"].app_options or ())
+# top-level statements given at most once (RP221)
+ONCE_AT_TOP = tuple(k for k in T.ALLOWED["top"] if T.STATEMENTS[k].merge == "once")
 
 
 class _Checker:
@@ -167,7 +114,7 @@ class _Checker:
             if stmt.kind == "recovered":
                 continue
             if stmt.kind not in ALLOWED[block]:
-                where = WHERE.get(stmt.kind, "in policy blocks (defaults, policy, service, shard)")
+                where = T.STATEMENTS[stmt.kind].where()
                 self.error(
                     "RP219",
                     stmt.span,
@@ -428,8 +375,8 @@ class _Checker:
             self.at_least(window.args[0], 1, "breaker window", code="RP216")
         if minimum:
             self.at_least(minimum.args[0], 1, "breaker min", code="RP216")
-        w = window.args[0].value if window else 20
-        m = minimum.args[0].value if minimum else 10
+        w = window.args[0].value if window else T.default("breaker", "window", "failure-rate")
+        m = minimum.args[0].value if minimum else T.default("breaker", "min", "failure-rate")
         if w >= 1 and m > w:
             where = (minimum or window or stmt).span
             self.error(
@@ -587,7 +534,7 @@ class _Checker:
     def check_top(self, top: tuple[Stmt, ...]) -> None:
         first: dict[str, Stmt] = {}
         for stmt in top:
-            if stmt.kind in ("app", "listen", "admin", "defaults", "resolver", "store"):
+            if stmt.kind in ONCE_AT_TOP:
                 if stmt.kind in first:
                     self.error(
                         "RP221",
@@ -746,7 +693,8 @@ def _finite(value: object) -> bool:
 
 
 def _word(kind: str) -> str:
-    return {"shard-by": "shard by", "shard-default": "shard default"}.get(kind, kind)
+    stmt = T.STATEMENTS.get(kind)
+    return stmt.words if stmt is not None else kind
 
 
 def _describe(stmt: Stmt) -> str:

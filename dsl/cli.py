@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence, TextIO
 
 from dsl.diagnostics import Diagnostic, render_json, render_text, sort_key
+from dsl.statements import ENGINES
 from dsl.units import CompiledUnit
 
 IO_CODES = frozenset({"RP001", "RP002", "RP003"})
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("text", "json"), default="text")
     c.add_argument("--strict", action="store_true", help="treat warnings as errors")
     c.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="python",
+        help="also warn about what this engine runs differently (default python: nothing differs)",
+    )
+    c.add_argument(
         "--max-amplification",
         type=float,
         default=10.0,
@@ -64,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="each service's resolved policy in plain words")
     e.add_argument("file", metavar="FILE")
     e.add_argument("rest", nargs="*", metavar="SERVICE | FILE", help="one service to explain, or more files (a mesh)")
+    e.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="also say which statements this engine runs natively, through an extension point, approximately",
+    )
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return p
@@ -181,6 +194,11 @@ def _check(args: argparse.Namespace) -> int:
     for unit in units:
         diags += unit.diagnostics
     diags += analyse(units, max_amplification=args.max_amplification)
+    if args.engine != "python":
+        from dsl.engines import engine_findings
+
+        for unit in units:
+            diags += engine_findings(unit, args.engine)
     if args.strict:
         diags = [d.as_error() for d in diags]
     # check's output is its diagnostics: stdout, like ruff and mypy; the summary line joins
@@ -315,7 +333,7 @@ def _explain(args: argparse.Namespace) -> int:
         if service not in units[0].plan.services:
             known = ", ".join(units[0].plan.services) or "none"
             raise _Usage(f"no service '{service}' in {args.file} (services: {known})")
-    parts = [explain_unit(u, service) for u in units]
+    parts = [explain_unit(u, service, args.engine) for u in units]
     if mesh:
         from dsl.analysis import explain_mesh
 

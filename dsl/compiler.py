@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from dsl import statements as T
 from dsl.ast import File, Lit, Stmt
 from dsl.checker import check_file, check_plan
 from dsl.diagnostics import Diagnostic, Span
@@ -24,8 +25,6 @@ from dsl.plan import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
     DEFAULT_ORDER,
-    DEFAULT_RESOLVE_EVERY,
-    DEFAULT_RETRY_ON,
     IDEMPOTENT_METHODS,
     AppHealthSpec,
     BackoffSpec,
@@ -51,28 +50,44 @@ from dsl.units import CompiledUnit
 
 MAX_FALLBACK_FILE = 1024 * 1024
 MAX_TLS_FILE = 1024 * 1024  # a PEM bundle larger than this is not a certificate file
-REPLACED = ("timeout", "retry", "hedge", "breaker", "limit", "concurrency")
+# the directives layered defaults -> policies -> service -> shard (section 4's precedence):
+# `replace` ones keep their last line, `accumulate` ones (fallback, chaos) every line in order
+LAYERED = tuple(st for st in T.STATEMENTS.values() if st.merge in ("replace", "accumulate") and "shard" in st.blocks)
+_PLAN_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _plan_fields(cls: type) -> frozenset[str]:
+    names = _PLAN_FIELDS.get(cls)
+    if names is None:
+        names = _PLAN_FIELDS[cls] = frozenset(f.name for f in fields(cls))
+    return names
+
+
+def _opt(s: Stmt, key: str) -> Any:
+    """The value of option `key` of `s` as written, or its default (from the statement table)."""
+    o = s.opt(key)
+    if o is not None and o.args:
+        return o.args[0].value
+    return T.default(s.kind, key, s.form)
 
 
 @dataclass
 class _Layer:
-    """The policy in force while resolving: the last statement of each directive."""
+    """The policy in force while resolving: the last line of each replacing directive,
+    every line of each accumulating one."""
 
     last: dict[str, Stmt] = field(default_factory=dict)
-    fallbacks: list[Stmt] = field(default_factory=list)
-    chaos: list[Stmt] = field(default_factory=list)
+    lists: dict[str, list[Stmt]] = field(default_factory=dict)
 
     def apply(self, stmts: Iterable[Stmt]) -> None:
         for s in stmts:
-            if s.kind in REPLACED or s.kind in ("balance", "health", "outlier", "tls"):
+            if s.kind in T.REPLACING:
                 self.last[s.kind] = s
-            elif s.kind == "fallback":
-                self.fallbacks.append(s)
-            elif s.kind == "chaos":
-                self.chaos.append(s)
+            elif s.kind in T.ACCUMULATING:
+                self.lists.setdefault(s.kind, []).append(s)
 
     def copy(self) -> "_Layer":
-        return _Layer(dict(self.last), list(self.fallbacks), list(self.chaos))
+        return _Layer(dict(self.last), {k: list(v) for k, v in self.lists.items()})
 
 
 class _Builder:
@@ -83,6 +98,7 @@ class _Builder:
         self.watch: list[str] = []
         self.retry_spans: dict[str, Span] = {}
         self.timeout_spans: dict[str, Span] = {}
+        self.statement_spans: dict[str, dict[str, Span]] = {}
         self.fallback_cache: dict[str, FallbackSpec | None] = {}
         self.tls_cache: dict[int, TlsSpec | None] = {}
 
@@ -209,16 +225,27 @@ class _Builder:
     def error(self, code: str, span: Span, message: str, hint: str | None = None) -> None:
         self.diags.append(Diagnostic(code, "error", span, message, hint))
 
-    @staticmethod
-    def retry(s: Stmt) -> RetrySpec | None:
+    # ---- one spec builder per directive (`spec_KIND`), defaults from the table -------------
+    def spec_timeout(self, s: Stmt) -> float:
+        return float(s.args[0].value)
+
+    def spec_balance(self, s: Stmt) -> str:
+        return str(s.args[0].value)
+
+    def spec_fallback(self, s: Stmt) -> FallbackSpec | None:
+        return self.fallback(s)
+
+    def spec_tls(self, s: Stmt) -> TlsSpec | None:
+        return self.tls(s)
+
+    def spec_retry(self, s: Stmt) -> RetrySpec | None:
         retries = int(s.args[0].value)
         if retries == 0:
             return None
         on = s.opt("on")
         backoff = None
         rng = s.opt("backoff")
-        jitter = s.opt("jitter")
-        jitter_kind = str(jitter.args[0].value) if jitter else "full"
+        jitter_kind = str(_opt(s, "jitter"))
         if rng is not None:
             base = rng.args[0].value
             if len(rng.args) == 2:
@@ -229,7 +256,7 @@ class _Builder:
         budget_opt = s.opt("budget")
         budget = None
         if budget_opt is not None:
-            floor = budget_opt.args[1].value if len(budget_opt.args) > 1 else 10.0
+            floor = budget_opt.args[1].value if len(budget_opt.args) > 1 else T.default("retry", "budget")
             budget = BudgetSpec(ratio=budget_opt.args[0].value, min_per_second=floor)
         methods = list(IDEMPOTENT_METHODS)
         extra = s.opt("methods")
@@ -238,140 +265,107 @@ class _Builder:
                 methods.append(m.text)
         return RetrySpec(
             retries=retries,
-            on=tuple(c.text for c in on.args) if on else DEFAULT_RETRY_ON,
+            on=tuple(c.text for c in on.args) if on else T.default("retry", "on"),
             backoff=backoff,
             per_try_timeout=per_try.args[0].value if per_try else None,
             budget=budget,
             methods=tuple(methods),
         )
 
-    @staticmethod
-    def hedge(s: Stmt) -> HedgeSpec:
-        mn = s.opt("min")
-        mx = s.opt("max")
-        max_extra = int(mx.args[0].value) if mx else 1
+    def spec_hedge(self, s: Stmt) -> HedgeSpec:
+        max_extra = int(_opt(s, "max"))
         if s.form == "after":
             return HedgeSpec(delay=s.args[0].value, max_extra=max_extra)
-        return HedgeSpec(
-            percentile=s.args[0].value,
-            min_delay=mn.args[0].value if mn else 0.010,
-            max_extra=max_extra,
-        )
+        return HedgeSpec(percentile=s.args[0].value, min_delay=float(_opt(s, "min")), max_extra=max_extra)
 
-    @staticmethod
-    def breaker(s: Stmt) -> BreakerSpec:
-        def opt(key: str, default: Any) -> Any:
-            o = s.opt(key)
-            return o.args[0].value if o else default
-
-        open_for = float(opt("open", 30.0))
-        probes = int(opt("probes", 1))
+    def spec_breaker(self, s: Stmt) -> BreakerSpec:
+        open_for = float(_opt(s, "open"))
+        probes = int(_opt(s, "probes"))
         if s.form == "failures":
-            return BreakerSpec(kind="consecutive", failures=int(s.args[0].value), open=open_for,
-                               max_open=open_for * 10, probes=probes)
+            return BreakerSpec(
+                kind="consecutive", failures=int(s.args[0].value), open=open_for, max_open=open_for * 10, probes=probes
+            )
         return BreakerSpec(
             kind="rate",
             rate=s.args[0].value,
-            window=int(opt("window", 20)),
-            min_calls=int(opt("min", 10)),
-            slow=opt("slow", None),
+            window=int(_opt(s, "window")),
+            min_calls=int(_opt(s, "min")),
+            slow=_opt(s, "slow"),
             open=open_for,
             max_open=open_for * 10,
             probes=probes,
         )
 
-    @staticmethod
-    def limit(s: Stmt) -> LimitSpec:
+    def spec_limit(self, s: Stmt) -> LimitSpec:
         rate = float(s.args[0].value)
         burst = s.opt("burst")
         per = s.opt("per-header")
         return LimitSpec(
             rate=rate,
-            burst=float(burst.args[0].value) if burst else max(1.0, rate),
+            burst=float(burst.args[0].value) if burst else max(1.0, rate),  # one second of R, at least 1
             per_header=str(per.args[0].value) if per else None,
             shared=s.opt("shared") is not None,
         )
 
-    @staticmethod
-    def concurrency(s: Stmt) -> ConcurrencySpec:
-        q = s.opt("queue")
-        qt = s.opt("queue-timeout")
+    def spec_concurrency(self, s: Stmt) -> ConcurrencySpec:
         return ConcurrencySpec(
-            max=int(s.args[0].value),
-            queue=int(q.args[0].value) if q else 0,
-            queue_timeout=qt.args[0].value if qt else 1.0,
+            max=int(s.args[0].value), queue=int(_opt(s, "queue")), queue_timeout=float(_opt(s, "queue-timeout"))
         )
 
-    @staticmethod
-    def chaos(s: Stmt) -> ChaosSpec:
+    def spec_chaos(self, s: Stmt) -> ChaosSpec:
         if s.form == "abort":
-            st = s.opt("status")
-            return ChaosSpec(kind="abort", probability=s.args[0].value, status=int(st.args[0].value) if st else 503)
+            return ChaosSpec(kind="abort", probability=s.args[0].value, status=int(_opt(s, "status")))
         return ChaosSpec(kind="delay", probability=s.args[0].value, delay=s.args[1].value)
 
-    @staticmethod
-    def health(s: Stmt) -> HealthSpec:
-        def opt(key: str, default: object) -> object:
-            o = s.opt(key)
-            return o.args[0].value if o else default
-
+    def spec_health(self, s: Stmt) -> HealthSpec:
         expect = s.opt("expect")
         return HealthSpec(
             path=str(s.args[0].value),
-            method=str(opt("method", "GET")),
-            interval=float(opt("every", 5.0)),  # type: ignore[arg-type]
-            timeout=float(opt("timeout", 1.0)),  # type: ignore[arg-type]
-            fall=int(opt("fall", 3)),  # type: ignore[call-overload]
-            rise=int(opt("rise", 2)),  # type: ignore[call-overload]
-            expect=tuple(lit.text for lit in expect.args) if expect else ("2xx",),
+            method=str(_opt(s, "method")),
+            interval=float(_opt(s, "every")),
+            timeout=float(_opt(s, "timeout")),
+            fall=int(_opt(s, "fall")),
+            rise=int(_opt(s, "rise")),
+            expect=tuple(lit.text for lit in expect.args) if expect else T.default("health", "expect"),
         )
 
-    @staticmethod
-    def outlier(s: Stmt) -> OutlierSpec:
-        ej = s.opt("eject")
-        mx = s.opt("max")
+    def spec_outlier(self, s: Stmt) -> OutlierSpec:
         return OutlierSpec(
-            failures=int(s.args[0].value),
-            eject=ej.args[0].value if ej else 30.0,
-            max_fraction=mx.args[0].value if mx else 0.5,
+            failures=int(s.args[0].value), eject=float(_opt(s, "eject")), max_fraction=float(_opt(s, "max"))
         )
 
-    @staticmethod
-    def endpoints(stmts: Iterable[Stmt]) -> tuple[EndpointSpec, ...]:
-        out = []
-        for s in stmts:
-            if s.kind not in ("endpoint", "failover"):
-                continue
-            w = s.opt("weight")
-            t = s.opt("tier")
-            tier = 0 if s.kind == "endpoint" else (int(t.args[0].value) if t else 1)
-            r = s.opt("resolve")
-            resolve = (r.args[0].value if r.args else DEFAULT_RESOLVE_EVERY) if r else None
-            out.append(
-                EndpointSpec(
-                    url=str(s.args[0].value), weight=int(w.args[0].value) if w else 1, tier=tier, resolve=resolve
-                )
-            )
-        return tuple(out)
+    def spec_endpoint(self, s: Stmt) -> EndpointSpec:
+        r = s.opt("resolve")
+        return EndpointSpec(
+            url=str(s.args[0].value),
+            weight=int(_opt(s, "weight")),
+            tier=int(_opt(s, "tier")) if s.kind == "failover" else 0,
+            resolve=(r.args[0].value if r.args else T.default(s.kind, "resolve")) if r else None,
+        )
+
+    spec_failover = spec_endpoint
+
+    def endpoints(self, stmts: Iterable[Stmt]) -> tuple[EndpointSpec, ...]:
+        return tuple(self.spec_endpoint(s) for s in stmts if s.kind in ("endpoint", "failover"))
 
     # ---- resolution -----------------------------------------------------------------
-    def policy_fields(self, layer: _Layer) -> dict[str, object]:
-        last = layer.last
-        fallbacks = tuple(f for f in (self.fallback(s) for s in layer.fallbacks) if f is not None)
-        return {
-            "timeout": last["timeout"].args[0].value if "timeout" in last else 15.0,
-            "retry": self.retry(last["retry"]) if "retry" in last else None,
-            "hedge": self.hedge(last["hedge"]) if "hedge" in last else None,
-            "breaker": self.breaker(last["breaker"]) if "breaker" in last else None,
-            "limit": self.limit(last["limit"]) if "limit" in last else None,
-            "concurrency": self.concurrency(last["concurrency"]) if "concurrency" in last else None,
-            "fallbacks": fallbacks,
-            "chaos": tuple(self.chaos(s) for s in layer.chaos),
-            "balance": str(last["balance"].args[0].value) if "balance" in last else "least-request",
-            "health": self.health(last["health"]) if "health" in last else None,
-            "outlier": self.outlier(last["outlier"]) if "outlier" in last else None,
-            "tls": self.tls(last["tls"]) if "tls" in last else None,
-        }
+    def policy_fields(self, layer: _Layer, cls: type) -> dict[str, object]:
+        """The fields of plan class `cls` (ServicePlan or ShardPlan) that the layered
+        directives fill: a replacing directive's last line, or the plan's default; an
+        accumulating directive's lines in order."""
+        names = _plan_fields(cls)
+        out: dict[str, object] = {}
+        for st in LAYERED:
+            if st.field is None or st.field not in names:
+                continue
+            build = getattr(self, "spec_" + st.kind.replace("-", "_"))
+            if st.merge == "replace":
+                line = layer.last.get(st.kind)
+                out[st.field] = build(line) if line is not None else T.plan_default(cls, st.field)
+            else:
+                specs = (build(line) for line in layer.lists.get(st.kind, ()))
+                out[st.field] = tuple(spec for spec in specs if spec is not None)
+        return out
 
     def service(self, svc: Stmt, defaults: list[Stmt], policies: dict[str, Stmt]) -> ServicePlan:
         name = svc.name or ""
@@ -384,7 +378,8 @@ class _Builder:
                 layer.apply(policy.body or ())
         layer.apply(body)
         self.note_spans(name, layer, svc)
-        fields = self.policy_fields(layer)
+        self.note_statements(name, layer, body)
+        own = self.policy_fields(layer, ServicePlan)
         shards = []
         sharding = None
         for s in body:
@@ -397,11 +392,12 @@ class _Builder:
             shard_layer = layer.copy()
             shard_layer.apply(shard.body or ())
             self.note_spans(f"{name}/{shard.name}", shard_layer, None)
+            self.note_statements(name, shard_layer, shard.body or ())
             shards.append(
                 ShardPlan(
                     name=shard.name or "",
                     endpoints=self.endpoints(shard.body or ()),
-                    **self.policy_fields(shard_layer),  # type: ignore[arg-type]
+                    **self.policy_fields(shard_layer, ShardPlan),  # type: ignore[arg-type]
                 )
             )
         hosts: list[str] = []
@@ -415,8 +411,19 @@ class _Builder:
             sharding=sharding,
             shards=tuple(shards),
             order=DEFAULT_ORDER,
-            **fields,  # type: ignore[arg-type]
+            **own,  # type: ignore[arg-type]
         )
+
+    def note_statements(self, service: str, layer: _Layer, body: Iterable[Stmt]) -> None:
+        """Where each directive in force for a service (or one of its shards) comes from:
+        by kind and by `kind form`, the service's own line first."""
+        spans = self.statement_spans.setdefault(service, {})
+        lines = list(layer.last.values()) + [s for kind in layer.lists for s in layer.lists[kind]]
+        lines += [s for s in body if s.kind not in T.REPLACING and s.kind not in T.ACCUMULATING]
+        for s in lines:
+            spans.setdefault(s.kind, s.span)
+            if s.form is not None:
+                spans.setdefault(f"{s.kind} {s.form}", s.span)
 
     def note_spans(self, key: str, layer: _Layer, svc: Stmt | None) -> None:
         """Where the retry and timeout in force come from; a shard without a `timeout`
@@ -436,11 +443,14 @@ class _Builder:
         if run is None:
             return None
         health = None
-        restart_base, restart_max = 1.0, 30.0
+        restart_base, restart_max = T.default("restart", "base"), T.default("restart", "max")
         for s in app.body:
             if s.kind == "health":
-                h = self.health(s)
-                health = AppHealthSpec(url=h.path, method=h.method, interval=h.interval, timeout=h.timeout, fall=h.fall)
+                given = {"every": "interval", "timeout": "timeout", "fall": "fall", "method": "method"}
+                health = AppHealthSpec(
+                    url=str(s.args[0].value),
+                    **{name: o.args[0].value for key, name in given.items() if (o := s.opt(key)) is not None},
+                )
             elif s.kind == "restart":
                 restart_base = s.args[0].value
                 restart_max = s.args[-1].value
@@ -562,14 +572,14 @@ def _spans(file: File) -> tuple[Span, dict[str, Span]]:
 
 def compile_ast(file: File, source_path: str) -> tuple[Plan | None, list[Diagnostic]]:
     """Check a parsed file and, when it has no error, build and validate its plan."""
-    plan, diags, _, _ = _compile_ast(file, source_path)
+    plan, diags, _, _, _ = _compile_ast(file, source_path)
     return plan, diags
 
 
 def _compile_ast(
     file: File, source_path: str
-) -> tuple[Plan | None, list[Diagnostic], Plan | None, list[Diagnostic]]:
-    """(plan, diagnostics, resolved, findings): `resolved` is the plan itself, or for a
+) -> tuple[Plan | None, list[Diagnostic], Plan | None, list[Diagnostic], dict[str, dict[str, Span]]]:
+    """(plan, diagnostics, resolved, findings, statement spans): `resolved` is the plan itself, or for a
     file with errors the partial plan of the services those errors leave untouched;
     `findings` are then the plan-level warnings (RP301-RP303) on that partial plan.
     They are kept apart from the diagnostics, which say why the file does not compile
@@ -580,7 +590,7 @@ def _compile_ast(
     if not file.stmts and not file.recovered:
         return None, [
             Diagnostic("RP007", "error", Span(file.path, 1, 1), "the file is empty: no statements", "a policy file declares at least one service")
-        ], None, []
+        ], None, [], {}
     diags = check_file(file)
     builder = _Builder(file, Path(source_path).parent)
     # fallback files are read even when there are other errors, so all are reported
@@ -595,7 +605,7 @@ def _compile_ast(
         intact = intact_services(file, [d for d in diags if d.is_error])
         partial = builder.plan(source_path, only=intact) if intact else None
         findings = check_plan(partial, builder.retry_spans, builder.timeout_spans) if partial else []
-        return None, diags, partial, findings
+        return None, diags, partial, findings, builder.statement_spans
     builder.diags = []
     plan = builder.plan(source_path)
     diags += builder.diags
@@ -606,8 +616,8 @@ def _compile_ast(
             Diagnostic("RP299", "error", Span(file.path, 1, 1), f"internal error: the compiled plan fails its schema: {problem}")
         )
     if any(d.is_error for d in diags):
-        return None, diags, None, []
-    return plan, diags, plan, []
+        return None, diags, None, [], {}
+    return plan, diags, plan, [], builder.statement_spans
 
 
 def intact_services(file: File, errors: Iterable[Diagnostic]) -> frozenset[str]:
@@ -724,11 +734,19 @@ def _compile_source(text: str, path: str) -> CompiledUnit:
     file = parsed.file
     if file is None:
         return CompiledUnit(path, text, None, tuple(_sorted(diags)))
-    plan, more, resolved, findings = _compile_ast(file, source_path)
+    plan, more, resolved, findings, statement_spans = _compile_ast(file, source_path)
     diags += more
     app_span, service_spans = _spans(file)
     return CompiledUnit(
-        path, text, plan, tuple(_sorted(diags)), app_span, service_spans, resolved, tuple(_sorted(findings))
+        path,
+        text,
+        plan,
+        tuple(_sorted(diags)),
+        app_span,
+        service_spans,
+        resolved,
+        tuple(_sorted(findings)),
+        statement_spans,
     )
 
 

@@ -206,8 +206,9 @@ _SHOWN = (
 )
 
 
-def explain_service(svc: ServicePlan, store: str | None = None) -> str:
-    """The resolved policy of one service, in words (`store`: the plan's, for shared limits)."""
+def explain_service(svc: ServicePlan, store: str | None = None, engine: str | None = None) -> str:
+    """The resolved policy of one service, in words (`store`: the plan's, for shared limits;
+    `engine`: also how that engine runs each statement)."""
     lines = [f"service {svc.name}"]
     if svc.hosts:
         lines.append(f"  hosts: {svc.name}, {', '.join(svc.hosts)}")
@@ -228,6 +229,10 @@ def explain_service(svc: ServicePlan, store: str | None = None) -> str:
                 if k in mine and (k in ("endpoints", "balance") or mine[k] != words.get(k)):
                     lines.append(f"    {k}: {mine[k]}")
     lines += ["  " + line for line in breakdown(svc).lines()]
+    if engine is not None:
+        from dsl.engines import engine_lines
+
+        lines += ["  " + line for line in engine_lines(svc, engine)]
     return "\n".join(lines)
 
 
@@ -235,7 +240,7 @@ def _all_endpoints(svc: ServicePlan) -> list[EndpointSpec]:
     return list(svc.endpoints) + [e for shard in svc.shards for e in shard.endpoints]
 
 
-def explain_plan(plan: Plan, service: str | None = None) -> str:
+def explain_plan(plan: Plan, service: str | None = None, engine: str | None = None) -> str:
     """A whole plan (or one service of it) in words."""
     head = [f"app {plan.app}: listens on {plan.listen}, admin on {plan.admin}"]
     if plan.supervise is not None:
@@ -257,12 +262,12 @@ def explain_plan(plan: Plan, service: str | None = None) -> str:
     blocks = ["\n".join(head)]
     for name, svc in plan.services.items():
         if service is None or name == service:
-            blocks.append(explain_service(svc, plan.store))
+            blocks.append(explain_service(svc, plan.store, engine))
     return "\n\n".join(blocks) + "\n"
 
 
-def explain_unit(unit: CompiledUnit, service: str | None = None) -> str:
+def explain_unit(unit: CompiledUnit, service: str | None = None, engine: str | None = None) -> str:
     """`explain` for one compiled file (which must have a plan)."""
     if unit.plan is None:
         return f"{unit.path}: does not compile\n"
-    return f"# {unit.path}\n" + explain_plan(unit.plan, service)
+    return f"# {unit.path}\n" + explain_plan(unit.plan, service, engine)

@@ -21,24 +21,11 @@ from dataclasses import dataclass
 
 from dsl.ast import Comment, File, Lit, Opt, Stmt
 from dsl.diagnostics import Diagnostic
+from dsl.statements import OPTIONS
 from dsl.transformer import BadJson, dump_json
 
 INDENT = "    "
 
-# the canonical order of each statement's options
-OPTION_ORDER = {
-    "retry": ("on", "backoff", "jitter", "per-try", "budget", "methods"),
-    "hedge": ("min", "max"),
-    "breaker": ("window", "min", "open", "probes", "slow"),
-    "limit": ("burst", "per-header", "shared"),
-    "concurrency": ("queue", "queue-timeout"),
-    "chaos": ("status",),
-    "endpoint": ("weight", "tier", "resolve"),
-    "failover": ("weight", "tier", "resolve"),
-    "tls": ("ca", "cert", "key", "sni", "verify"),
-    "health": ("every", "timeout", "fall", "rise", "expect"),
-    "outlier": ("eject", "max"),
-}
 _LIST_OPTIONS = ("on", "methods", "expect")
 
 
@@ -99,7 +86,7 @@ def statement_text(stmt: Stmt) -> str:
         head = "defaults"
     else:
         head = " ".join([k] + [_lit(a) for a in args])
-    order = OPTION_ORDER.get(k, ())
+    order = OPTIONS.get((k, stmt.form), ())
     opts = sorted(
         (o for o in stmt.opts if o.key != "method"),
         key=lambda o: order.index(o.key) if o.key in order else len(order),

@@ -14,36 +14,9 @@ import re
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from dsl.diagnostics import Diagnostic, Span, did_you_mean
+from dsl.statements import DIRECTIVES
 
-DIRECTIVES = (
-    "app",
-    "listen",
-    "admin",
-    "defaults",
-    "policy",
-    "service",
-    "resolver",
-    "store",
-    "timeout",
-    "retry",
-    "hedge",
-    "breaker",
-    "limit",
-    "concurrency",
-    "fallback",
-    "chaos",
-    "tls",
-    "use",
-    "host",
-    "endpoint",
-    "failover",
-    "balance",
-    "health",
-    "outlier",
-    "shard",
-    "run",
-    "restart",
-)
+__all__ = ["DIRECTIVES", "describe_error", "statement_word", "word_at"]
 
 PHRASES = {
     "DURATION": "a duration such as 250ms",
@@ -153,8 +126,8 @@ def describe_error(exc: UnexpectedInput, text: str, path: str, stmt_start: int =
     line = getattr(exc, "line", None) or 1
     col = getattr(exc, "column", None) or 1
     if isinstance(exc, UnexpectedCharacters):
-        pos = exc.pos_in_stream
-        ch = text[pos] if pos is not None and 0 <= pos < len(text) else ""
+        pos = exc.pos_in_stream if exc.pos_in_stream is not None else -1
+        ch = text[pos] if 0 <= pos < len(text) else ""
         if ch == '"':
             return Diagnostic(
                 "RP106",

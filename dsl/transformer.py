@@ -16,6 +16,7 @@ from lark import Token, Transformer, Tree
 
 from dsl.ast import Lit, Opt, Stmt
 from dsl.diagnostics import Span
+from dsl.statements import OPTION_RULES, RULES
 
 DURATION_UNITS = {
     "us": Decimal("0.000001"),
@@ -135,76 +136,9 @@ _CONVERT: dict[str, tuple[str, Any]] = {
     "STRING": ("string", _decode_string),
 }
 
-# rule name -> (statement kind, form)
-_STMTS = {
-    "listen": ("listen", None),
-    "admin": ("admin", None),
-    "resolver": ("resolver", None),
-    "store": ("store", None),
-    "tls": ("tls", None),
-    "run": ("run", None),
-    "timeout": ("timeout", None),
-    "retry": ("retry", None),
-    "hedge_after": ("hedge", "after"),
-    "hedge_at": ("hedge", "at"),
-    "breaker_failures": ("breaker", "failures"),
-    "breaker_rate": ("breaker", "failure-rate"),
-    "limit": ("limit", None),
-    "concurrency": ("concurrency", None),
-    "fallback_json": ("fallback", "json"),
-    "fallback_text": ("fallback", "text"),
-    "fallback_file": ("fallback", "file"),
-    "fallback_service": ("fallback", "service"),
-    "fallback_stale": ("fallback", "stale"),
-    "chaos_abort": ("chaos", "abort"),
-    "chaos_delay": ("chaos", "delay"),
-    "use": ("use", None),
-    "host": ("host", None),
-    "endpoint": ("endpoint", None),
-    "failover": ("failover", None),
-    "balance": ("balance", None),
-    "outlier": ("outlier", None),
-    "shard_by_segment": ("shard-by", "path-segment"),
-    "shard_default": ("shard-default", None),
-}
-
-# option rule name -> option key as written
-_OPTS = {
-    "on": "on",
-    "backoff": "backoff",
-    "jitter": "jitter",
-    "per_try": "per-try",
-    "budget": "budget",
-    "methods": "methods",
-    "min": "min",
-    "max": "max",
-    "window": "window",
-    "min_calls": "min",
-    "open": "open",
-    "probes": "probes",
-    "slow": "slow",
-    "burst": "burst",
-    "per_header": "per-header",
-    "shared": "shared",
-    "resolve": "resolve",
-    "tls_ca": "ca",
-    "tls_cert": "cert",
-    "tls_key": "key",
-    "tls_sni": "sni",
-    "tls_verify": "verify",
-    "queue": "queue",
-    "queue_timeout": "queue-timeout",
-    "chaos_status": "status",
-    "weight": "weight",
-    "tier": "tier",
-    "every": "every",
-    "health_timeout": "timeout",
-    "fall": "fall",
-    "rise": "rise",
-    "expect": "expect",
-    "eject": "eject",
-    "max_pct": "max",
-}
+# grammar rule -> (statement kind, form), and option rule -> option key: from the table
+_STMTS = RULES
+_OPTS = OPTION_RULES
 
 
 class _Block:

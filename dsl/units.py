@@ -18,7 +18,8 @@ class CompiledUnit:
     plan when there is one; for a file with errors, the partial plan of the services its
     errors leave intact (dsl.compiler.intact_services), so one-file findings are still
     made on them: `findings` holds the compiler's (RP301-RP303) and dsl.analysis adds its
-    own. Only `plan` is ever run or joined into a mesh.
+    own. Only `plan` is ever run or joined into a mesh. `statement_spans` locates the line
+each directive of a service's resolved policy came from.
     """
 
     path: str
@@ -29,6 +30,9 @@ class CompiledUnit:
     service_spans: dict[str, Span] = field(default_factory=dict)
     resolved: Plan | None = None
     findings: tuple[Diagnostic, ...] = ()
+    # service -> directive ("retry", or "hedge at" for a form) -> the line in force, for
+    # findings about a resolved statement (`check --engine`, dsl/engines.py)
+    statement_spans: dict[str, dict[str, Span]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -101,9 +101,25 @@ def test_code_is_reported_at_its_place(code: str, tmp_path: Path) -> None:
 
 def test_every_code_is_documented() -> None:
     doc = (ROOT / "docs/diagnostics.md").read_text(encoding="utf-8")
-    documented = set(re.findall(r"^### (RP[0-3]\d\d)", doc, flags=re.M))
-    tested = set(CASES) | set(FILE_CODES) | {"RP299"}
+    documented = set(re.findall(r"^### (RP[0-35]\d\d)", doc, flags=re.M))
+    tested = set(CASES) | set(FILE_CODES) | set(ENGINE_CASES) | {"RP299"}
     assert documented == tested
+
+
+# codes of `check --engine ENGINE`: code -> (engine, source, line, col)
+ENGINE_CASES: dict[str, tuple[str, str, int, int]] = {
+    "RP501": ("envoy", "service a {\n" + EP + "    timeout 1s\n    hedge at p95\n}\n", 4, 5),
+}
+
+
+@pytest.mark.parametrize("code", sorted(ENGINE_CASES))
+def test_engine_code_is_reported_at_its_place(code: str) -> None:
+    from dsl.engines import engine_findings
+
+    engine, source, line, col = ENGINE_CASES[code]
+    unit = compile_source(source, "t.riprap")
+    found = [(d.severity, d.span.line, d.span.col) for d in engine_findings(unit, engine) if d.code == code and d.span]
+    assert found == [("warning", line, col)]
 
 
 def test_warnings_are_warnings(tmp_path: Path) -> None:
