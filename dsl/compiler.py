@@ -21,6 +21,7 @@ from dsl import statements as T
 from dsl.ast import File, Lit, Stmt
 from dsl.checker import check_file, check_plan
 from dsl.diagnostics import Diagnostic, Span
+from dsl.parser import parse_text
 from dsl.plan import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
@@ -46,6 +47,7 @@ from dsl.plan import (
     SuperviseSpec,
     TlsSpec,
 )
+from dsl.sources import check_text, read_source
 from dsl.units import CompiledUnit
 
 MAX_FALLBACK_FILE = 1024 * 1024
@@ -722,9 +724,6 @@ def compile_source(text: str, path: str) -> CompiledUnit:
 
 
 def _compile_source(text: str, path: str) -> CompiledUnit:
-    from dsl.loader import check_text
-    from dsl.parser import parse_text
-
     source_path = os.path.abspath(path)
     early = check_text(text, path)
     if any(d.is_error for d in early):
@@ -752,8 +751,6 @@ def _compile_source(text: str, path: str) -> CompiledUnit:
 
 def compile_file(path: str) -> CompiledUnit:
     """Read and compile a policy file; unreadable, binary or non-UTF-8 files are diagnostics."""
-    from dsl.loader import read_source
-
     text, diags = read_source(path)
     if text is None:
         return CompiledUnit(path, "", None, tuple(diags))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from dsl.ast import Comment, File, Lit, Opt, Stmt
 from dsl.diagnostics import Diagnostic
+from dsl.parser import parse_text
+from dsl.sources import check_text, read_source
 from dsl.statements import OPTIONS
 from dsl.transformer import BadJson, dump_json
 
@@ -168,9 +170,6 @@ class FormatResult:
 
 def format_source(text: str, path: str) -> FormatResult:
     """Format policy text; a file with syntax errors is left alone (its errors returned)."""
-    from dsl.loader import check_text
-    from dsl.parser import parse_text
-
     early = check_text(text, path)
     if early:
         return FormatResult(text, None, tuple(early))
@@ -183,8 +182,6 @@ def format_source(text: str, path: str) -> FormatResult:
 
 def format_file(path: str) -> FormatResult:
     """Read and format one file (reading problems become diagnostics)."""
-    from dsl.loader import read_source
-
     text, diags = read_source(path)
     if text is None:
         return FormatResult(None, None, tuple(diags))

@@ -1,9 +1,6 @@
 """Text -> AST (dsl/ast.py), reporting every syntax error in the file, not just the first.
 
-One LALR parser with a contextual lexer is built once per process (`get_parser`).
-A small postlexer makes the grammar newline-sensitive without pain: it collapses blank
-lines, drops the newlines inside an inline JSON value (so JSON may span lines), bounds
-JSON nesting, and remembers where the current statement began.
+The parser is dsl/grammar.py's, built once per process (`get_parser`).
 
 Error recovery is by re-parsing: on a syntax error the statement that holds it is
 replaced by a placeholder (`RECOVERED`, keeping its braces so the block structure
@@ -14,128 +11,22 @@ The placeholder parses as a `recovered` statement that the checker knows to skip
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Iterator, cast
+from typing import cast
 
-from lark import Lark, Token
 from lark.exceptions import UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from dsl.ast import Comment, File, Stmt
 from dsl.diagnostics import Diagnostic, Span
+from dsl.grammar import MAX_JSON_DEPTH, Built, PostLexer, TooDeep, cached, get_parser
 from dsl.syntax_errors import describe_error
-from dsl.transformer import ToAst
+
+__all__ = ["MAX_ERRORS", "ParseResult", "get_parser", "parse_text"]
 
 SENTINEL = "\ue000"
 MAX_ERRORS = 50
 RECOVERY_SECONDS = 2.0
-MAX_JSON_DEPTH = 64
-
-
-class TooDeep(Exception):
-    """Inline JSON nested deeper than MAX_JSON_DEPTH (keeps later walks shallow)."""
-
-    def __init__(self, token: Token) -> None:
-        super().__init__("JSON nested too deep")
-        self.token = token
-
-
-class _PostLexer:
-    """Newline handling for the grammar; records statement starts and open braces."""
-
-    always_accept = ("NAME", "_NL")
-
-    def __init__(self) -> None:
-        self.stmt_start = 0
-        self.new_stmt = True  # the next token starts a statement
-        self.open_blocks: list[Token] = []
-        self.comments: list[Token] = []
-        self.json_from = -1  # inside an inline JSON value: the offset just after `json`
-
-    def current_stmt_start(self, error_pos: int) -> int:
-        """Where the statement holding an error at `error_pos` began."""
-        return error_pos if self.new_stmt else min(self.stmt_start, error_pos)
-
-    def process(self, stream: Iterator[Token]) -> Iterator[Token]:
-        self.stmt_start = 0
-        self.open_blocks = []
-        self.new_stmt = True
-        self.json_from = -1
-        last_nl = True  # at the start of the file: drop leading newlines
-        json_depth = -1  # -1: not in JSON; 0: a JSON value is expected next
-        for tok in stream:
-            kind = tok.type
-            if kind == "_NL":
-                if json_depth >= 0 or last_nl:
-                    continue
-                last_nl = True
-                yield tok
-                self.new_stmt = True  # only once the parser took the newline
-                continue
-            last_nl = False
-            if self.new_stmt:
-                self.stmt_start = tok.start_pos or 0
-                self.new_stmt = False
-            if json_depth >= 0:
-                if kind in ("LBRACE", "LSQB"):
-                    json_depth += 1
-                    if json_depth > MAX_JSON_DEPTH:
-                        raise TooDeep(tok)
-                elif kind in ("RBRACE", "RSQB"):
-                    json_depth -= 1
-                if json_depth == 0 and kind not in ("COLON", "COMMA"):
-                    json_depth = -1
-                    self.json_from = -1
-            elif kind == "JSON":
-                json_depth = 0
-                self.json_from = tok.end_pos or 0
-            elif kind == "LBRACE":
-                self.open_blocks.append(tok)
-                yield tok
-                self.new_stmt = True
-                continue
-            elif kind == "RBRACE":
-                if self.open_blocks:
-                    self.open_blocks.pop()
-            yield tok
-
-
-@dataclass
-class _Built:
-    lark: Lark
-    postlex: _PostLexer
-    to_ast: ToAst
-    lock: threading.Lock
-
-
-@lru_cache(maxsize=1)
-def _build() -> _Built:
-    """The parser, with the AST built while it reduces (no Lark tree: about twice as fast).
-
-    Every token is kept (`keep_all_tokens`) so that each node's span runs from its first
-    token to its last; that replaces `propagate_positions`.
-    """
-    postlex = _PostLexer()
-    to_ast = ToAst()
-    lark = Lark.open(
-        "grammar.lark",
-        rel_to=__file__,
-        parser="lalr",
-        lexer="contextual",
-        keep_all_tokens=True,
-        maybe_placeholders=False,
-        postlex=postlex,
-        transformer=to_ast,
-        lexer_callbacks={"COMMENT": postlex.comments.append},
-    )
-    return _Built(lark, postlex, to_ast, threading.Lock())
-
-
-def get_parser() -> Lark:
-    """The process-wide parser (built on first use, then cached)."""
-    return _build().lark
 
 
 @dataclass(frozen=True)
@@ -149,13 +40,13 @@ def parse_text(text: str, path: str) -> ParseResult:
 
     Thread-safe: the one parser is shared, so parses take turns.
     """
-    built = _build()
+    built = cached()
     with built.lock:
         built.to_ast.path = path
         return _parse_locked(built, text, path)
 
 
-def _parse_locked(built: _Built, text: str, path: str) -> ParseResult:
+def _parse_locked(built: Built, text: str, path: str) -> ParseResult:
     diags: list[Diagnostic] = []
     work = text
     if SENTINEL in work:
@@ -173,7 +64,7 @@ def _parse_locked(built: _Built, text: str, path: str) -> ParseResult:
         built.postlex.comments.clear()
         started = time.monotonic()
         try:
-            # the parser's embedded transformer returns the AST, not the stubs' Tree
+            # the transformer builds the AST while the parser reduces: `start` returns the statements
             stmts = cast("tuple[Stmt, ...]", built.lark.parse(work))
         except TooDeep as exc:
             tok = exc.token
@@ -228,7 +119,7 @@ def _parse_locked(built: _Built, text: str, path: str) -> ParseResult:
     return ParseResult(None, tuple(diags))
 
 
-def _diagnose(exc: UnexpectedInput, text: str, path: str, postlex: _PostLexer) -> tuple[Diagnostic, int]:
+def _diagnose(exc: UnexpectedInput, text: str, path: str, postlex: PostLexer) -> tuple[Diagnostic, int]:
     """The diagnostic for one Lark error, and the offset it points at."""
     if isinstance(exc, UnexpectedToken) and exc.token.type == "$END" and postlex.open_blocks:
         opener = postlex.open_blocks[-1]
@@ -253,7 +144,7 @@ def _offset(exc: UnexpectedInput, text: str) -> int:
         if pos is not None:
             return pos
     pos = getattr(exc, "pos_in_stream", None)
-    return pos if pos is not None else len(text)
+    return pos if isinstance(pos, int) else len(text)
 
 
 def _blank(text: str, start: int, error_pos: int, json_from: int = -1) -> str:

@@ -14,6 +14,7 @@ import re
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from dsl.diagnostics import Diagnostic, Span, did_you_mean
+from dsl.grammar import keyword
 from dsl.statements import DIRECTIVES
 
 __all__ = ["DIRECTIVES", "describe_error", "statement_word", "word_at"]
@@ -49,19 +50,6 @@ _JSON_VALUE = {"LBRACE", "LSQB", "STRING", "JSON_NUMBER", "TRUE", "FALSE", "NULL
 _WORD = re.compile(r'"(?:[^"\\\n]|\\.)*"?|[^\s#]+')
 
 
-def _keyword(name: str) -> str | None:
-    """The literal text of a keyword terminal (`per-try`), or None for a pattern terminal."""
-    from dsl.parser import get_parser
-
-    try:
-        term = get_parser().get_terminal(name)
-    except KeyError:
-        return None
-    if term.pattern.type == "str" and re.fullmatch(r"[a-z][a-z\-]*", term.pattern.value):
-        return str(term.pattern.value)
-    return None
-
-
 def word_at(text: str, pos: int) -> str:
     """The word of source text starting at `pos`, for messages (at most 40 characters)."""
     m = _WORD.match(text, pos)
@@ -86,7 +74,7 @@ def _expected_phrases(expected: set[str]) -> tuple[list[str], list[str]]:
         phrases.append("a JSON value")
         names -= _JSON_VALUE
     for name in sorted(names):
-        kw = _keyword(name)
+        kw = keyword(name)
         if kw is not None:
             keywords.append(kw)
         elif name in PHRASES:
@@ -152,7 +140,7 @@ def describe_error(exc: UnexpectedInput, text: str, path: str, stmt_start: int =
         got = f"'{word_at(text, pos)}'"
     width = len(got) - 2 if got.startswith("'") else 0
     span = Span(path, line, col, line if width else None, col + width if width else None)
-    stmt_keywords = {k for k in (_keyword(n) for n in expected) if k in DIRECTIVES}
+    stmt_keywords = {k for k in (keyword(n) for n in expected) if k in DIRECTIVES}
     if len(stmt_keywords) >= 5:
         # where a statement should start
         if tok.type not in ("$END", "_NL") and re.match(r"[A-Za-z]", got[1:2]):
