@@ -97,6 +97,15 @@ SCENARIOS: dict = {
         {"p.riprap": "service a {\n" + EP + '    fallback status 200 file "../../etc/passwd"\n}\n'},
         ["check", "p.riprap"],
     ),
+    "engine_unknown": ({"p.riprap": "service a {\n" + EP + "}\n"}, ["check", "--engine", "nginx", "p.riprap"]),
+    "engine_envoy": (
+        {"p.riprap": "service a {\n" + EP + "    timeout 1s\n    hedge at p95\n}\n"},
+        ["check", "--engine", "envoy", "p.riprap"],
+    ),
+    "explain_engine": (
+        {"p.riprap": "service a {\n" + EP + "    timeout 1s\n    hedge at p95\n    fallback stale 1m\n}\n"},
+        ["explain", "p.riprap", "--engine", "envoy"],
+    ),
     "explain": (
         {
             **PEMS,
@@ -202,3 +211,26 @@ def test_explain_says_resolved_fleet_wide_and_tls(results) -> None:
     assert "resolved in DNS every 10s" in r.out
     assert "fleet-wide" in r.out and "redis://127.0.0.1:6379" in r.out
     assert str(Path(base / "explain" / "certs" / "ca.pem")) in r.out and "SNI pool.internal" in r.out
+
+
+def test_s8_an_unknown_engine_is_a_usage_error_listing_the_engines(results) -> None:
+    _, res = results
+    r = res["engine_unknown"]
+    assert r.rc == 2
+    assert "python" in r.err and "envoy" in r.err
+
+
+def test_s11_check_engine_envoy_names_the_statement_and_what_differs(results) -> None:
+    _, res = results
+    r = res["engine_envoy"]
+    assert r.rc == 0, r.text
+    (d,) = [d for d in warnings(r) if "envoy" in d.msg]
+    assert (d.line, d.col) == (4, 5) and "hedge at" in d.msg and "service 'a'" in d.msg
+
+
+def test_s11_explain_engine_envoy_sorts_statements(results) -> None:
+    _, res = results
+    r = res["explain_engine"]
+    assert r.rc == 0, r.text
+    assert "natively:" in r.out and "through an extension point: fallback stale" in r.out
+    assert "approximately: hedge at" in r.out
