@@ -67,9 +67,26 @@ def test_the_cycle_finder_finds_a_circle() -> None:
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
+def _top_level(path: Path) -> set[str]:
+    """The modules a file imports outside any function (what importing it pulls in)."""
+    deps: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            deps.add(node.module)
+        elif isinstance(node, ast.Import):
+            deps |= {a.name for a in node.names}
+    return deps
+
+
 def test_dsl_imports_neither_policies_nor_sidecar() -> None:
+    """Only the CLI front door reaches `sidecar`, inside the commands that need it
+    (`run`, `demo`, `compile --target envoy`), so importing dsl never imports them."""
     for mod, deps in _graph("dsl").items():
         outside = {d for d in deps if d.split(".")[0] in ("policies", "sidecar")}
+        if mod == "dsl.cli":
+            path = ROOT / "dsl" / "cli.py"
+            assert not {d for d in _top_level(path) if d.split(".")[0] in ("policies", "sidecar")}
+            continue
         assert not outside, (mod, outside)
 
 
