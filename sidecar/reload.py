@@ -169,6 +169,16 @@ class PlanHolder:
             return False
         async with self._lock:
             started = time.monotonic()
+            # What is about to be read, taken BEFORE reading: a save that lands while this
+            # reload compiles (an editor's truncate-then-write) then differs from it, and
+            # the watcher reloads once more instead of keeping a half-written file's verdict.
+            paths_before = self.watch_paths()
+            before = fingerprint(paths_before)
+
+            def seen() -> str:
+                paths = self.watch_paths()
+                return before if paths == paths_before else fingerprint(paths)
+
             try:
                 plan, warnings = await asyncio.to_thread(compile_source, self.source_path)
             except PlanLoadError as exc:
@@ -176,7 +186,7 @@ class PlanHolder:
                 self.metrics.reloaded("error")
                 log.error("reload (%s) failed; the running plan stays in force:\n%s",
                           trigger, exc.text)
-                self._fingerprint = fingerprint(self.watch_paths())
+                self._fingerprint = seen()
                 return False
             for w in warnings:
                 log.warning("%s", render_text(w))
@@ -187,7 +197,7 @@ class PlanHolder:
             # The same plan, but a file it names changed (a rotated certificate): rebuild.
             if digest == self.digest and plan.watch == old.watch and named == self._named:
                 self.metrics.reloaded("unchanged")
-                self._fingerprint = fingerprint(self.watch_paths())
+                self._fingerprint = seen()
                 log.info("reload (%s): plan unchanged (%s)", trigger, digest[:12])
                 return True
             if (plan.listen, plan.admin) != (old.listen, old.admin):
@@ -210,7 +220,7 @@ class PlanHolder:
             self.reloads += 1
             self.metrics.reloaded("ok")
             self.metrics.plan_loaded_now(digest, plan.app)
-            self._fingerprint = fingerprint(self.watch_paths())
+            self._fingerprint = seen()
             self.last_reload_seconds = time.monotonic() - started
             log.info("reload (%s): plan %s in force (%.0f ms)", trigger, digest[:12],
                      self.last_reload_seconds * 1000)
@@ -233,7 +243,9 @@ class PlanHolder:
                     *dirs, stop_event=self._stop_watch, debounce=400, step=25,
                     recursive=False, rust_timeout=60_000, yield_on_timeout=False,
                 ):
-                    if fingerprint(self.watch_paths()) != self._fingerprint:
+                    for _ in range(3):  # again while files changed during the reload
+                        if fingerprint(self.watch_paths()) == self._fingerprint:
+                            break
                         await self.reload("file change")
                     if self.watch_dirs() != dirs:
                         break  # new files or symlink targets: watch the new directories
