@@ -128,8 +128,8 @@ class RipRapProtocol(ResponseHandler):
     again (and a reused connection can never give a caller someone else's answer).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # whatever aiohttp's factory passes
         self._riprap_busy = False
         self._riprap_final: Any = None  # the final answer's payload, once its head arrived
         self._riprap_skip = False
