@@ -225,6 +225,11 @@ def run(args: argparse.Namespace) -> int:
     except EnvoyError as exc:
         print(f"riprap run: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        compiler = default_compiler()
+    except ImportError as exc:
+        print(f"riprap run: error: the Envoy back end is not available: {exc}", file=sys.stderr)
+        return 2
     path = os.path.abspath(args.file)
     try:
         plan, warnings = compile_source(path)
@@ -235,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     try:
-        return run_forever(lambda: _serve(args, binary, plan, warnings, path))
+        return run_forever(lambda: _serve(args, binary, plan, warnings, path, compiler))
     except AddressError as exc:
         print(f"riprap run: error: {exc}", file=sys.stderr)
         return 2
@@ -244,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: list[Any],
-                 path: str) -> int:
+                 path: str, compiler: tuple[Builder, ClusterNameFn, Any]) -> int:
     from sidecar.admin import create_admin_app
     from sidecar.reload import PlanHolder
     from sidecar.server import bind
@@ -258,7 +263,7 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
         admin_sock.close()
         raise
     engine = EnvoyEngine(plan, binary=binary, listen=listen, chaos=args.chaos,
-                         drain_time=max(0.0, args.grace),
+                         drain_time=max(0.0, args.grace), compiler=compiler,
                          log_level="debug" if args.log_level == "debug" else "warning")
     try:
         try:
