@@ -282,8 +282,6 @@ def service_clusters(plan: Plan, cluster_name: ClusterName) -> dict[str, tuple[s
     return out
 
 
-ENVOY_LATENCY_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                         5.0, 10.0, 30.0, 60.0)  # Envoy's default histogram bounds (ms / 1000)
 
 
 def _rows(buckets: list[tuple[float, float]], total: float,
@@ -310,9 +308,11 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
     incremented; a restarted Envoy starts them over, which Prometheus reads as a reset.
     """
     for m in (metrics.attempts, metrics.retries, metrics.retries_refused, metrics.ejections,
-              metrics.rejections):
+              metrics.rejections, metrics.calls):
         m.values.clear()
     metrics.upstream_latency.data.clear()
+    metrics.call_duration.data.clear()
+    _fill_calls(metrics, plan, stats)
     clusters = service_clusters(plan, cluster_name)
     by_service: dict[str, list[str]] = {}
     for cname, (svc, _shard) in clusters.items():
@@ -372,3 +372,32 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
                     hs = h.get("health_status", {})
                     metrics.endpoint_healthy.values[(svc_name, ep.url)] = \
                         0.0 if hs.get("failed_active_health_check") else 1.0
+
+
+_CLASS_OUTCOME = {"1": "ok", "2": "ok", "3": "ok", "4": "upstream-4xx", "5": "upstream-5xx"}
+
+
+def _fill_calls(metrics: Any, plan: Plan, stats: EnvoyStats) -> None:
+    """Calls per service from Envoy's per-route counters (each route's `stat_prefix` names
+    its service: `reload.split_routes`). An answer Envoy made itself (a fallback, 503
+    with no healthy endpoint, a 504 timeout) counts by its status class."""
+    from sidecar.engines.envoy.reload import stat_name
+
+    prefixes: dict[str, str] = {}
+    for name in plan.services:
+        prefixes.setdefault(stat_name(name), name)
+    for lab, v in stats.samples.get("envoy_vhost_route_upstream_rq_xx", ()):
+        service = prefixes.get(lab.get("envoy_route", ""))
+        outcome = _CLASS_OUTCOME.get(lab.get("envoy_response_code_class", ""))
+        if service is None or outcome is None:
+            continue
+        key = (service, outcome)
+        metrics.calls.values[key] = metrics.calls.values.get(key, 0.0) + v
+    for prefix, service in prefixes.items():
+        buckets, _count, total = _histogram(stats, "envoy_vhost_route_upstream_rq_time",
+                                            envoy_route=prefix)
+        if buckets:
+            row = _rows(buckets, total, metrics.call_duration.bounds)
+            old = metrics.call_duration.data.get((service,))
+            metrics.call_duration.data[(service,)] = row if old is None else \
+                [a + b for a, b in zip(old, row, strict=True)]

@@ -119,12 +119,18 @@ class EnvoyEngine:
         """Hot reload: build, validate, swap. Raises (Envoy's message) and changes nothing
         when Envoy refuses the new configuration."""
         async with self.reload_lock:
+            t0 = time.monotonic()
             config = await asyncio.to_thread(self.build, plan)
+            t1 = time.monotonic()
             await self.swapper.validate(config)
+            t2 = time.monotonic()
             if self.config is not None and config.bootstrap != self.config.bootstrap:
                 log.warning("the new plan changes Envoy's bootstrap (listen address, admin or "
                             "rate limit service); that part takes effect on restart")
             await self.swapper.swap(config)
+            log.debug("envoy: configuration built in %.0f ms, validated in %.0f ms, in force "
+                     "after %.0f ms more", (t1 - t0) * 1000, (t2 - t1) * 1000,
+                     (time.monotonic() - t2) * 1000)
             self.config = config
             old = {(n.service, n.statement) for n in self.notes}
             self.notes = tuple(getattr(config, "notes", ()))
@@ -186,9 +192,22 @@ class EnvoyMetrics(SidecarMetrics):
                               if lab.get("envoy_http_conn_manager_prefix") != "admin")
 
 
-def format_note(note: Any) -> str:
-    """One approximation warning: which statement, in which service, and what differs."""
-    return f"warning: service {note.service}: `{note.statement}` on the Envoy engine: {note.differs}"
+def format_note(note: Any, path: str | None = None, spans: dict[str, Any] | None = None) -> str:
+    """One approximation warning, worded as `compile --target envoy` and `check --engine
+    envoy` word it: where the service is, the statement, and what differs."""
+    span = (spans or {}).get(note.service)
+    at = f"{path}:{span.line}:{span.col}" if path and span else (path or "riprap")
+    return f"{at}: warning[envoy]: service {note.service}: {note.statement}: {note.differs}"
+
+
+def service_spans(path: str) -> dict[str, Any]:
+    """Where each service is declared in a `.riprap` file (none for a plan `.json`)."""
+    try:
+        from dsl.loader import load_plan_source
+
+        return dict(getattr(load_plan_source(path), "service_spans", None) or {})
+    except Exception:  # noqa: BLE001 - positions only make warnings nicer
+        return {}
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -271,8 +290,9 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
         except EnvoyRejected as exc:
             print(f"riprap run: error: Envoy refused the configuration: {exc}", file=sys.stderr)
             return 2
+        spans = service_spans(path)
         for note in engine.notes:
-            print(format_note(note), file=sys.stderr)
+            print(format_note(note, args.file, spans), file=sys.stderr)
         try:
             await engine.start()
         except EnvoyStartError as exc:

@@ -95,13 +95,22 @@ _BIG_PAYLOAD = re.compile(r"\): \{.*", re.S)
 
 
 def envoy_message(text: str, limit: int = 600) -> str:
-    """Envoy's own reason from its output, on one line, without the config it echoes back."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        m = _CONFIG_ERROR.search(ln)
-        if m:
-            msg = _BIG_PAYLOAD.sub(")", m.group(1)).strip()
+    """Envoy's own reason from its output, on one line, without the config it echoes back.
+
+    Envoy prints `error initializing configuration 'F': REASON`; for a proto constraint
+    it dumps the whole config first and puts the reason on a last line starting `: `.
+    """
+    m = _CONFIG_ERROR.search(text)
+    if m:
+        rest = m.group(1)
+        tail = [ln[2:] for ln in rest.splitlines() if ln.startswith(": ")]
+        if tail:
+            return tail[-1].strip()[:limit]
+        first = rest.splitlines()[0] if rest.strip() else rest
+        msg = _BIG_PAYLOAD.sub(")", first).strip()
+        if msg and not msg.startswith("goo.gle/"):
             return msg[:limit]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     crit = [ln for ln in lines if "[critical]" in ln or "[error]" in ln]
     pick = (crit or lines or ["Envoy gave no reason"])[-1]
     pick = re.sub(r"^\[[^]]*\]\[\d+\]\[\w+\]\[\w+\] \[[^]]*\] ", "", pick)

@@ -32,11 +32,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from sidecar.metrics import LATENCY_BUCKETS
 from sidecar.engines.envoy.process import EnvoyError, EnvoyProcess, EnvoyRejected, validate
 
 log = logging.getLogger("riprap.envoy.reload")
@@ -306,6 +308,23 @@ class ConfigSwapper:
 
 
 ROUTES_FILE = "rds.json"
+LUA_METADATA = "envoy.filters.http.lua"
+
+
+def stat_name(service: str) -> str:
+    """A service's route stat prefix: Envoy's stat names split tags on dots."""
+    return "riprap_" + re.sub(r"[^A-Za-z0-9_-]", "_", service)
+
+
+def route_service(vhost: dict[str, Any], route: dict[str, Any]) -> str | None:
+    """The service a route serves: the compiler's route metadata, else its virtual host."""
+    meta = route.get("metadata", {}).get("filter_metadata", {}).get(LUA_METADATA, {})
+    if isinstance(meta, dict) and isinstance(meta.get("service"), str):
+        return str(meta["service"])
+    name = str(vhost.get("name", ""))
+    if name.startswith("service:"):
+        return name[len("service:"):]
+    return None
 
 
 @dataclass(frozen=True)
@@ -325,7 +344,9 @@ def split_routes(config: ConfigLike, dynamic_dir: Path) -> RunConfig:
     connection touched. Most reloads change routes and clusters only, so with the routes
     in `rds.json` they never disturb a connection. The configuration is otherwise exactly
     the compiler's (`compile --target envoy` keeps its routes inline, simpler to read),
-    but for `stats_flush_on_admin` (histograms merged when `/metrics` asks).
+    but for `stats_flush_on_admin` (histograms merged when `/metrics` asks) and a
+    `stat_prefix` on each route naming its service (Envoy then counts calls per service:
+    `riprap_calls_total` and `riprap_call_duration_seconds` are read from those).
     """
     resources = copy.deepcopy(config.resources)
     routes: list[dict[str, Any]] = []
@@ -339,6 +360,11 @@ def split_routes(config: ConfigLike, dynamic_dir: Path) -> RunConfig:
                 if table is None:
                     continue
                 name = table.setdefault("name", f"routes-{len(routes)}")
+                for vhost in table.get("virtual_hosts", ()):
+                    for route in vhost.get("routes", ()):
+                        service = route_service(vhost, route)
+                        if service is not None and "stat_prefix" not in route:
+                            route["stat_prefix"] = stat_name(service)
                 routes.append({"@type": T_ROUTE, **table})
                 hcm["rds"] = {"route_config_name": name, "config_source": {
                     "resource_api_version": "V3",
@@ -352,4 +378,8 @@ def split_routes(config: ConfigLike, dynamic_dir: Path) -> RunConfig:
     if "stats_sinks" not in bootstrap and "stats_flush_interval" not in bootstrap:
         # No sinks: merge the workers' histograms when riprap asks, not every 5 s.
         bootstrap.setdefault("stats_flush_on_admin", True)
+    if "stats_config" not in bootstrap:
+        # The Python engine's latency buckets (ms), so both engines' histograms line up.
+        bootstrap["stats_config"] = {"histogram_bucket_settings": [{
+            "match": {"safe_regex": {"regex": ".*"}}, "buckets": [b * 1000 for b in LATENCY_BUCKETS]}]}
     return RunConfig(bootstrap, resources, tuple(getattr(config, "notes", ())))
