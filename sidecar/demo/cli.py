@@ -61,6 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dashboard", action="store_true",
                    help="after the chaos schedule, keep the sidecar and light traffic up so the "
                         "dashboard (its URL is printed) can be watched, until Ctrl-C")
+    p.add_argument("--engine", choices=("python", "envoy"), default="python",
+                   help="what enforces the plan: riprap's own sidecar (default) or Envoy")
     return p.parse_args(argv)
 
 
@@ -140,11 +142,13 @@ class Demo:
     async def run(self) -> None:
         async with aiohttp.ClientSession() as session:  # trust_env=False: never a proxy
             fleet = Fleet(self.layout, self.registry, session, seed=self.args.seed)
-            self.console.print(f"starting 6 upstreams, riprap run {self.layout.policy}, "
-                               "and a baseline checkout without riprap ...")
+            engine = getattr(self.args, "engine", "python")
+            self.console.print(f"starting 6 upstreams, riprap run {self.layout.policy} "
+                               f"--engine {engine}, and a baseline checkout without riprap ...")
             await fleet.start()
             self.sidecar = self.registry.start(
-                "riprap", [sys.executable, "-c", RIPRAP_RUN, "run", str(self.layout.policy)])
+                "riprap", [sys.executable, "-c", RIPRAP_RUN, "run", str(self.layout.policy),
+                           "--engine", engine])
             self._start_baseline()
             admin = f"127.0.0.1:{self.layout.admin}"
             await self._wait_http(session, f"http://{admin}/readyz", "riprap run", 30, self.sidecar)
