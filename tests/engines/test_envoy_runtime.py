@@ -71,7 +71,8 @@ async def test_routes_by_host_and_prefix(tmp_path: Path, ups: Any) -> None:
             assert r.json()["target"] == "/y"
             r = await c.get(url + "/nope/y")
             assert r.status_code == 404 and r.headers["x-riprap-reason"] == "unknown-service"
-        snap = await engine.snapshot()
+        await engine.refresh()
+        snap = engine.snapshot()
         eps = snap["services"]["pay"]["endpoints"]
         assert [e["url"] for e in eps] == [a.url] and eps[0]["healthy"] is True
         assert eps[0]["ejected"] is False

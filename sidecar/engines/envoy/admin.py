@@ -10,7 +10,7 @@ metric names. Envoy knows most of it under its own names:
 | endpoint `healthy` / `ejected` / `in_flight` / `tier` / `weight` | `/clusters?format=json`: `failed_active_health_check`, `failed_outlier_check`, host `rq_active`, `priority`, `weight` |
 | bulkhead (`concurrency N queue Q`) | the cluster's circuit-breaker thresholds; `upstream_rq_active`, `upstream_rq_pending_active`, `upstream_rq_pending_overflow` |
 | budget | `upstream_rq_retry`, `upstream_rq_retry_overflow` |
-| breaker | no breaker in Envoy: `open` while every endpoint of the cluster is ejected |
+| breaker | the Lua filter's breakers (`GET /breakers` with Host `_riprap` on the listener); without them, `open` while every endpoint of the cluster is ejected |
 | limiter | the local rate limit filter's `rate_limited` counter for the service |
 | latency | the cluster's `upstream_rq_time` histogram (p50/p95/p99) |
 
@@ -43,6 +43,7 @@ class EnvoyStats:
     samples: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
     buckets: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
     clusters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    breakers: dict[str, dict[str, Any]] | None = None  # the Lua filter's, by SERVICE[/SHARD]
 
     def value(self, name: str, **labels: str) -> float:
         total = 0.0
@@ -173,9 +174,10 @@ class EnvoyState:
                 endpoints.append(self._endpoint(ep, h))
         buckets, count, total = _histogram(stats, "envoy_cluster_upstream_rq_time",
                                            envoy_cluster_name=cluster)
+        key = svc.name if spec is svc else f"{svc.name}/{spec.name}"
         return {
             "endpoints": endpoints,
-            "breaker": self._breaker(spec, endpoints),
+            "breaker": self._breaker(spec, endpoints, stats.breakers, key),
             "limiter": self._limiter(svc, spec, stats) if not svc.shards else None,
             "bulkhead": self._bulkhead(spec, [cluster], stats) if not svc.shards else None,
             "budget": self._budget(spec, [cluster], stats) if not svc.shards else None,
@@ -210,10 +212,20 @@ class EnvoyState:
         return out
 
     @staticmethod
-    def _breaker(spec: ServicePlan | ShardPlan, endpoints: list[dict[str, Any]]) -> Any:
+    def _breaker(spec: ServicePlan | ShardPlan, endpoints: list[dict[str, Any]],
+                 breakers: dict[str, dict[str, Any]] | None, key: str) -> Any:
         b = spec.breaker
         if b is None:
             return None
+        if breakers is not None:  # the Lua filter keeps the breaker: its own state
+            mine = breakers.get(key) or {}
+            snap = {"state": mine.get("state", "closed"), "kind": b.kind,
+                    "open_for": mine.get("open_for", b.open),
+                    "retry_in": mine.get("retry_in", 0.0), "opened": mine.get("opened", 0),
+                    "failures": mine.get("failures", 0)}
+            if b.kind == "rate":
+                snap["calls"] = mine.get("calls", 0)
+            return snap
         live = [e for e in endpoints if e["healthy"] is not None]
         opened = bool(live) and all(e["ejected"] for e in live)
         return {"state": "open" if opened else "closed", "kind": b.kind, "open_for": b.open,

@@ -43,6 +43,7 @@ from sidecar.metrics import SidecarMetrics
 
 log = logging.getLogger("riprap.envoy")
 
+STATE_HOST = "_riprap"  # the compiler's Host for riprap's own questions (not a service name)
 Builder = Callable[..., ConfigLike]  # build_config(plan, ports, *, dynamic_dir, chaos)
 ClusterNameFn = Callable[[str, "str | None"], str]
 
@@ -86,6 +87,7 @@ class EnvoyEngine:
         self.notes: tuple[Any, ...] = ()
         self.reload_lock = asyncio.Lock()
         self.ratelimit: Any = None  # riprap's gRPC rate limit service, for `shared` limits
+        self.stats = EnvoyStats()  # the last read of Envoy's admin API
 
     # -- shared limits ------------------------------------------------------------------
     async def _ensure_ratelimit(self, plan: Plan) -> None:
@@ -173,18 +175,44 @@ class EnvoyEngine:
         await self.process.admin_get("/stats", params={"filter": "^server\\.uptime$"})
         prom = await self.process.admin_get("/stats/prometheus", params={"usedonly": ""})
         clusters = await self.process.admin_get("/clusters", params={"format": "json"})
-        stats = parse_prometheus(prom.text)
-        return parse_clusters(clusters.json(), stats)
+        stats = parse_clusters(clusters.json(), parse_prometheus(prom.text))
+        specs: list[Any] = [sp for svc in self.plan.services.values() for sp in (svc, *svc.shards)]
+        if any(spec.breaker is not None for spec in specs):
+            stats.breakers = await self._breakers()
+        return stats
 
-    async def snapshot(self) -> dict[str, Any]:
-        """`/state`'s `services`, from Envoy's admin API (endpoints unknown while it is down)."""
+    async def _breakers(self) -> dict[str, dict[str, Any]] | None:
+        """The Lua filter's breakers: `GET /breakers` with Host `_riprap` on the listener
+        (one Envoy worker: one table). None when this configuration has no such route."""
+        assert self.process is not None
+        host = self.ports.listen_host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{self.ports.listen_port}/breakers"
+        try:
+            resp = await self.process.client.get(url, headers={"Host": STATE_HOST}, timeout=1.0)
+        except httpx.HTTPError:
+            return None
+        if resp.status_code != 200 or "json" not in resp.headers.get("content-type", ""):
+            return None
+        doc = resp.json()
+        return doc if isinstance(doc, dict) else None
+
+    async def refresh(self) -> EnvoyStats:
+        """Read Envoy's admin API now (what `/state` and `/metrics` answer from)."""
         stats = EnvoyStats()
         if self.process is not None and self.process.ready:
             try:
                 stats = await self.scrape()
             except (httpx.HTTPError, EnvoyError, ValueError) as exc:
                 log.debug("envoy scrape failed: %s", exc)
-        snap = self.state.snapshot(self.plan, stats)
+        self.stats = stats
+        return stats
+
+    def snapshot(self) -> dict[str, Any]:
+        """`/state`'s `services` from the last read of Envoy (`refresh`); endpoints have no
+        Envoy-side state while it is down."""
+        snap = self.state.snapshot(self.plan, self.stats)
         snap["envoy"] = self.process.snapshot() if self.process is not None else None
         if self.ratelimit is not None:
             snap["ratelimit"] = self.ratelimit.snapshot()
@@ -211,17 +239,22 @@ class EnvoyMetrics(SidecarMetrics):
 
     async def refresh(self) -> None:
         engine = self.engine
-        if engine is None or engine.process is None or not engine.process.ready:
+        if engine is None:
             return
-        try:
-            stats = await engine.scrape()
-        except (httpx.HTTPError, EnvoyError, ValueError) as exc:
-            log.debug("envoy scrape failed: %s", exc)
-            return
+        stats = await engine.refresh()
         state = engine.state.snapshot(engine.plan, stats)
         fill_metrics(self, engine.plan, stats, state, engine.cluster_name)
         self._in_flight = sum(v for lab, v in stats.samples.get("envoy_http_downstream_rq_active", ())
                               if lab.get("envoy_http_conn_manager_prefix") != "admin")
+
+    async def poll(self, interval: float = 1.0) -> None:
+        """Keep the series fresh for the dashboard, which samples them once a second."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - reading Envoy must never stop riprap
+                log.debug("envoy metrics poll failed", exc_info=True)
+            await asyncio.sleep(interval)
 
 
 def uses_shared_limits(plan: Plan) -> bool:
@@ -371,6 +404,7 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
         return None if proc is not None and proc.ready else "envoy-down"
 
     admin_app = create_admin_app(holder, metrics, extra_state, ready=not_ready)
+    dashboard = getattr(admin_app.state, "dashboard", None)
     server = _AdminServer(_admin_config(admin_app))
     loop = asyncio.get_running_loop()
     term = asyncio.Event()
@@ -395,6 +429,9 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
         loop.add_signal_handler(sig, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     admin_task = loop.create_task(server.serve(sockets=[admin_sock]))
+    poller = loop.create_task(metrics.poll())
+    if dashboard is not None:
+        dashboard.start()  # samples the metrics once a second for GET /
     holder.start_watching()
     if not args.no_supervise and plan.supervise is not None:
         first = supervisor[0] = Supervisor(plan.app, plan.supervise, metrics)
@@ -418,6 +455,9 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
             drain.cancel()
         log.info("envoy drained (%.1f s)", time.monotonic() - started)
     finally:
+        poller.cancel()
+        if dashboard is not None:
+            await dashboard.stop()
         await holder.stop_watching()
         sup = supervisor[0]
         if sup is not None:

@@ -167,7 +167,7 @@ class EnvoyProcess:
         self._consecutive = 0
         self._monitor: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._client = httpx.AsyncClient(trust_env=False, timeout=5.0)
+        self.client = httpx.AsyncClient(trust_env=False, timeout=5.0)
         self.on_restart: list[Any] = []  # async callables run after each restart
 
     # -- admin API --------------------------------------------------------------------
@@ -175,12 +175,12 @@ class EnvoyProcess:
                         params: dict[str, str] | None = None) -> httpx.Response:
         if self.admin_url is None:
             raise EnvoyError("Envoy is not running")
-        return await self._client.get(self.admin_url + path, timeout=timeout, params=params)
+        return await self.client.get(self.admin_url + path, timeout=timeout, params=params)
 
     async def admin_post(self, path: str, timeout: float = 5.0) -> httpx.Response:
         if self.admin_url is None:
             raise EnvoyError("Envoy is not running")
-        return await self._client.post(self.admin_url + path, timeout=timeout)
+        return await self.client.post(self.admin_url + path, timeout=timeout)
 
     async def stats(self, pattern: str) -> dict[str, str]:
         """`/stats?filter=pattern` as {name: value text} (counters, gauges, text readouts)."""
@@ -371,7 +371,7 @@ class EnvoyProcess:
                 await self._monitor
             self._monitor = None
         await self._terminate()
-        await self._client.aclose()
+        await self.client.aclose()
 
     async def _terminate(self) -> None:
         proc = self.proc

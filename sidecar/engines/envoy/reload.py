@@ -316,6 +316,15 @@ def stat_name(service: str) -> str:
     return "riprap_" + re.sub(r"[^A-Za-z0-9_-]", "_", service)
 
 
+def _name_route_stats(table: dict[str, Any]) -> None:
+    """Give each route a `stat_prefix` naming its service (Envoy then counts per route)."""
+    for vhost in table.get("virtual_hosts", ()):
+        for route in vhost.get("routes", ()):
+            service = route_service(vhost, route)
+            if service is not None and "stat_prefix" not in route:
+                route["stat_prefix"] = stat_name(service)
+
+
 def route_service(vhost: dict[str, Any], route: dict[str, Any]) -> str | None:
     """The service a route serves: the compiler's route metadata, else its virtual host."""
     meta = route.get("metadata", {}).get("filter_metadata", {}).get(LUA_METADATA, {})
@@ -360,16 +369,17 @@ def split_routes(config: ConfigLike, dynamic_dir: Path) -> RunConfig:
                 if table is None:
                     continue
                 name = table.setdefault("name", f"routes-{len(routes)}")
-                for vhost in table.get("virtual_hosts", ()):
-                    for route in vhost.get("routes", ()):
-                        service = route_service(vhost, route)
-                        if service is not None and "stat_prefix" not in route:
-                            route["stat_prefix"] = stat_name(service)
                 routes.append({"@type": T_ROUTE, **table})
                 hcm["rds"] = {"route_config_name": name, "config_source": {
                     "resource_api_version": "V3",
                     "path_config_source": {"path": str(path),
                                            "watched_directory": {"path": str(dynamic_dir)}}}}
+    for doc in resources.values():
+        for r in doc.get("resources", ()):
+            if r.get("@type") == T_ROUTE:
+                _name_route_stats(r)
+    for table in routes:
+        _name_route_stats(table)
     if routes:
         if ROUTES_FILE in resources:
             raise EnvoyRejected(f"the configuration already has a file named {ROUTES_FILE}")
