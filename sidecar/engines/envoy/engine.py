@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import httpx
 import uvicorn
@@ -390,7 +390,8 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
         else:
             sup.update(new.supervise)
 
-    holder = PlanHolder(plan, engine, metrics, source_path=path, warnings=warnings,
+    # The holder drives any engine with update()/snapshot(); it is typed for the Python one.
+    holder = PlanHolder(plan, cast(Any, engine), metrics, source_path=path, warnings=warnings,
                         on_supervise_change=supervise_changed)
     listeners = {"proxy": f"http://{listen}", "admin": _name(admin_sock)}
 
