@@ -43,6 +43,10 @@ from sidecar.metrics import SidecarMetrics
 
 log = logging.getLogger("riprap.envoy")
 
+# The Envoy statistics admin.py reads (Envoy's dotted names): the rest are not fetched.
+STATS_USED = (r"(upstream_rq_(time|retry|retry_overflow|active|pending_active|pending_overflow"
+              r"|completed|[1-5]xx)|ejections_enforced_total|downstream_rq_active"
+              r"|rate_limited)$")
 STATE_HOST = "_riprap"  # the compiler's Host for riprap's own questions (not a service name)
 Builder = Callable[..., ConfigLike]  # build_config(plan, ports, *, dynamic_dir, chaos)
 ClusterNameFn = Callable[[str, "str | None"], str]
@@ -173,7 +177,8 @@ class EnvoyEngine:
         # A stats request merges the workers' histograms (stats_flush_on_admin), which
         # the next one shows: ask for one cheap stat first.
         await self.process.admin_get("/stats", params={"filter": "^server\\.uptime$"})
-        prom = await self.process.admin_get("/stats/prometheus", params={"usedonly": ""})
+        prom = await self.process.admin_get("/stats/prometheus",
+                                            params={"usedonly": "", "filter": STATS_USED})
         clusters = await self.process.admin_get("/clusters", params={"format": "json"})
         stats = parse_clusters(clusters.json(), parse_prometheus(prom.text))
         specs: list[Any] = [sp for svc in self.plan.services.values() for sp in (svc, *svc.shards)]
