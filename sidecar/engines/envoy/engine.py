@@ -350,6 +350,9 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
     from sidecar.supervisor import Supervisor
 
     listen = args.listen or plan.listen
+    if getattr(args, "access_log", False):
+        log.warning("--access-log: the Envoy engine writes no access log of its own (the calls "
+                    "do not pass through riprap); use Envoy's access log in a compiled config")
     admin_sock = bind(args.admin or plan.admin)
     try:
         _check_free(listen)
