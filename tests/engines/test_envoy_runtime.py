@@ -19,7 +19,7 @@ import pytest
 from dsl.plan import EndpointSpec, OutlierSpec, Plan, ServicePlan
 from sidecar.engines.envoy.engine import EnvoyEngine
 from sidecar.engines.envoy.process import EnvoyRejected, EnvoyStartError, find_envoy
-from sidecar.faults import FaultServer, free_port
+from riprap_testing.faults import FaultServer, free_port
 from tests.engines import handmade
 
 pytestmark = pytest.mark.timeout(90)
