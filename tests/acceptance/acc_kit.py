@@ -36,9 +36,10 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -334,3 +335,40 @@ def wait_for(pred: Callable[[], Any], timeout: float, step: float = 0.02) -> Any
         if time.monotonic() >= end:
             return None
         time.sleep(step)
+
+
+def uid() -> str:
+    """A fresh id for a call's path: `Upstream.hits(id)` finds exactly that call."""
+    return uuid.uuid4().hex[:12]
+
+
+def reason(r: httpx.Response) -> str | None:
+    return r.headers.get("x-riprap-reason")
+
+
+def attempts(r: httpx.Response) -> int:
+    assert "x-riprap-attempts" in r.headers, f"no x-riprap-attempts: {dict(r.headers)}"
+    return int(r.headers["x-riprap-attempts"])
+
+
+def sidecar_env(policy: Callable[..., str], tmp_path_factory: Any, ups: dict[str, Any],
+                run_sidecar: RunSidecar) -> Iterator[dict[str, Any]]:
+    """The body of each test file's `env` fixture: its `policy(A, B, C, DEAD, listen, admin)`
+    written to a file and run, with --listen/--admin overriding the file's addresses."""
+    d = tmp_path_factory.mktemp("acc")
+    file_listen, file_admin = free_port(), free_port()
+    path = d / "acc.riprap"
+    path.write_text(policy(ups["A"].url, ups["B"].url, ups["C"].url,
+                           f"http://127.0.0.1:{ups['DEAD']}", file_listen, file_admin),
+                    encoding="utf-8")
+    port, admin = free_port(), free_port()
+    # section 8: --listen and --admin override the file
+    sc = run_sidecar(path, "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                     port=port, admin=admin)
+    proxy = httpx.Client(proxy=sc.url, trust_env=False, timeout=10)
+    try:
+        yield {"sc": sc, "A": ups["A"], "B": ups["B"], "proxy": proxy, "dir": d,
+               "file_listen": file_listen, "file_admin": file_admin, "policy": path}
+    finally:
+        proxy.close()
+        sc.stop()

@@ -9,11 +9,11 @@ earlier itself: stopping twice is harmless).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from acc_kit import RunSidecar, Sidecar, free_port
+from acc_kit import RunSidecar, Sidecar, Upstream, free_port
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +34,13 @@ def run_sidecar() -> Iterator[RunSidecar]:
     yield run
     for sc in reversed(started):
         sc.stop()
+
+
+@pytest.fixture(scope="module")
+def ups() -> Iterator[dict[str, Any]]:
+    """Upstreams A, B and C (`acc_kit.Upstream`, one per test file) and a port nothing listens on."""
+    a, b, c = Upstream("A"), Upstream("B"), Upstream("C")
+    yield {"A": a, "B": b, "C": c, "DEAD": free_port()}
+    a.close()
+    b.close()
+    c.close()
