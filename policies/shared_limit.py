@@ -1,0 +1,128 @@
+"""`limit R [burst B] [per header H] shared`: one token bucket for the whole fleet.
+
+A `SharedLimiter` is the fleet-wide twin of `policies.limiter.KeyedLimiter`: the same
+rate and burst semantics (bucket starts full, a refused call learns the wait for the next
+token, which becomes `Retry-After`), but the bucket is one GCRA key in the plan's
+`store` (`policies.store`), shared by every sidecar whose plan has the same `app` and
+service. Its key is `riprap:rl:APP:SERVICE[:SHARD]`, and with `per header` one key per
+header value, kept as a fixed-size digest (`:h:` + 32 hex characters of BLAKE2b), so a
+long or hostile value never makes a long key.
+
+While the store is down (or slower than its deadline), `take` never waits for it: it
+answers from a local `KeyedLimiter` of R / N and B / N (at least one token), N being the
+number of sidecars seen sharing the bucket in the last minute (at least 1). It goes back
+to the shared bucket by itself as soon as the store answers again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+from dsl.plan import LimitSpec
+from policies.clock import Clock
+from policies.limiter import KeyedLimiter
+from policies.store import Store
+
+KEY_PREFIX = "riprap:rl:"
+PRESENCE_PREFIX = "riprap:sidecars:"
+
+
+def header_digest(value: str) -> str:
+    """A fixed-size stand-in for a header value in a key (32 hex characters)."""
+    return hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+def bucket_name(app: str, service: str, shard: str | None = None) -> str:
+    """`APP:SERVICE[:SHARD]`: what names one shared bucket (and its presence set)."""
+    return f"{app}:{service}" + (f":{shard}" if shard else "")
+
+
+class SharedLimiter:
+    """A fleet-wide token bucket in `store`, with a local fallback share."""
+
+    __slots__ = ("spec", "store", "name", "presence_key", "_base", "interval_us", "tau_us",
+                 "_clock", "_local", "_local_n", "limited", "limited_local", "service")
+
+    shared = True
+
+    def __init__(self, spec: LimitSpec, store: Store, app: str, service: str,
+                 shard: str | None, clock: Clock) -> None:
+        if not spec.rate > 0:
+            raise ValueError(f"a token bucket needs a positive rate, got {spec.rate}")
+        if not spec.burst > 0:
+            raise ValueError(f"a token bucket needs a positive burst, got {spec.burst}")
+        self.spec = spec
+        self.store = store
+        self.service = service
+        self.name = bucket_name(app, service, shard)
+        self._base = KEY_PREFIX + self.name
+        self.presence_key = PRESENCE_PREFIX + self.name
+        self.interval_us = 1e6 / spec.rate
+        self.tau_us = max(float(spec.burst), 1.0) * self.interval_us
+        self._clock = clock
+        self._local: KeyedLimiter | None = None
+        self._local_n = 0
+        self.limited = 0  # calls refused since creation (shared or local)
+        self.limited_local = 0  # of which by the local fallback share
+
+    @property
+    def per_header(self) -> str | None:
+        return self.spec.per_header
+
+    def key(self, value: str | None) -> str:
+        """The store key of the bucket for header value `value` (None: no header)."""
+        if self.spec.per_header is None:
+            return self._base
+        if value is None:
+            return self._base + ":-"
+        return f"{self._base}:h:{header_digest(value)}"
+
+    async def take(self, value: str | None = None) -> float:
+        """Take a token: 0.0 if taken, else the seconds until one is there."""
+        store = self.store
+        if store.up:
+            wait = await store.take(self.key(value), self.interval_us, self.tau_us)
+            if wait is not None:
+                if wait:
+                    self.limited += 1
+                return wait
+        return self.take_local(value)
+
+    def take_local(self, value: str | None = None) -> float:
+        """The fallback: a local bucket of this sidecar's share of the rate and burst."""
+        n = self.store.share(self.presence_key)
+        local = self._local
+        if local is None or n != self._local_n:
+            spec = self.spec
+            local = self._local = KeyedLimiter(dataclasses.replace(
+                spec, rate=spec.rate / n, burst=max(spec.burst / n, 1.0), shared=False),
+                self._clock)
+            self._local_n = n
+        wait = local.try_take(value)
+        if wait:
+            self.limited += 1
+            self.limited_local += 1
+        return wait
+
+    def snapshot(self) -> dict[str, Any]:
+        n = self.store.share(self.presence_key)
+        snap: dict[str, Any] = {
+            "rate": self.spec.rate,
+            "burst": self.spec.burst,
+            "limited": self.limited,
+            "shared": True,
+            "bucket": self.name,
+            "store": "up" if self.store.up else "down",
+            "mode": "shared" if self.store.up else "local-share",
+            "sidecars": n,
+            "local_rate": round(self.spec.rate / n, 6),
+            "limited_local": self.limited_local,
+        }
+        if self.spec.per_header is not None:
+            snap["per_header"] = self.spec.per_header
+        return snap
+
+
+__all__ = ["KEY_PREFIX", "PRESENCE_PREFIX", "SharedLimiter", "bucket_name", "header_digest"]
