@@ -58,7 +58,7 @@ class SharedLimiter:
         self.service = service
         self.name = bucket_name(app, service, shard)
         self._base = KEY_PREFIX + self.name
-        self.presence_key = PRESENCE_PREFIX + self.name
+        self.presence_key = self.presence_key_for(app, service, shard)
         self.interval_us = 1e6 / spec.rate
         self.tau_us = max(float(spec.burst), 1.0) * self.interval_us
         self._clock = clock
@@ -66,6 +66,11 @@ class SharedLimiter:
         self._local_n = 0
         self.limited = 0  # calls refused since creation (shared or local)
         self.limited_local = 0  # of which by the local fallback share
+
+    @staticmethod
+    def presence_key_for(app: str, service: str, shard: str | None = None) -> str:
+        """The presence set of the bucket of `app`'s `service` (and `shard`)."""
+        return PRESENCE_PREFIX + bucket_name(app, service, shard)
 
     @property
     def per_header(self) -> str | None:
@@ -79,16 +84,21 @@ class SharedLimiter:
             return self._base + ":-"
         return f"{self._base}:h:{header_digest(value)}"
 
-    async def take(self, value: str | None = None) -> float:
-        """Take a token: 0.0 if taken, else the seconds until one is there."""
+    async def take(self, value: str | None = None, cost: int = 1) -> float:
+        """Take `cost` tokens (one per call): 0.0 if taken, else the seconds until there."""
         store = self.store
         if store.up:
-            wait = await store.take(self.key(value), self.interval_us, self.tau_us)
+            wait = await store.take(self.key(value), self.interval_us, self.tau_us, cost)
             if wait is not None:
                 if wait:
                     self.limited += 1
                 return wait
-        return self.take_local(value)
+        wait = 0.0
+        for _ in range(min(cost, 1000)):  # the local bucket takes one token at a time
+            wait = self.take_local(value)
+            if wait:
+                break
+        return wait
 
     def take_local(self, value: str | None = None) -> float:
         """The fallback: a local bucket of this sidecar's share of the rate and burst."""

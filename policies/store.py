@@ -49,7 +49,8 @@ SCHEMES = ("redis", "rediss")
 
 # GCRA. KEYS[1]: the bucket. ARGV[1]: microseconds per token (1e6 / rate).
 # ARGV[2]: tau = burst * interval (microseconds). ARGV[3]: expiry margin (ms).
-# Returns 0 when a token was taken, else the microseconds until one is there.
+# ARGV[4]: tokens to take (1 per call; Envoy may send a `hits_addend`).
+# Returns 0 when the tokens were taken, else the microseconds until they are there.
 # A token exists when the TAT after this call is within tau of now; the 1 us slack is
 # the local bucket's `_ALMOST_ONE` (waiting exactly the reported time must succeed).
 BUCKET_LUA = """
@@ -59,7 +60,7 @@ local interval = tonumber(ARGV[1])
 local tau = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then tat = now end
-local new_tat = tat + interval
+local new_tat = tat + interval * tonumber(ARGV[4])
 local early = new_tat - tau - now
 if early > 1 then
   return math.ceil(early)
@@ -175,14 +176,15 @@ class Store:
 
     # -- the call path ---------------------------------------------------------------
 
-    async def take(self, key: str, interval_us: float, tau_us: float) -> float | None:
-        """One GCRA step on `key`: 0.0 when a token was taken, else the seconds until one
-        is there; None when the store did not answer in time (the caller falls back)."""
+    async def take(self, key: str, interval_us: float, tau_us: float,
+                   cost: int = 1) -> float | None:
+        """One GCRA step on `key`: 0.0 when `cost` tokens were taken, else the seconds until
+        they are there; None when the store did not answer in time (the caller falls back)."""
         if self._task is None:
             self.start()
         try:
             async with asyncio.timeout(self.timeout):
-                wait = await self._bucket(keys=(key,), args=(interval_us, tau_us, self.margin_ms))
+                wait = await self._bucket(keys=(key,), args=(interval_us, tau_us, self.margin_ms, cost))
         except Exception as exc:  # noqa: BLE001 - any failure: fall back, never fail the call
             self._failed(exc)
             return None

@@ -50,6 +50,8 @@ REFUSAL_WHY = frozenset({"budget", "deadline", "body", "method"})
 REJECTED_BY = frozenset({"limit", "concurrency"})
 RELOAD_RESULTS = frozenset({"ok", "error", "unchanged"})
 RESTART_CAUSES = frozenset({"exit", "health", "reload"})
+# = policies.store.ERROR_KINDS (not imported: that would load redis for every sidecar)
+STORE_ERROR_KINDS = ("timeout", "connection", "auth", "response", "other")
 UNKNOWN_SERVICE = "_unknown"  # service label of calls that named no service (not a valid name)
 MAX_LABEL_SETS = 20_000  # hard cap on label tuples per metric, whatever the plans say
 MAX_EXTRA_VALUES = 32  # values outside a known set allowed per label, then `other`
@@ -212,6 +214,8 @@ class SidecarMetrics(Collector):
         self.plan_loaded_at = 0.0
         self.draining = False
         self.in_flight_source: Callable[[], float] = lambda: 0.0
+        # the shared store: (up, or None without a store; errors by kind), read at scrape
+        self.store_source: Callable[[], tuple[bool | None, dict[str, int]]] = lambda: (None, {})
         self._counters = (self.calls, self.attempts, self.retries, self.retries_refused,
                           self.hedges, self.breaker_transitions, self.ejections,
                           self.rejections, self.fallbacks, self.reloads, self.app_restarts)
@@ -235,6 +239,26 @@ class SidecarMetrics(Collector):
                                 value=self.plan_loaded_at)
         yield GaugeMetricFamily("riprap_draining", "1 while the sidecar drains for shutdown.",
                                 value=1.0 if self.draining else 0.0)
+        yield from self._store_families()
+
+    def _store_families(self) -> Iterator[Any]:
+        up, errors = self.store_source()
+        gauge = GaugeMetricFamily(
+            "riprap_store_up", "1 while the shared store answers within its deadline, 0 while "
+            "it is down (shared limits then use each sidecar's local share).")
+        counter = CounterMetricFamily("riprap_store_errors",
+                                      "Store operations that failed or missed their deadline, by kind.",
+                                      labels=("kind",))
+        if up is not None:
+            gauge.add_metric([], 1.0 if up else 0.0)
+        if up is not None or errors:
+            for kind in STORE_ERROR_KINDS:
+                counter.add_metric([kind], float(errors.get(kind, 0)))
+            for kind, count in errors.items():
+                if kind not in STORE_ERROR_KINDS:
+                    counter.add_metric([_bounded(kind, frozenset(STORE_ERROR_KINDS))], float(count))
+        yield gauge
+        yield counter
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
