@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsl.plan import LimitSpec
 from policies.clock import Clock
 from policies.limiter import KeyedLimiter
-from policies.store import Store
+
+if TYPE_CHECKING:  # policies.store loads redis: only plans with shared limits pay for it
+    from policies.store import Store
 
 KEY_PREFIX = "riprap:rl:"
 PRESENCE_PREFIX = "riprap:sidecars:"
@@ -40,25 +42,30 @@ def bucket_name(app: str, service: str, shard: str | None = None) -> str:
 
 
 class SharedLimiter:
-    """A fleet-wide token bucket in `store`, with a local fallback share."""
+    """A fleet-wide token bucket in a store, with a local fallback share.
+
+    Built from the spec alone (`policies.runtime` builds it with the other primitives and
+    carries it over a reload like a local bucket), then bound to the plan's store and
+    app with `bind` before any call: a reload that changes the store or the app rebinds
+    the same object, so its local share carries over too.
+    """
 
     __slots__ = ("spec", "store", "name", "presence_key", "_base", "interval_us", "tau_us",
-                 "_clock", "_local", "_local_n", "limited", "limited_local", "service")
+                 "_clock", "_local", "_local_n", "limited", "limited_local", "service", "shard")
 
     shared = True
 
-    def __init__(self, spec: LimitSpec, store: Store, app: str, service: str,
-                 shard: str | None, clock: Clock) -> None:
+    def __init__(self, spec: LimitSpec, service: str, shard: str | None, clock: Clock,
+                 store: "Store | None" = None, app: str | None = None) -> None:
         if not spec.rate > 0:
             raise ValueError(f"a token bucket needs a positive rate, got {spec.rate}")
         if not spec.burst > 0:
             raise ValueError(f"a token bucket needs a positive burst, got {spec.burst}")
         self.spec = spec
-        self.store = store
         self.service = service
-        self.name = bucket_name(app, service, shard)
-        self._base = KEY_PREFIX + self.name
-        self.presence_key = self.presence_key_for(app, service, shard)
+        self.shard = shard
+        self.store: Store | None = None
+        self.name = self._base = self.presence_key = ""
         self.interval_us = 1e6 / spec.rate
         self.tau_us = max(float(spec.burst), 1.0) * self.interval_us
         self._clock = clock
@@ -66,6 +73,15 @@ class SharedLimiter:
         self._local_n = 0
         self.limited = 0  # calls refused since creation (shared or local)
         self.limited_local = 0  # of which by the local fallback share
+        if store is not None and app is not None:
+            self.bind(store, app)
+
+    def bind(self, store: "Store", app: str) -> None:
+        """Use `store`'s bucket of `app`'s service (and shard) from now on."""
+        self.name = bucket_name(app, self.service, self.shard)
+        self._base = KEY_PREFIX + self.name
+        self.presence_key = self.presence_key_for(app, self.service, self.shard)
+        self.store = store
 
     @staticmethod
     def presence_key_for(app: str, service: str, shard: str | None = None) -> str:
@@ -87,7 +103,7 @@ class SharedLimiter:
     async def take(self, value: str | None = None, cost: int = 1) -> float:
         """Take `cost` tokens (one per call): 0.0 if taken, else the seconds until there."""
         store = self.store
-        if store.up:
+        if store is not None and store.up:
             wait = await store.take(self.key(value), self.interval_us, self.tau_us, cost)
             if wait is not None:
                 if wait:
@@ -102,7 +118,7 @@ class SharedLimiter:
 
     def take_local(self, value: str | None = None) -> float:
         """The fallback: a local bucket of this sidecar's share of the rate and burst."""
-        n = self.store.share(self.presence_key)
+        n = self.share
         local = self._local
         if local is None or n != self._local_n:
             spec = self.spec
@@ -116,16 +132,27 @@ class SharedLimiter:
             self.limited_local += 1
         return wait
 
+    @property
+    def share(self) -> int:
+        """The sidecars seen sharing the bucket (at least 1): the local share's divisor."""
+        store = self.store
+        return store.share(self.presence_key) if store is not None else 1
+
+    @property
+    def up(self) -> bool:
+        return self.store is not None and self.store.up
+
     def snapshot(self) -> dict[str, Any]:
-        n = self.store.share(self.presence_key)
+        n = self.share
+        up = self.up
         snap: dict[str, Any] = {
             "rate": self.spec.rate,
             "burst": self.spec.burst,
             "limited": self.limited,
             "shared": True,
             "bucket": self.name,
-            "store": "up" if self.store.up else "down",
-            "mode": "shared" if self.store.up else "local-share",
+            "store": "up" if up else "down",
+            "mode": "shared" if up else "local-share",
             "sidecars": n,
             "local_rate": round(self.spec.rate / n, 6),
             "limited_local": self.limited_local,

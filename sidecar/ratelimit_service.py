@@ -75,8 +75,8 @@ class _Limits:
                     previous.app == plan.app):
                 self.limiters[name] = old
             else:
-                self.limiters[name] = SharedLimiter(svc.limit, self.store, plan.app, name,
-                                                    None, clock)
+                self.limiters[name] = SharedLimiter(svc.limit, name, None, clock,
+                                                    self.store, plan.app)
 
     def release(self) -> None:
         if self.store is not None:

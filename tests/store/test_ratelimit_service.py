@@ -91,7 +91,7 @@ async def test_shared_bucket_over_grpc_and_mixed_with_the_python_engine(
         svc = p.services["payments"]
         assert svc.limit is not None
         store = python_hub.acquire(redis_server.url)
-        lim = SharedLimiter(svc.limit, store, "shop", "payments", None, SystemClock())
+        lim = SharedLimiter(svc.limit, "payments", None, SystemClock(), store, "shop")
         await asyncio.sleep(0.21)
         assert await lim.take() == 0.0  # the one token that refilled
         assert (await client("payments")).overall_code == OVER

@@ -21,7 +21,7 @@ from policies.store import Store, StoreHub, check_store_url, error_kind, redact
 def limiter(store: Store, rate: float, burst: float, *, per_header: str | None = None,
             app: str = "app", service: str = "svc") -> SharedLimiter:
     spec = LimitSpec(rate=rate, burst=burst, per_header=per_header, shared=True)
-    lim = SharedLimiter(spec, store, app, service, None, SystemClock())
+    lim = SharedLimiter(spec, service, None, SystemClock(), store, app)
     store.join(lim.presence_key)
     return lim
 
@@ -145,7 +145,7 @@ async def test_killed_store_falls_back_to_the_share_and_comes_back(fresh_redis: 
         lims = []
         for hub in hubs:
             store = hub.acquire(fresh_redis.url, (PRESENCE_PREFIX + bucket_name("kill", "svc"),))
-            lims.append(SharedLimiter(spec, store, "kill", "svc", None, SystemClock()))
+            lims.append(SharedLimiter(spec, "svc", None, SystemClock(), store, "kill"))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and lims[0].store.share(lims[0].presence_key) != 2:
             await asyncio.sleep(0.05)
