@@ -162,4 +162,51 @@ class SharedLimiter:
         return snap
 
 
-__all__ = ["KEY_PREFIX", "PRESENCE_PREFIX", "SharedLimiter", "bucket_name", "header_digest"]
+
+
+def make_limiter(spec: LimitSpec, service: str, shard: str | None,
+                 clock: Clock) -> "KeyedLimiter | SharedLimiter":
+    """The live limiter for `spec`: fleet-wide when `spec.shared`, else a local bucket."""
+    if spec.shared:
+        return SharedLimiter(spec, service, shard, clock)
+    return KeyedLimiter(spec, clock)
+
+
+class StoreBinding:
+    """What one plan runtime holds of the store: acquired when built, released when
+    replaced. It binds the runtime's shared limiters (new or carried over) to the plan's
+    store and app; a plan without shared limits holds nothing and loads nothing."""
+
+    __slots__ = ("store", "hub", "keys")
+
+    def __init__(self, limiters: list[SharedLimiter], store_url: str | None, app: str,
+                 env: Any) -> None:
+        self.store: Store | None = None
+        self.hub: Any = None
+        self.keys: tuple[str, ...] = ()
+        if not limiters:
+            return
+        if store_url is None:
+            names = sorted({lim.service for lim in limiters})
+            raise ValueError(f"service {names[0]!r} has a shared limit, but the plan has no "
+                             "`store` (add `store redis://HOST:PORT`)")
+        if env.stores is None:
+            from policies.store import StoreHub
+
+            env.stores = StoreHub()
+        hub = env.stores
+        keys = tuple(dict.fromkeys(
+            SharedLimiter.presence_key_for(app, lim.service, lim.shard) for lim in limiters))
+        store = hub.acquire(store_url, keys)
+        for lim in limiters:
+            lim.bind(store, app)
+        self.store, self.hub, self.keys = store, hub, keys
+
+    def release(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            self.hub.release(store, self.keys)
+
+
+__all__ = ["KEY_PREFIX", "PRESENCE_PREFIX", "SharedLimiter", "StoreBinding", "bucket_name",
+           "header_digest", "make_limiter"]

@@ -11,8 +11,10 @@ Why it looks like this:
   The key expires once the bucket is full again (plus a margin), so an idle bucket costs
   the store nothing, and its expiry changes no answer.
 - **Never a slow call because of the store.** Every operation has a tight deadline
-  (`timeout`, 40 ms by default; both the socket timeouts and an `asyncio.timeout`), and
-  redis-py's own retries are off. The first failure marks the store down; while it is
+  (`timeout`, 50 ms by default, an `asyncio.timeout` around the whole operation, the
+  connection included; a cancelled command makes redis-py drop that connection), and
+  redis-py's own retries are off. A failure marks the store down (a missed deadline:
+  the second in a row, so one stall of a busy machine is not an outage); while it is
   down no call asks it at all (the callers fall back to their local share at once), and
   a background task probes it every `probe` seconds until it answers again.
 - **Presence.** The same background task refreshes, every `heartbeat` seconds, this
@@ -142,7 +144,7 @@ class Store:
     Counters (`errors`) and shares are plain values read by `/state` and the metrics.
     """
 
-    def __init__(self, url: str, sidecar_id: str, *, timeout: float = 0.04,
+    def __init__(self, url: str, sidecar_id: str, *, timeout: float = 0.05,
                  heartbeat: float = 2.0, probe: float = 0.25, window: float = 60.0,
                  margin_ms: int = 1000, max_connections: int = 256,
                  errors: dict[str, int] | None = None) -> None:
@@ -151,12 +153,16 @@ class Store:
         self.label = redact(url)
         self.sidecar_id = sidecar_id
         self.timeout = timeout
+        self.beat_timeout = max(0.5, timeout * 4)  # off the call path: looser
         self.heartbeat = heartbeat
         self.probe = probe
         self.window = window
         self.margin_ms = margin_ms
+        # The deadlines are asyncio.timeout's (a call's `timeout`, a beat's looser one);
+        # the socket timeouts are only a backstop, or a beat could never be looser.
+        backstop = self.beat_timeout * 2
         self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            url, socket_timeout=backstop, socket_connect_timeout=backstop,
             retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
             max_connections=max_connections)
         self._bucket = self.client.register_script(BUCKET_LUA)
@@ -173,6 +179,9 @@ class Store:
         self._closed = False
         self._last_beat = -math.inf
         self._joined = False
+        self._loaded = False  # has a beat loaded the bucket script?
+        self._late = 0  # calls in a row that missed their deadline
+        self._gone: set[str] = set()  # presence sets left, this sidecar still to be removed
 
     # -- the call path ---------------------------------------------------------------
 
@@ -186,8 +195,9 @@ class Store:
             async with asyncio.timeout(self.timeout):
                 wait = await self._bucket(keys=(key,), args=(interval_us, tau_us, self.margin_ms, cost))
         except Exception as exc:  # noqa: BLE001 - any failure: fall back, never fail the call
-            self._failed(exc)
+            self._failed(exc, call=True)
             return None
+        self._late = 0
         if not self.checked:
             self._set_up(True)
         return int(wait) / 1e6 if wait else 0.0
@@ -196,6 +206,7 @@ class Store:
 
     def join(self, key: str) -> None:
         """Count this sidecar among the users of bucket `key` (refcounted)."""
+        self._gone.discard(key)
         if key not in self._members:
             self._joined = True  # learn its share at the next tick, not a heartbeat later
         self._members[key] = self._members.get(key, 0) + 1
@@ -208,6 +219,7 @@ class Store:
         else:
             self._members.pop(key, None)
             self.shares.pop(key, None)
+            self._gone.add(key)  # leave its presence set at the next tick (or on close)
 
     def share(self, key: str) -> int:
         """Sidecars seen sharing `key` in the last window (at least 1)."""
@@ -215,10 +227,16 @@ class Store:
 
     # -- health ------------------------------------------------------------------------
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, *, call: bool = False) -> None:
         kind = error_kind(exc)
         self.errors[kind] = self.errors.get(kind, 0) + 1
         self.last_error = f"{kind}: {exc!r}"[:200]
+        if call and kind == "timeout":
+            # One late answer on a busy machine is not an outage: that call alone falls
+            # back; a second one in a row (a paused or swamped store) marks it down.
+            self._late += 1
+            if self._late < 2:
+                return
         self._set_up(False)
 
     def _set_up(self, up: bool) -> None:
@@ -239,10 +257,17 @@ class Store:
             log.info("store %s is up", self.label)
 
     async def beat(self) -> bool:
-        """Refresh presence (or just ping) within the deadline; True when the store answered."""
+        """Refresh presence (or just ping) within `beat_timeout`; True when the store answered.
+
+        Off the call path, so its deadline is looser than a call's: a beat also connects
+        and loads the bucket script (the calls then never meet NOSCRIPT), and a sidecar
+        that is busy starting up must not report a healthy store as down."""
         keys = tuple(self._members)
         try:
-            async with asyncio.timeout(self.timeout * 2):
+            async with asyncio.timeout(self.beat_timeout):
+                if not self._loaded:
+                    await self.client.script_load(BUCKET_LUA)
+                    self._loaded = True
                 if keys:
                     counts = await self._presence(
                         keys=keys, args=(self.sidecar_id, int(self.window * 1000)))
@@ -250,12 +275,14 @@ class Store:
                     await self.client.ping()
                     counts = []
         except Exception as exc:  # noqa: BLE001 - a failed beat is a down store
+            self._loaded = False  # a restarted store has forgotten the script
             self._failed(exc)
             return False
         for key, count in zip(keys, counts, strict=False):
             if key in self._members:
                 self.shares[key] = max(1, int(count))
         self._last_beat = time.monotonic()
+        self._late = 0
         self._set_up(True)
         return True
 
@@ -268,6 +295,11 @@ class Store:
         except RuntimeError:
             return
         self._task = loop.create_task(self._run(), name=f"riprap-store-{self.label}")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: "asyncio.Task[None]") -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("store %s: the heartbeat stopped: %r", self.label, task.exception())
 
     async def _run(self) -> None:
         # Ticks every `probe` seconds (cheap); asks the store only when a beat is due, a
@@ -277,7 +309,22 @@ class Store:
                     or time.monotonic() >= self._last_beat + self.heartbeat):
                 self._joined = False
                 await self.beat()
+            if self._gone and self.up:
+                await self._leave_gone()
             await asyncio.sleep(self.probe)
+
+    async def _leave_gone(self) -> None:
+        gone = tuple(self._gone)
+        try:
+            async with asyncio.timeout(self.beat_timeout):
+                pipe = self.client.pipeline(transaction=False)
+                for key in gone:
+                    pipe.zrem(key, self.sidecar_id)
+                await pipe.execute()
+        except Exception:  # noqa: BLE001 - leaving is a courtesy; the window expires us
+            log.debug("store %s: could not leave the presence sets", self.label)
+            return
+        self._gone.difference_update(gone)
 
     async def aclose(self) -> None:
         """Stop the task, leave the presence sets (best effort), close the pool."""
@@ -286,15 +333,9 @@ class Store:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if self.up and self._members:
-            try:
-                async with asyncio.timeout(self.timeout * 2):
-                    pipe = self.client.pipeline(transaction=False)
-                    for key in self._members:
-                        pipe.zrem(key, self.sidecar_id)
-                    await pipe.execute()
-            except Exception:  # noqa: BLE001 - leaving is a courtesy; the window expires us
-                log.debug("store %s: could not leave the presence sets", self.label)
+        self._gone.update(self._members)
+        if self.up and self._gone:
+            await self._leave_gone()
         await self.client.aclose()
 
     def snapshot(self) -> dict[str, Any]:
@@ -316,7 +357,7 @@ class StoreHub:
     closed `grace` seconds later (calls in flight on the old plan finish against it).
     """
 
-    def __init__(self, *, timeout: float = 0.04, heartbeat: float = 2.0, probe: float = 0.25,
+    def __init__(self, *, timeout: float = 0.05, heartbeat: float = 2.0, probe: float = 0.25,
                  window: float = 60.0, grace: float = 5.0, sidecar_id: str | None = None) -> None:
         self.sidecar_id = sidecar_id or new_sidecar_id()
         self.timeout = timeout
