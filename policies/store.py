@@ -90,6 +90,9 @@ return out
 
 ERROR_KINDS = ("timeout", "connection", "auth", "response", "other")
 
+# one bucket step waiting for its batch: key, interval, tau, cost, the caller's future
+_Step = tuple[str, float, float, int, "asyncio.Future[float | None]"]
+
 
 def check_store_url(url: str) -> str:
     """`url` itself when it is a `redis://` or `rediss://` URL with a host, else ValueError."""
@@ -176,6 +179,10 @@ class Store:
         self._members: dict[str, int] = {}  # presence key -> how many users joined it
         self.shares: dict[str, int] = {}  # presence key -> sidecars seen in the window
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[_Step] = []  # bucket steps of this loop turn, sent together
+        self._inflight = 0  # steps sent alone, not answered yet
+        self._sending: set[asyncio.Task[None]] = set()
         self._closed = False
         self._last_beat = -math.inf
         self._joined = False
@@ -188,19 +195,92 @@ class Store:
     async def take(self, key: str, interval_us: float, tau_us: float,
                    cost: int = 1) -> float | None:
         """One GCRA step on `key`: 0.0 when `cost` tokens were taken, else the seconds until
-        they are there; None when the store did not answer in time (the caller falls back)."""
+        they are there; None when the store did not answer in time (the caller falls back).
+
+        A step with nobody else waiting is sent at once. The steps asked for while one
+        is in flight go to the store together, one pipeline per turn of the event loop on
+        one connection (each still its own atomic script): under concurrency a sidecar
+        makes one round trip per loop turn, not one per call, and does not open a
+        connection per call in flight."""
         if self._task is None:
             self.start()
+        if not self._pending and not self._inflight:
+            return await self._alone(key, interval_us, tau_us, cost)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[float | None] = loop.create_future()
+        pending = self._pending
+        if not pending:
+            loop.call_soon(self._flush)
+        pending.append((key, interval_us, tau_us, cost, fut))
+        return await fut
+
+    async def _alone(self, key: str, interval_us: float, tau_us: float,
+                     cost: int) -> float | None:
+        """The step of a call with nobody else waiting: sent at once, in the caller's task
+        (the calls that arrive meanwhile form the next batch)."""
+        self._inflight += 1
         try:
             async with asyncio.timeout(self.timeout):
-                wait = await self._bucket(keys=(key,), args=(interval_us, tau_us, self.margin_ms, cost))
+                wait = await self._bucket(keys=(key,), args=(interval_us, tau_us, self.margin_ms,
+                                                             cost))
         except Exception as exc:  # noqa: BLE001 - any failure: fall back, never fail the call
             self._failed(exc, call=True)
             return None
+        finally:
+            self._inflight -= 1
         self._late = 0
         if not self.checked:
             self._set_up(True)
         return int(wait) / 1e6 if wait else 0.0
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            assert self._loop is not None
+            task = self._loop.create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Step]) -> None:
+        """Run the batch's steps within the deadline; every caller gets an answer or None."""
+        results: list[Any] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                results = await self._pipeline(batch)
+                missing = [i for i, r in enumerate(results) if isinstance(r, rexc.NoScriptError)]
+                if missing:  # a restarted store forgot the script: load it, send those again
+                    await self.client.script_load(BUCKET_LUA)
+                    again = await self._pipeline([batch[i] for i in missing])
+                    for i, r in zip(missing, again, strict=True):
+                        results[i] = r
+        except Exception as exc:  # noqa: BLE001 - any failure: fall back, never fail the call
+            self._failed(exc, call=True)
+            results = []
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            self._failed(errors[0], call=True)
+        elif results:
+            self._late = 0
+            if not self.checked:
+                self._set_up(True)
+        for i, step in enumerate(batch):
+            fut = step[4]
+            if fut.done():
+                continue
+            r = results[i] if i < len(results) else None
+            if r is None or isinstance(r, Exception):
+                fut.set_result(None)
+            else:
+                fut.set_result(int(r) / 1e6 if r else 0.0)
+
+    async def _pipeline(self, batch: list[_Step]) -> list[Any]:
+        sha, margin = self._bucket.sha, self.margin_ms
+        pipe = self.client.pipeline(transaction=False)
+        for key, interval_us, tau_us, cost, _fut in batch:
+            pipe.evalsha(sha, 1, key, interval_us, tau_us, margin, cost)
+        return await pipe.execute(raise_on_error=False)
 
     # -- presence --------------------------------------------------------------------
 
@@ -329,6 +409,8 @@ class Store:
     async def aclose(self) -> None:
         """Stop the task, leave the presence sets (best effort), close the pool."""
         self._closed = True
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

@@ -193,7 +193,11 @@ async def test_paused_store_costs_at_most_the_deadline(fresh_redis: RedisServer)
         took = time.monotonic() - t0
         assert took < 0.1, took  # every call waited at most the 30 ms deadline
         assert all(r == 0.0 for r in results)  # answered from the local share
-        assert not store.up and store.errors.get("timeout", 0) >= 1
+        assert store.errors.get("timeout", 0) >= 1
+        t0 = time.monotonic()
+        assert await lim.take() == 0.0
+        assert time.monotonic() - t0 < 0.1
+        assert not store.up and store.errors["timeout"] >= 2  # late twice in a row: down
         t0 = time.monotonic()
         await lim.take()
         assert time.monotonic() - t0 < 0.01  # down: not even tried
@@ -273,3 +277,21 @@ async def test_password_and_database(tmp_path: object, fresh_redis: RedisServer)
             await bad.aclose()
     finally:
         secured.kill()
+
+
+async def test_concurrent_calls_go_together_and_stay_atomic(fresh_redis: RedisServer) -> None:
+    store = Store(fresh_redis.url, "batch")
+    try:
+        lim = limiter(store, rate=1, burst=10, service="batch")
+        assert await store.beat()
+        results = await asyncio.gather(*(lim.take() for _ in range(60)))
+        assert store.errors == {}
+        assert results.count(0.0) == 10  # exactly the burst, not one more
+        assert all(0 < r <= 1.0 + 1e-3 for r in results if r)
+        # one pipeline per loop turn: no connection per call in flight
+        info = fresh_redis.command("INFO", "clients").decode()
+        clients = int(info.split("connected_clients:")[1].split()[0])
+        assert clients <= 4, info  # heartbeat, first call, the batch of the rest, this query
+        assert store.up and store.errors == {}
+    finally:
+        await store.aclose()
