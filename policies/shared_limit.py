@@ -51,7 +51,8 @@ class SharedLimiter:
     """
 
     __slots__ = ("spec", "store", "name", "presence_key", "_base", "interval_us", "tau_us",
-                 "_clock", "_local", "_local_n", "limited", "limited_local", "service", "shard")
+                 "_clock", "_local", "_local_n", "limited", "limited_local", "local_calls",
+                 "service", "shard")
 
     shared = True
 
@@ -73,6 +74,7 @@ class SharedLimiter:
         self._local_n = 0
         self.limited = 0  # calls refused since creation (shared or local)
         self.limited_local = 0  # of which by the local fallback share
+        self.local_calls = 0  # calls answered by the local share (store down or late)
         if store is not None and app is not None:
             self.bind(store, app)
 
@@ -126,6 +128,7 @@ class SharedLimiter:
                 spec, rate=spec.rate / n, burst=max(spec.burst / n, 1.0), shared=False),
                 self._clock)
             self._local_n = n
+        self.local_calls += 1
         wait = local.try_take(value)
         if wait:
             self.limited += 1
@@ -156,6 +159,7 @@ class SharedLimiter:
             "sidecars": n,
             "local_rate": round(self.spec.rate / n, 6),
             "limited_local": self.limited_local,
+            "local_calls": self.local_calls,
         }
         if self.spec.per_header is not None:
             snap["per_header"] = self.spec.per_header

@@ -12,7 +12,8 @@ Why it looks like this:
   the store nothing, and its expiry changes no answer.
 - **Never a slow call because of the store.** Every operation has a tight deadline
   (`timeout`, 50 ms by default, an `asyncio.timeout` around the whole operation, the
-  connection included; a cancelled command makes redis-py drop that connection), and
+  connection included; a cancelled command makes redis-py drop that connection; no
+  socket timeouts of redis-py's, which would cost a task per command), and
   redis-py's own retries are off. A failure marks the store down (a missed deadline:
   the second in a row, so one stall of a busy machine is not an outage); while it is
   down no call asks it at all (the callers fall back to their local share at once), and
@@ -161,11 +162,12 @@ class Store:
         self.probe = probe
         self.window = window
         self.margin_ms = margin_ms
-        # The deadlines are asyncio.timeout's (a call's `timeout`, a beat's looser one);
-        # the socket timeouts are only a backstop, or a beat could never be looser.
-        backstop = self.beat_timeout * 2
+        # Every operation runs inside an asyncio.timeout of ours (a call's `timeout`, a
+        # beat's looser one), so redis-py's per-read/write socket timeout is off: with one
+        # set it wraps every write in asyncio.wait_for, a task per command on Python 3.11.
+        # The connect timeout is only a backstop.
         self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=backstop, socket_connect_timeout=backstop,
+            url, socket_timeout=None, socket_connect_timeout=self.beat_timeout * 2,
             retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
             max_connections=max_connections)
         self._bucket = self.client.register_script(BUCKET_LUA)
@@ -440,7 +442,7 @@ class StoreHub:
     """
 
     def __init__(self, *, timeout: float = 0.05, heartbeat: float = 2.0, probe: float = 0.25,
-                 window: float = 60.0, grace: float = 5.0, sidecar_id: str | None = None) -> None:
+                 window: float = 60.0, grace: float = 2.0, sidecar_id: str | None = None) -> None:
         self.sidecar_id = sidecar_id or new_sidecar_id()
         self.timeout = timeout
         self.heartbeat = heartbeat

@@ -43,11 +43,11 @@ def test_urls() -> None:
 async def test_bucket_starts_full_then_refuses_with_the_wait(redis_server: RedisServer) -> None:
     store = Store(redis_server.url, "t1")
     try:
-        lim = limiter(store, rate=10, burst=5, service="full")
+        lim = limiter(store, rate=2, burst=5, service="full")
         results = [await lim.take() for _ in range(5)]
         assert results == [0.0] * 5  # the bucket starts full
         wait = await lim.take()
-        assert 0.05 < wait <= 0.1 + 1e-3  # one token every 100 ms
+        assert 0.25 < wait <= 0.5 + 1e-3  # one token every 500 ms
         await asyncio.sleep(wait)
         assert await lim.take() == 0.0  # waiting exactly the reported time succeeds
         assert lim.limited == 1
