@@ -44,6 +44,7 @@ from policies.latency import LatencyWindow
 from policies.limiter import KeyedLimiter
 from policies.pipeline import Chain, build_chain
 from policies.retry import RetryPolicy
+from policies.shared_limit import SharedLimiter, StoreBinding, make_limiter
 from policies.sharding import Rendezvous, extract_key
 from policies.stage import StageParts
 from policies.streams import StaleTee, call_stream
@@ -109,8 +110,8 @@ class ShardRuntime:
             prev_spec = _spec_of(prev.spec, kind) if prev else None
             return _carry(prev_spec, prev_obj, mine, lambda: build(mine))
 
-        self.limiter: KeyedLimiter | None = shared_or_own(
-            "limit", lambda s: KeyedLimiter(s, clock))
+        self.limiter: KeyedLimiter | SharedLimiter | None = shared_or_own(
+            "limit", lambda s: make_limiter(s, service.name, name, clock))
         self.bulkhead: Bulkhead | None = shared_or_own(
             "concurrency", lambda s: Bulkhead(s, clock))
         self.budget: RetryBudget | None = shared_or_own(
@@ -187,7 +188,7 @@ class ServiceRuntime:
                 return _carry(theirs, prev_shared.get(kind), mine, lambda: build(mine))
 
             self.shared_objects = {
-                "limit": keep("limit", lambda s: KeyedLimiter(s, clock)),
+                "limit": keep("limit", lambda s: make_limiter(s, spec.name, None, clock)),
                 "concurrency": keep("concurrency", lambda s: Bulkhead(s, clock)),
                 "budget": keep("budget", lambda s: RetryBudget(s, clock)),
             }
@@ -347,6 +348,8 @@ class PlanRuntime:
             if spec.name != name:
                 spec = dataclasses.replace(spec, name=name)
             self.services[name] = ServiceRuntime(spec, env, prev_services.get(name))
+        # `limit ... shared`: bind the shared limiters to the plan's store (ValueError without one)
+        self.store_binding = StoreBinding(self.shared_limiters(), plan.store, plan.app, env)
         self.hosts = HostTable({name: spec.hosts for name, spec in plan.services.items()})
         # the service a Host names (its name or a `host` alias; case and port ignored)
         self.service_for_host = self.hosts.service_for_host
@@ -366,13 +369,30 @@ class PlanRuntime:
                                                              depth=depth)
         return resp, attempts
 
+    def shared_limiters(self) -> list[SharedLimiter]:
+        found: dict[int, SharedLimiter] = {}
+        for svc in self.services.values():
+            for obj in (svc.shared_objects.get("limit"), *(s.limiter for s in svc.shards.values())):
+                if isinstance(obj, SharedLimiter):
+                    found[id(obj)] = obj
+        return list(found.values())
+
+    def release(self) -> None:
+        """This runtime was replaced (or the transport closed): let go of the store."""
+        self.store_binding.release()
+
     def health_shards(self) -> list[ShardRuntime]:
         return [s for svc in self.services.values() for s in svc.shards.values()
                 if s.active is not None and s.endpoints]
 
     def snapshot(self) -> dict[str, Any]:
         now = self.env.clock.now()
-        return {"services": {name: svc.snapshot(now) for name, svc in self.services.items()}}
+        snap: dict[str, Any] = {
+            "services": {name: svc.snapshot(now) for name, svc in self.services.items()}}
+        stores = self.env.stores
+        if self.store_binding.store is not None and stores is not None:
+            snap["store"] = stores.snapshot()
+        return snap
 
 
 __all__ = ["PlanRuntime", "ServiceRuntime", "ShardRuntime"]

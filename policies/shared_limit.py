@@ -25,7 +25,8 @@ from policies.clock import Clock
 from policies.limiter import KeyedLimiter
 
 if TYPE_CHECKING:  # policies.store loads redis: only plans with shared limits pay for it
-    from policies.store import Store
+    from policies.env import Env
+    from policies.store import Store, StoreHub
 
 KEY_PREFIX = "riprap:rl:"
 PRESENCE_PREFIX = "riprap:sidecars:"
@@ -184,9 +185,9 @@ class StoreBinding:
     __slots__ = ("store", "hub", "keys")
 
     def __init__(self, limiters: list[SharedLimiter], store_url: str | None, app: str,
-                 env: Any) -> None:
+                 env: "Env") -> None:
         self.store: Store | None = None
-        self.hub: Any = None
+        self.hub: StoreHub | None = None
         self.keys: tuple[str, ...] = ()
         if not limiters:
             return
@@ -208,7 +209,7 @@ class StoreBinding:
 
     def release(self) -> None:
         store, self.store = self.store, None
-        if store is not None:
+        if store is not None and self.hub is not None:
             self.hub.release(store, self.keys)
 
 

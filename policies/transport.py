@@ -146,6 +146,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         new = PlanRuntime(plan, self._env, previous=self._runtime)
         old = self._runtime
         self._runtime = new
+        old.release()  # a store no plan uses any more closes after a grace period
         if self._started and not self._closed:
             await self._restart_health(old, new)
 
@@ -170,15 +171,28 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the active health checks (otherwise started by the first request)."""
+        """Start the active health checks (otherwise started by the first request) and
+        the shared store's heartbeat."""
         if not self._started:
             self._start_health(self._runtime)
+        if self._env.stores is not None:
+            self._env.stores.start()
+
+    def store_status(self) -> tuple[bool | None, dict[str, int]]:
+        """The shared store, for the metrics: up (None: the plan has none), errors by kind."""
+        stores = self._env.stores
+        if stores is None or self._runtime.store_binding.store is None:
+            return None, stores.errors if stores is not None else {}
+        return stores.status()
 
     async def aclose(self) -> None:
         """Stop the health checks and close the inner transport."""
         self._closed = True
         self._started = True  # no lazy restart after close
         await self._stop_health(list(self._health.keys()))
+        self._runtime.release()
+        if self._env.stores is not None:
+            await self._env.stores.aclose()
         await self._env.inner.aclose()
 
     def _start_health(self, runtime: PlanRuntime) -> None:

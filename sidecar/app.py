@@ -116,6 +116,7 @@ def create_app(source: str | os.PathLike[str] | Plan, *, chaos: bool = False,
     tracer = tracer_from_env(plan.app)  # None unless OTEL_EXPORTER_OTLP_*ENDPOINT is set
     transport = ResilientTransport(plan, inner, observer=observer, chaos=chaos, rng=rng,
                                    tracer=tracer, clock=clock)
+    metrics.store_source = transport.store_status  # riprap_store_up, riprap_store_errors_total
     holder = PlanHolder(plan, transport, metrics, source_path=path, warnings=warnings)
     proxy = ProxyApp(holder, metrics, access)
     sidecar = Sidecar(holder=holder, metrics=metrics, proxy=proxy, admin=None, chaos=chaos,
