@@ -41,6 +41,10 @@ class Sidecar:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "Sidecar":
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "Sidecar":
+        """Start the process (without waiting for it: several start side by side)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
@@ -51,6 +55,10 @@ class Sidecar:
              "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
              "--grace", "0"],
             cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> "Sidecar":
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
