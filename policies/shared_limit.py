@@ -103,8 +103,10 @@ class SharedLimiter:
             return self._base + ":-"
         return f"{self._base}:h:{header_digest(value)}"
 
-    async def take(self, value: str | None = None, cost: int = 1) -> float:
-        """Take `cost` tokens (one per call): 0.0 if taken, else the seconds until there."""
+    async def take(self, key: str | None = None, cost: int = 1) -> float:
+        """Take `cost` tokens (one per call) from the bucket of header value `key`: 0.0 if
+        taken, else the seconds until they are there (`policies.stage.AsyncLimiter`)."""
+        value = key
         store = self.store
         if store is not None and store.up:
             wait = await store.take(self.key(value), self.interval_us, self.tau_us, cost)
