@@ -102,6 +102,9 @@ def run_python(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"riprap run: error: the engine is not available: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # a plan the engine cannot build (a shared limit, no store)
+        print(f"riprap run: {args.file}: error: {exc}; not started", file=sys.stderr)
+        return 1
     plan = sidecar.holder.plan
     try:
         proxy_sock = bind(args.listen or plan.listen)
