@@ -185,7 +185,8 @@ def test_store_killed_mid_load_then_restarted(fragile: tuple[RedisServer, list[S
     during = asyncio.run(outage())
     # No call waited on the dead store.
     for before, after in zip(normal, during, strict=True):
-        assert after.p99() <= before.p99() + 0.05, (before.p99(), after.p99())
+        assert after.p99() <= before.p99() + 0.05, (before.p99(), after.p99(), sorted(
+            after.latencies)[-5:])
         assert set(after.statuses) <= {200, 429}
     for car in cars:
         state = car.state()
@@ -199,6 +200,8 @@ def test_store_killed_mid_load_then_restarted(fragile: tuple[RedisServer, list[S
     for a in share:
         expected = rate / 2 * 2.0 + burst / 2
         assert abs(a.count(200) - expected) <= 0.15 * expected + 2, (a.count(200), expected)
+    for car, before in zip(cars, downs, strict=True):  # logged once, not once per call
+        assert car.logs().count("is down") == before + 1, car.logs()
 
     server.start()  # same port, empty
     t0 = time.monotonic()
@@ -207,10 +210,9 @@ def test_store_killed_mid_load_then_restarted(fragile: tuple[RedisServer, list[S
     again = asyncio.run(hammer(urls, 2.0))
     expected = rate * 2.0 + burst
     assert abs(total_ok(again) - expected) <= 0.1 * expected + 2, (total_ok(again), expected)
-    for car, before in zip(cars, downs, strict=True):
+    for car in cars:
         assert car.metric("riprap_store_up") == 1.0
         assert "answers again" in car.logs()
-        assert car.logs().count("is down") == before + 1, car.logs()  # once per change
 
 
 def test_reload_to_another_store_reconnects_without_failing_calls(
