@@ -83,7 +83,7 @@ def assert_logged_once_per_change(logs: str) -> None:
     """`is down` and `answers again` alternate: one line per change, never one per call."""
     events = [line for line in logs.splitlines() if "riprap.store" in line
               and ("is down" in line or "answers again" in line)]
-    for a, b in zip(events, events[1:]):
+    for a, b in zip(events, events[1:], strict=False):
         assert ("is down" in a) != ("is down" in b), logs
 
 
