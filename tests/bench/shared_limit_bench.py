@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests" / "store"))
 
 from dsl.plan import Plan  # noqa: E402
 from policies.transport import ResilientTransport  # noqa: E402
-from sidecar.faults import free_port  # noqa: E402
+from riprap_testing.faults import free_port  # noqa: E402
 
 RATE = 1_000_000.0
 BODY = b"x" * 90 + b"\n"
