@@ -54,9 +54,34 @@ def write_plan(path: Path, app: str, store: str, upstream: str, *, rate: float, 
     return path
 
 
-def fleet(tmp: Path, n: int, app: str, store: str, upstream: str, **limit: Any) -> list[Sidecar]:
-    """N sidecars of one app, started side by side."""
-    cars = [Sidecar(write_plan(tmp / f"{app}-{i}.json", app, store, upstream, **limit))
+def write_policy(path: Path, app: str, store: str, upstream: str, *, rate: float,
+                 burst: float) -> Path:
+    """The same two services as `write_plan`, as a `.riprap` policy file."""
+    path.write_text(f"""\
+app {app}
+store {store}
+
+service api {{
+    endpoint {upstream}
+    timeout 5s
+    limit {rate:g}/s burst {burst:g} shared
+}}
+
+service tenant {{
+    endpoint {upstream}
+    timeout 5s
+    limit 30/m burst 3 per header X-Tenant shared   # 0.5/s
+}}
+""")
+    return path
+
+
+def fleet(tmp: Path, n: int, app: str, store: str, upstream: str, *, riprap: bool = False,
+          **limit: Any) -> list[Sidecar]:
+    """N sidecars of one app, started side by side (from `.riprap` files or plan `.json`)."""
+    write = write_policy if riprap else write_plan
+    cars = [Sidecar(write(tmp / f"{app}-{i}.{'riprap' if riprap else 'json'}", app, store,
+                          upstream, **limit))
             for i in range(n)]
     for car in cars:
         car.launch()
@@ -97,9 +122,9 @@ RATE, BURST = 40.0, 20.0
 @pytest.fixture(scope="module")
 def three(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
           upstream: FaultServer) -> Iterator[list[Sidecar]]:
-    """Three sidecars of app `fleet`: `limit 40/s burst 20 shared` on `api`."""
+    """Three sidecars of app `fleet` from a `.riprap` file: `limit 40/s burst 20 shared`."""
     cars = fleet(tmp_path_factory.mktemp("three"), 3, "fleet", redis_server.url, upstream.url,
-                 rate=RATE, burst=BURST)
+                 riprap=True, rate=RATE, burst=BURST)
     yield cars
     for car in cars:
         assert car.stop() == 0, car.logs()
