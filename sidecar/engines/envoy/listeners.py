@@ -196,7 +196,8 @@ def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: 
         "normalize_path": False,  # the path reaches the upstream as the client sent it
         "merge_slashes": False,
         "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
-        "upgrade_configs": [{"upgrade_type": "websocket"}],
+        # CONNECT reaches the routes only to be refused there (routes.py _connect_refusal)
+        "upgrade_configs": [{"upgrade_type": "websocket"}, {"upgrade_type": "CONNECT"}],
         "generate_request_id": False,  # riprap adds no request id (and a UUID per call costs)
         "local_reply_config": local_reply_config(),
     }

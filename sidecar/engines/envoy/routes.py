@@ -377,6 +377,27 @@ def _stamp(route: dict[str, Any]) -> None:
     route["metadata"] = {LUA_META: {LUA: {"id": hashlib.sha256(text.encode()).hexdigest()[:16], **meta}}}
 
 
+def _connect_refusal(plan: Plan, status: int) -> dict[str, Any]:
+    """CONNECT is never honoured (policies cannot apply inside a tunnel): 405 for a declared
+    host, 403 for any other, as on the python engine."""
+    if status == 403:
+        body, reason = unknown_service_body(plan), "unknown-service"
+    else:
+        reason = "connect-unsupported"
+        body = json.dumps({"error": "CONNECT tunnels are not supported: send plain http:// requests "
+                           "through the proxy so that policies apply", "reason": reason,
+                           "services": sorted(plan.services)})
+    return {
+        "match": {"connect_matcher": {}},
+        "direct_response": {"status": status, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            _header("x-riprap-reason", reason),
+            _header("content-type", "application/json"),
+            _header("x-riprap-attempts", "0"),
+        ],
+    }
+
+
 def unknown_service_body(plan: Plan) -> str:
     return json.dumps({"error": "unknown service", "reason": "unknown-service",
                        "services": sorted(plan.services)})
@@ -397,8 +418,9 @@ def build_route_config(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bo
                 domains.append(h)
         if domains:
             vhosts.append({"name": f"service:{name}", "domains": domains,
-                           "routes": builder.service_routes(name, None)})
+                           "routes": [_connect_refusal(plan, 405), *builder.service_routes(name, None)]})
         catch_all.extend(builder.service_routes(name, f"/{name}"))
+    catch_all.insert(0, _connect_refusal(plan, 403))
     catch_all.append({
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": unknown_service_body(plan)}},

@@ -406,3 +406,19 @@ service pay {{
         for t in threads:
             t.join()
         assert results.count(200) >= 2 and 503 in results
+
+
+def test_connect_is_refused_with_a_reason(tmp_path: Path, upstreams: list[FaultServer]) -> None:
+    plan = compile_text(tmp_path, f"""
+service pay {{
+    endpoint {upstreams[0].url}
+}}
+""")
+    with RunningEnvoy(tmp_path, plan) as env:
+        for target, status, reason in (("pay:443", "405", "connect-unsupported"),
+                                       ("stranger.example:443", "403", "unknown-service")):
+            with socket.create_connection(("127.0.0.1", env.ports.listen_port), timeout=5) as sock:
+                sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+                head = sock.recv(65536).decode("latin-1").lower()
+            assert head.startswith(f"http/1.1 {status}") and f"x-riprap-reason: {reason}" in head
+        assert upstreams[0].hits == 0

@@ -177,7 +177,7 @@ def test_shared_limit_uses_the_rate_limit_service(tmp_path: Path) -> None:
     rl = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ratelimit"][0]["typed_config"]
     assert rl["domain"] == "shop" and rl["failure_mode_deny"] is False
     assert hcm["rds"]["route_config_name"] == "riprap"
-    route = config.resources["rds.yaml"]["resources"][0]["virtual_hosts"][0]["routes"][0]["route"]
+    route = config.resources["rds.yaml"]["resources"][0]["virtual_hosts"][0]["routes"][1]["route"]
     actions = route["rate_limits"][0]["actions"]
     assert actions == [
         {"generic_key": {"descriptor_key": "riprap_service", "descriptor_value": "api"}},
