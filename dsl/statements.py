@@ -188,13 +188,17 @@ _BREAKER_COMMON = (
 )
 _BREAKER_ENVOY = Envoy(
     "approximate",
-    "Envoy has no whole-service breaker: outlier detection ejects each failing endpoint "
-    "(for `open`, growing with each ejection), so calls fail fast only once every endpoint is out",
+    "the Lua filter's breaker counts calls (after their retries and hedges), not attempts, "
+    "and each Envoy worker keeps its own",
 )
 _ENDPOINT_RESOLVE = _o(
     "resolve",
     "resolve [every D]",
     default=DEFAULT_RESOLVE_EVERY,
+)
+_CHAOS_ENVOY = Envoy(
+    "approximate",
+    "Envoy's fault filter injects once per call, before the retries, not on every attempt",
 )
 _SHARD_ENVOY = Envoy(
     "extension",
@@ -291,7 +295,8 @@ _TABLE: tuple[Statement, ...] = (
                 Envoy(
                     "approximate",
                     "a retry is started even when the time left is shorter than the service's median "
-                    "latency (Envoy does not skip it; the timeouts still bound it); backoff jitter is always full",
+                    "latency (Envoy does not skip it; the timeouts still bound it); backoff jitter is always full; "
+                    "Envoy's `reset` condition also covers a per-try timeout",
                 ),
             ),
         ),
@@ -325,8 +330,8 @@ _TABLE: tuple[Statement, ...] = (
                 ),
                 Envoy(
                     "approximate",
-                    "the hedge delay is fixed (the initial 100ms, never below `min`) as a per-try hedge "
-                    "timeout, not the observed percentile",
+                    "the Lua filter sets the hedge delay from the observed latency of whole calls "
+                    "(not attempts), per Envoy worker",
                 ),
             ),
         ),
@@ -368,7 +373,15 @@ _TABLE: tuple[Statement, ...] = (
                 "limit",
                 (
                     _o("burst", "burst B"),
-                    _o("per-header", "per header NAME", "per_header"),
+                    _o(
+                        "per-header",
+                        "per header NAME",
+                        "per_header",
+                        envoy=Envoy(
+                            "approximate",
+                            "Envoy keeps each value whole (not a fixed-size digest) among its bounded buckets",
+                        ),
+                    ),
                     _o(
                         "shared",
                         "shared",
@@ -395,7 +408,16 @@ _TABLE: tuple[Statement, ...] = (
                 "concurrency N",
                 "concurrency",
                 (
-                    _o("queue", "queue Q", default=plan_default(ConcurrencySpec, "queue")),
+                    _o(
+                        "queue",
+                        "queue Q",
+                        default=plan_default(ConcurrencySpec, "queue"),
+                        envoy=Envoy(
+                            "approximate",
+                            "the queue is Envoy's pending-request queue, which may also hold up to N calls "
+                            "whose upstream connection is opening",
+                        ),
+                    ),
                     _o(
                         "queue-timeout",
                         "queue-timeout D",
@@ -425,7 +447,11 @@ _TABLE: tuple[Statement, ...] = (
                 "service",
                 "fallback service NAME",
                 "fallback_service",
-                envoy=Envoy("extension", "resent by the Lua filter to the other service's cluster"),
+                envoy=Envoy(
+                    "extension",
+                    "the Lua filter resends the call through Envoy's own listener to the other service, "
+                    "whose whole policy applies",
+                ),
             ),
             Form(
                 "stale",
@@ -448,8 +474,9 @@ _TABLE: tuple[Statement, ...] = (
                 "chaos abort P%",
                 "chaos_abort",
                 (_o("status", "status CODE", "chaos_status", 503),),
+                envoy=_CHAOS_ENVOY,
             ),
-            Form("delay", "chaos delay P% D", "chaos_delay"),
+            Form("delay", "chaos delay P% D", "chaos_delay", envoy=_CHAOS_ENVOY),
         ),
         "accumulate",
         "fault injection (with --chaos)",
@@ -531,7 +558,18 @@ _TABLE: tuple[Statement, ...] = (
         "health",
         "health",
         frozenset({"service", "shard", "app"}),
-        (Form(None, "health [METHOD] PATH", "health", _HEALTH_OPTIONS),),
+        (
+            Form(
+                None,
+                "health [METHOD] PATH",
+                "health",
+                _HEALTH_OPTIONS,
+                envoy=Envoy(
+                    "approximate",
+                    "Envoy counts an endpoint healthy only after its first passing check (riprap starts it healthy)",
+                ),
+            ),
+        ),
         "replace",
         "active health checks on every endpoint (in an app block: of the app)",
         "health",

@@ -69,7 +69,7 @@ def test_check_engine_envoy_warns_at_each_approximate_statement(policy: Path, ca
         (16, "service 'b'"),  # concurrency ... queue-timeout, in shard s
     ]
     messages = [d["message"] for d in json.loads(out) if d["code"] == "RP501"]
-    assert any("`hedge at` runs approximately on the envoy engine: the hedge delay is fixed" in m for m in messages)
+    assert any("`hedge at` runs approximately on the envoy engine: the Lua filter sets the hedge delay" in m for m in messages)
     assert all(d["severity"] == "warning" for d in json.loads(out) if d["code"] == "RP501")
 
 
