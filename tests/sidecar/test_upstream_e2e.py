@@ -1,6 +1,7 @@
 """The upstream side through a real `riprap run`: header bytes as the client sent them,
 the fast paths at /state, and TLS to an upstream with its CA rotated while the sidecar runs
-(the plan JSON names the CA file, so the watcher rebuilds the TLS context)."""
+(from a plan JSON that names the CA file, and from a policy file's `tls` statement with
+mutual TLS and SNI: the watcher rebuilds the TLS context)."""
 
 from __future__ import annotations
 
@@ -133,3 +134,47 @@ def test_a_rotated_upstream_ca_is_picked_up_without_a_restart(tmp_path: Path,
         up.close()
     assert statuses[-1] == 200, (statuses, logs)
     assert plan_doc["last_error"] is None
+
+
+def test_mutual_tls_from_a_policy_file_with_relative_paths_and_a_rotation(
+        tmp_path: Path, sidecar_proc: Any) -> None:
+    """The `tls` statement end to end: `ca`, `cert`/`key` and `sni` relative to the policy
+    file; the upstream requires the client certificate; then its CA is rotated."""
+    server_ca, client_ca, next_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ca.issue_cert("api.internal").configure_cert(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ca.configure_trust(ctx)
+    up = ThreadUpstream(tls=ctx)
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    server_ca.cert_pem.write_to_path(str(certs / "ca.pem"))
+    client = client_ca.issue_cert("checkout.client")
+    client.cert_chain_pems[0].write_to_path(str(certs / "client.pem"))
+    client.private_key_pem.write_to_path(str(certs / "client.key"))
+    policy = tmp_path / "mtls.riprap"
+    policy.write_text(
+        "app e2e\n\nservice api {\n"
+        "    timeout 5s\n"
+        f"    endpoint https://127.0.0.1:{up.port}\n"
+        '    tls ca "certs/ca.pem" cert "certs/client.pem" key "certs/client.key" sni api.internal\n'
+        "}\n")
+    sc = sidecar_proc(policy).start()
+    try:
+        first = sc.client.get("/api/one")
+        watched = sc.plan()["plan"]["watch"]
+        next_ca.issue_cert("api.internal").configure_cert(ctx)  # the upstream rotates first
+        next_ca.cert_pem.write_to_path(str(certs / "ca.pem"))   # then the CA file follows
+        statuses = []
+        for _ in range(100):  # bounded: 10 s
+            statuses.append(sc.client.get("/api/two").status_code)
+            if statuses[-1] == 200:
+                break
+            threading.Event().wait(0.1)
+        logs = sc.logs()
+    finally:
+        sc.stop()
+        up.close()
+    assert first.status_code == 200, logs
+    assert str(certs / "ca.pem") in watched and str(certs / "client.key") in watched
+    assert statuses[-1] == 200, (statuses, logs)
