@@ -206,7 +206,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # Header bytes as the caller sent them: one character per byte (latin-1), which
         # aiohttp writes back as those same bytes (`raw_headers`) when not all are ASCII.
         headers: list[tuple[str, str]] = []
-        ascii_only = True
+        url = request.url
+        ascii_only = url.raw_path.isascii()  # a raw target is written byte for byte too
         for name, low, value in httpx_compat.header_items(request.headers):
             if low in _DROP_REQUEST_HEADERS:
                 continue
@@ -218,14 +219,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             token = aiohttp_compat.raw_headers()
             if token is None:
                 raise httpx.LocalProtocolError(
-                    f"aiohttp {aiohttp.__version__} cannot send non-ASCII header bytes as "
+                    f"aiohttp {aiohttp.__version__} cannot send non-ASCII header bytes (or target bytes) as "
                     "they are (riprap checked the aiohttp versions its pyproject allows)",
                     request=request)
         tls = request.extensions.get(TLS_EXTENSION)
         try:
             resp = await session.request(
                 request.method,
-                URL(str(request.url), encoded=True),
+                _yarl_url(url, latin1=token is not None),
                 headers=headers,
                 data=_request_body(request),
                 allow_redirects=False,
@@ -339,6 +340,23 @@ def log_fast_paths() -> None:
 def active_fast_paths() -> dict[str, bool]:
     """Every fast path over a library's internals and whether it is in use (for `/state`)."""
     return {**httpx_compat.active_fast_paths(), **aiohttp_compat.active_fast_paths()}
+
+
+def _yarl_url(url: httpx.URL, *, latin1: bool) -> URL:
+    """The `yarl.URL` aiohttp sends, whose request target (`raw_path_qs`) is `url.raw_path`
+    byte for byte: never normalised, a bare `?` kept, `*` kept (`OPTIONS *`).
+
+    aiohttp writes the request line as UTF-8, or one byte per character when the head goes
+    out as raw bytes (`latin1`, which a non-ASCII target always asks for). Cached on the
+    URL object: the engine keeps one URL per endpoint and target."""
+    key = "_riprap_yarl_l1" if latin1 else "_riprap_yarl"
+    cached: URL | None = url.__dict__.get(key)
+    if cached is None:
+        target = url.raw_path.decode("latin-1" if latin1 else "ascii")
+        cached = URL.build(scheme=url.scheme, authority=url.netloc.decode("ascii"),
+                           path=target, encoded=True)
+        url.__dict__[key] = cached
+    return cached
 
 
 def _was_sent(exc: BaseException) -> bool:

@@ -9,13 +9,15 @@ import httpx
 
 from dsl.plan import EndpointSpec
 from policies.health import EndpointState
+from policies.httpx_compat import exact_url
 from policies.tls import TLS_EXTENSION, TlsClient
 
 
 class EndpointRuntime:
     """An endpoint's live state plus what is needed to address it (URL prefix, Host)."""
 
-    __slots__ = ("spec", "state", "prefix", "authority", "_urls", "release", "extensions")
+    __slots__ = ("spec", "state", "prefix", "authority", "_urls", "release", "extensions",
+                 "_scheme", "_host", "_port", "_base")
 
     def __init__(self, spec: EndpointSpec, state: EndpointState,
                  tls: TlsClient | None = None) -> None:
@@ -31,18 +33,23 @@ class EndpointRuntime:
         self.authority = f"{host}{port}".encode("ascii")
         base = url.raw_path.decode("ascii").split("?", 1)[0].rstrip("/")
         self.prefix = f"{url.scheme}://{host}{port}{base}"
+        self._scheme, self._host, self._port = url.scheme, url.host, url.port
+        self._base = base.encode("ascii")
         self._urls: dict[bytes, httpx.URL] = {}
         # lowers the in-flight count once an answer is closed (built once, not per attempt)
         self.release = release_in_flight(state)
 
     def url_for(self, raw_path: bytes) -> httpx.URL:
-        """The upstream URL for a request path+query (parsed once per distinct path)."""
+        """The upstream URL for a request path+query: the endpoint's own path prefix, then
+        the target exactly as the client sent it (never normalised; `*` stays `*`).
+        Built once per distinct path."""
         url = self._urls.get(raw_path)
         if url is None:
-            path = raw_path.decode("ascii")
-            if not path.startswith("/"):
-                path = "/" + path
-            url = httpx.URL(self.prefix + path)
+            if raw_path == b"*":
+                target = raw_path
+            else:
+                target = self._base + (raw_path if raw_path.startswith(b"/") else b"/" + raw_path)
+            url = exact_url(self._scheme, self._host, self._port, target)
             if len(self._urls) >= 512:
                 self._urls.clear()
             self._urls[raw_path] = url

@@ -149,38 +149,75 @@ every header again and joins an in-memory body: about 2 us per request)."""
 FAST_PATHS["httpx.build_request"] = build_request is _fast_request
 
 
-# -- make_url ----------------------------------------------------------------------------
+# -- exact URLs (make_url) ---------------------------------------------------------------
+#
+# `httpx.URL` normalises what it parses (it removes `.` and `..` segments, re-quotes, and
+# its `raw_path` must be ASCII), and a forwarder must not: `/p/./y`, `/a/%2e%2e/b`, a bare
+# `?` and raw non-ASCII bytes all go upstream exactly as they came (contract, section 9,
+# "Faithful forwarding"). So the sidecar and the engine carry request targets in an
+# `ExactURL`: its parsed form is filled directly (the target decoded as latin-1, one
+# character per byte), never parsed, and its `raw_path` gives the exact bytes back (with
+# `?query` whenever the client sent a `?`, even an empty one).
 
 
-def _public_url(host: str, target: bytes) -> httpx.URL:
-    return httpx.URL(scheme="http", host=host, raw_path=target)
+class ExactURL(httpx.URL):
+    """An `httpx.URL` whose `raw_path` is the request target's exact bytes."""
+
+    @property
+    def raw_path(self) -> bytes:
+        ref = self._uri_reference
+        path: str = ref.path or "/"
+        if ref.query is not None:
+            path += "?" + ref.query
+        return path.encode("latin-1")
 
 
-def _choose_url() -> Callable[[str, bytes], httpx.URL]:
+def _public_exact(scheme: str, host: str, port: int | None, target: bytes) -> httpx.URL:
+    if target == b"*":
+        target = b"/*"  # what httpx can represent; the exact form needs the fast way
+    return httpx.URL(scheme=scheme, host=host, port=port, raw_path=target)
+
+
+def _choose_exact() -> Callable[[str, str, int | None, bytes], httpx.URL]:
     try:
         from httpx._urlparse import ParseResult
 
-        def fast(host: str, target: bytes) -> httpx.URL:
-            path, _, query = target.partition(b"?")
-            url = httpx.URL.__new__(httpx.URL)
+        def exact(scheme: str, host: str, port: int | None, target: bytes) -> httpx.URL:
+            path, sep, query = target.partition(b"?")
+            url = ExactURL.__new__(ExactURL)
             url._uri_reference = ParseResult(
-                "http", "", host, None, path.decode("latin-1"),
-                query.decode("latin-1") if query else None, None)
+                scheme, "", host, port, path.decode("latin-1"),
+                query.decode("latin-1") if sep else None, None)
             return url
 
-        for host, target in (("svc", b"/a/b%2Fc?x=1&y=%20"), ("a.b-c", b"/")):
-            if fast(host, target) != _public_url(host, target) or \
-                    fast(host, target).raw_path != target:
-                return _public_url
-        return fast
+        samples: tuple[tuple[str, str, int | None, bytes], ...] = (
+            ("http", "svc", None, b"/a/b%2Fc?x=1&y=%20"), ("http", "a.b-c", 8080, b"/"),
+            ("https", "127.0.0.1", 9, b"/p?q"), ("http", "::1", 7, b"/x"))
+        for args in samples:
+            a, b = exact(*args), _public_exact(*args)
+            if a != b or a.raw_path != args[3] or a.host != b.host or a.port != b.port \
+                    or a.netloc != b.netloc or str(a) != str(b):
+                return _public_exact
+        odd = exact("http", "svc", None, b"/p/./y/../z?")
+        if odd.raw_path != b"/p/./y/../z?" or odd.path != "/p/./y/../z":
+            return _public_exact
+        return exact
     except Exception:  # noqa: BLE001 - any change in httpx's internals: the public way
-        return _public_url
+        return _public_exact
 
 
-make_url: Callable[[str, bytes], httpx.URL] = _choose_url()
-"""`http://HOST/raw-target` as an `httpx.URL` without re-parsing and re-quoting (the public
-constructor validates and percent-encodes every component: about 25 us)."""
-FAST_PATHS["httpx.make_url"] = make_url is not _public_url
+exact_url: Callable[[str, str, int | None, bytes], httpx.URL] = _choose_exact()
+"""`SCHEME://HOST[:PORT]` + a request target, as an `httpx.URL` that keeps the target byte
+for byte (the public way, after a failed self-check, normalises it: riprap then forwards
+less faithfully, never to the wrong place)."""
+
+
+def make_url(host: str, target: bytes) -> httpx.URL:
+    """`http://HOST` + the raw target exactly as sent (the sidecar's incoming calls)."""
+    return exact_url("http", host, None, target)
+
+
+FAST_PATHS["httpx.make_url"] = exact_url is not _public_exact
 
 
 def active_fast_paths() -> dict[str, bool]:
@@ -189,5 +226,5 @@ def active_fast_paths() -> dict[str, bool]:
     return dict(FAST_PATHS)
 
 
-__all__ = ["FAST_PATHS", "HeaderItems", "RequestBuilder", "active_fast_paths",
-           "build_request", "header_items", "make_url", "set_header"]
+__all__ = ["FAST_PATHS", "ExactURL", "HeaderItems", "RequestBuilder", "active_fast_paths",
+           "build_request", "exact_url", "header_items", "make_url", "set_header"]

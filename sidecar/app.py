@@ -73,8 +73,12 @@ class Sidecar:
             self.supervisor.update(plan.supervise)
 
     def extra_state(self) -> dict[str, Any]:
+        from policies.aiohttp_transport import active_fast_paths as upstream_paths
+        from sidecar.uvicorn_compat import active_fast_paths as client_paths
+
         return {"app": self.supervisor.snapshot() if self.supervisor else None,
-                "listeners": self.listeners}
+                "listeners": self.listeners,
+                "fast_paths": {**upstream_paths(), **client_paths()}}
 
     async def aclose(self) -> None:
         await self.admin.state.dashboard.stop()
@@ -113,9 +117,11 @@ def create_app(source: str | os.PathLike[str] | Plan, *, chaos: bool = False,
         from policies.aiohttp_transport import AiohttpTransport
 
         inner = AiohttpTransport()
+    from sidecar.upgrade import UpgradeTransport  # WebSocket handshakes on their own connection
+
     tracer = tracer_from_env(plan.app)  # None unless OTEL_EXPORTER_OTLP_*ENDPOINT is set
-    transport = ResilientTransport(plan, inner, observer=observer, chaos=chaos, rng=rng,
-                                   tracer=tracer, clock=clock)
+    transport = ResilientTransport(plan, UpgradeTransport(inner), observer=observer, chaos=chaos,
+                                   rng=rng, tracer=tracer, clock=clock)
     metrics.store_source = transport.store_status  # riprap_store_up, riprap_store_errors_total
     holder = PlanHolder(plan, transport, metrics, source_path=path, warnings=warnings)
     proxy = ProxyApp(holder, metrics, access)

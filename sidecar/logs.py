@@ -119,6 +119,7 @@ class CallRecord:
     outcome: str | None = None
     status: int = 0
     fallback: str | None = None
+    seen: int = 0  # attempts that finished, counted as they do (for a call cut short)
 
 
 class AccessLog:
@@ -156,6 +157,7 @@ class AccessObserver:
         rec = _current.get()
         if rec is not None:
             rec.endpoint = endpoint
+            rec.seen += 1
 
     def call_finished(self, service: str, outcome: str, status: int, attempts: int,
                       duration: float, fallback: str | None) -> None:

@@ -38,7 +38,8 @@ log = logging.getLogger("riprap.metrics")
 OUTCOMES = frozenset({
     "ok", "upstream-5xx", "upstream-4xx", "unknown-service", "no-shard-key", "rate-limited",
     "overloaded", "breaker-open", "no-healthy-endpoint", "timeout", "upstream-failed",
-    "cancelled", "connect-unsupported",
+    "cancelled", "connect-unsupported", "bad-request", "headers-too-large",
+    "upgrade-unsupported",
 })
 ATTEMPT_OUTCOMES = frozenset({
     "ok", "2xx", "3xx", "4xx", "5xx", "connect-failure", "reset", "timeout", "cancelled",

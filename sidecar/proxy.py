@@ -24,6 +24,9 @@ from policies.httpx_compat import header_items as _header_items
 from sidecar.logs import AccessLog
 from sidecar.metrics import UNKNOWN_SERVICE, SidecarMetrics
 from sidecar.routing import ABSOLUTE_TARGET_KEY, Refusal, Route, Router
+from sidecar.upgrade import UPGRADE_HEADER
+from sidecar.uvicorn_compat import TARGET_KEY, TUNNEL_KEY, UPGRADE_KEY
+from sidecar.ws_relay import Tunnel
 
 log = logging.getLogger("riprap.proxy")
 
@@ -33,8 +36,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 # Not hop-by-hop, but owned by this hop: the transport sets Host to the endpoint's
-# authority, and `Expect: 100-continue` was already answered by uvicorn.
-_DROP_REQUEST = HOP_BY_HOP | {b"host", b"expect"}
+# authority, `Expect: 100-continue` was already answered by uvicorn, and the upgrade
+# marker is riprap's own (a client cannot set it).
+_DROP_REQUEST = HOP_BY_HOP | {b"host", b"expect", UPGRADE_HEADER}
 SERVICE_EXTENSION = "riprap.service"
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -212,6 +216,39 @@ def _response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes,
     return _answer_headers([(k, k.lower(), v) for k, v in raw])
 
 
+def climbs(target: bytes) -> bool:
+    """Whether the path's `..` segments would climb above its root (and so above the
+    endpoint's own path prefix). `%2e` counts as `.`, and `%2f` and `\\` (and `%5c`) as
+    `/`, as some upstreams decode them before resolving dot segments."""
+    path = target.partition(b"?")[0]
+    if b"." not in path and b"%" not in path:
+        return False
+    low = path.lower()
+    if b"%" in low:
+        low = low.replace(b"%2e", b".").replace(b"%2f", b"/").replace(b"%5c", b"/")
+    if b"." not in low:
+        return False
+    depth = 0
+    for seg in low.replace(b"\\", b"/").split(b"/")[1:]:
+        if seg == b"..":
+            if depth == 0:
+                return True
+            depth -= 1
+        elif seg != b".":
+            depth += 1
+    return False
+
+
+def _bad_request(message: str) -> Refusal:
+    body = json.dumps({"error": message, "reason": "bad-request"}).encode()
+    return Refusal(400, "bad-request", body)
+
+
+def _target_problem(target: bytes) -> Refusal | None:
+    """A routed target that cannot be forwarded safely: 400."""
+    if climbs(target):
+        return _bad_request("the path climbs above its root with '..' segments")
+    return None
 
 
 class ProxyApp:
@@ -232,16 +269,26 @@ class ProxyApp:
             return
         method: str = scope["method"]
         items, host, has_body = _forward_items(scope["headers"])
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        decision = self.runtime.router.route(method, host, raw_path,
+        raw_target: bytes | None = scope.get(TARGET_KEY)
+        if raw_target is None:  # another server (tests drive the app in-process)
+            raw_target = scope.get("raw_path") or scope["path"].encode()
+            query: bytes = scope.get("query_string", b"")
+            if query:
+                raw_target = raw_target + b"?" + query
+        decision = self.runtime.router.route(method, host, raw_target,
                                              scope.get(ABSOLUTE_TARGET_KEY))
         if type(decision) is not Route:
-            await self._refuse(decision, method, raw_path, send)  # type: ignore[arg-type]
+            await self._refuse(decision, method, raw_target, send)  # type: ignore[arg-type]
             return
         service, target = decision
-        query: bytes = scope.get("query_string", b"")
-        if query:
-            target = target + b"?" + query
+        problem = _target_problem(target)
+        if problem is not None:
+            await self._refuse(problem, method, raw_target, send)
+            return
+        upgrade = scope.get(UPGRADE_KEY)
+        if upgrade is not None:
+            await self._upgrade(scope, receive, send, service, target, items, upgrade)
+            return
         call = _Call(receive, asyncio.current_task())
         request = build_request(method, make_url(service, target), items,
                                 _RequestBody(call) if has_body else _NO_BODY,
@@ -281,7 +328,74 @@ class ProxyApp:
             if response is not None and not response.is_closed:
                 await _close_quietly(response)
             if access is not None and rec is not None and token is not None:
-                access.end(rec, token, status, outcome="cancelled" if status == 499 else None)
+                access.end(rec, token, status, outcome="cancelled" if status == 499 else None,
+                           attempts=rec.seen if status == 499 else None)
+
+    async def _upgrade(self, scope: Scope, receive: Receive, send: Send, service: str,
+                       target: bytes, items: list[tuple[bytes, bytes, bytes]],
+                       upgrade: str) -> None:
+        """An upgrade request: a WebSocket handshake goes through the plan like a call;
+        after the upstream's 101 the connection is relayed (`sidecar.ws_relay`)."""
+        method: str = scope["method"]
+        tunnel = scope.get(TUNNEL_KEY)
+        if method != "GET" or "websocket" not in [t.strip() for t in upgrade.split(",")] \
+                or tunnel is None:
+            body = json.dumps({
+                "error": f"upgrade to {upgrade or 'nothing'!r} is not supported: only "
+                         "WebSocket (GET with Upgrade: websocket) is relayed",
+                "reason": "upgrade-unsupported"}).encode()
+            await self._refuse(Refusal(501, "upgrade-unsupported", body), method, target,
+                               send, close=True)
+            return
+        items.insert(0, (UPGRADE_HEADER, UPGRADE_HEADER, b"websocket"))
+        call = _Call(receive, asyncio.current_task())
+        request = build_request(method, make_url(service, target), items, _NO_BODY, b"",
+                                {SERVICE_EXTENSION: service})
+        call.body_read()
+        access = self.access_log
+        rec = token = None
+        if access is not None:
+            rec, token = access.begin(method, target.decode("latin-1"), service)
+        self.active += 1
+        status = 499
+        response: httpx.Response | None = None
+        try:
+            try:
+                response = await self.runtime.transport.handle_async_request(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an engine bug must not become a 500
+                log.exception("the engine failed on an upgrade to %s; answering 502", service)
+                response = _engine_failure(service, exc)
+            status = response.status_code
+            sock = response.extensions.get("network_stream")
+            if status != 101 or sock is None:
+                await self._stream_back(response, send, call)
+                return
+            call.close()  # the handshake is over: the tunnel watches the client itself
+            headers, _ = _answer_headers(_header_items(response.headers))
+            head = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+            for k, v in headers:
+                head += [k, b": ", v, b"\r\n"]
+            up = response.headers.get("upgrade", "websocket").encode("latin-1")
+            head += [b"upgrade: ", up, b"\r\nconnection: upgrade\r\n\r\n"]
+            ended = await Tunnel(tunnel, sock).run(b"".join(head))
+            log.debug("WebSocket tunnel to %s ended: %s", service, ended)
+        except asyncio.CancelledError:
+            if not call.gone:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            status = 499
+        finally:
+            call.close()
+            self.active -= 1
+            if response is not None and not response.is_closed:
+                await _close_quietly(response)
+            if access is not None and rec is not None and token is not None:
+                access.end(rec, token, status, outcome="cancelled" if status == 499 else None,
+                           attempts=rec.seen if status == 499 else None)
 
     async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -320,7 +434,15 @@ class ProxyApp:
             call.finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _refuse(self, refusal: Refusal, method: str, raw_path: bytes, send: Send) -> None:
+    def refused_early(self, method: str, target: bytes, status: int, reason: str) -> None:
+        """A request the server answered itself (malformed, oversized head, bad Host)."""
+        self.metrics.refused(reason)
+        if self.access_log is not None:
+            rec, token = self.access_log.begin(method, target.decode("latin-1"), UNKNOWN_SERVICE)
+            self.access_log.end(rec, token, status, outcome=reason, attempts=0)
+
+    async def _refuse(self, refusal: Refusal, method: str, raw_path: bytes, send: Send,
+                      close: bool = False) -> None:
         self.metrics.refused(refusal.reason)
         headers = [
             (b"content-type", b"application/json"),
@@ -328,7 +450,7 @@ class ProxyApp:
             (b"x-riprap-reason", refusal.reason.encode()),
             (b"x-riprap-attempts", b"0"),
         ]
-        if method == "CONNECT":  # no tunnel follows: the connection ends here
+        if method == "CONNECT" or close:  # no tunnel follows: the connection ends here
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": refusal.body})

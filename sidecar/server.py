@@ -13,9 +13,13 @@ Signals (handled here, not by uvicorn):
   skips the grace.
 * SIGHUP: reload the plan (as a file change would).
 
-Forward-proxy requests (`HTTP_PROXY`) carry an absolute-form target; uvicorn's httptools
-protocol keeps only its path, so `RiprapHttpTools` records the target's host in the scope
-for the router (an unknown host must get 403, not be routed by path).
+The HTTP protocol of both listeners is uvicorn's httptools one as hardened in
+`sidecar.uvicorn_compat` (request targets as sent, head limits and timeouts, HTTP/1.0
+framing, WebSocket tunnels). At start the process raises its open-file soft limit to the
+hard limit, so many idle clients exhaust neither listener.
+
+`RIPRAP_HEAD_TIMEOUT` (seconds, default 10) sets how long a client may take to send a
+whole request head; it exists for tests.
 """
 
 from __future__ import annotations
@@ -24,50 +28,19 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import resource
 import signal
 import socket
 from typing import Any, Iterator
 
-import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sidecar.app import Sidecar
 from sidecar.proxy import QuietBrokenBodies
-from sidecar.routing import ABSOLUTE_TARGET_KEY
+from sidecar.uvicorn_compat import HEAD_TIMEOUT, KEEP_ALIVE_TIMEOUT, log_fast_paths, protocol_class
 
 log = logging.getLogger("riprap.server")
-
-
-class RiprapHttpTools(HttpToolsProtocol):
-    """httptools protocol that remembers an absolute-form (or CONNECT) target's host.
-
-    A CONNECT's authority-form target (`host:443`) is not a URL httptools can parse, so it
-    is handed to the app as path `/` with the authority recorded; the router refuses it
-    (403/405) and the answer closes the connection, as no tunnel follows.
-    """
-
-    def on_headers_complete(self) -> None:
-        url = self.url
-        connect = self.parser.get_method() == b"CONNECT"
-        if connect:
-            self.url = b"/"
-        super().on_headers_complete()
-        if connect:
-            self.scope[ABSOLUTE_TARGET_KEY] = url.decode("latin-1")  # type: ignore[literal-required]
-            return
-        if url[:1] == b"/" or url == b"*":
-            return
-        try:
-            parsed = httptools.parse_url(url)
-            host = parsed.host.decode("latin-1") if parsed.host else ""
-        except httptools.HttpParserInvalidURLError:
-            host = url.decode("latin-1", "replace")
-        self.scope[ABSOLUTE_TARGET_KEY] = host  # type: ignore[literal-required]
-
-    def _unsupported_upgrade_warning(self) -> None:
-        if self.scope.get("method") != "CONNECT":  # CONNECT is answered by the router
-            super()._unsupported_upgrade_warning()
 
 
 class _Server(uvicorn.Server):
@@ -107,17 +80,40 @@ def bind(addr: str) -> socket.socket:
     return sock
 
 
-def _config(app: Any, *, proxy: bool, drain_timeout: float) -> uvicorn.Config:
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit; (soft, hard) afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return soft, hard
+
+
+def head_timeout() -> float:
+    """`RIPRAP_HEAD_TIMEOUT` (seconds) or the default, 10 s."""
+    raw = os.environ.get("RIPRAP_HEAD_TIMEOUT")
+    try:
+        value = float(raw) if raw else HEAD_TIMEOUT
+    except ValueError:
+        value = HEAD_TIMEOUT
+    return value if value > 0 else HEAD_TIMEOUT
+
+
+def _config(app: Any, *, proxy: bool, drain_timeout: float, hooks: Any = None) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        http=RiprapHttpTools if proxy else "httptools",
+        http=protocol_class(hooks=hooks, head_timeout=head_timeout()),
         ws="none",
         lifespan="off",
         access_log=False,
         log_config=None,
         server_header=False,
         date_header=not proxy,  # a proxy passes the upstream's Date on, it adds none
-        timeout_keep_alive=75 if proxy else 5,  # nginx's default keep-alive for clients
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT,  # an idle client is not kept (contract: 5 s)
         timeout_graceful_shutdown=int(max(1, drain_timeout)) if proxy else 1,
         backlog=2048,
         proxy_headers=False,  # X-Forwarded-* are the app's business, passed on untouched
@@ -134,7 +130,8 @@ class SidecarServer:
         self.admin_sock = admin_sock
         self.grace = grace
         self.drain_timeout = drain_timeout
-        self.proxy = _Server(_config(sidecar.proxy, proxy=True, drain_timeout=drain_timeout))
+        self.proxy = _Server(_config(sidecar.proxy, proxy=True, drain_timeout=drain_timeout,
+                                     hooks=sidecar.proxy))
         self.admin = _Server(_config(sidecar.admin, proxy=False, drain_timeout=drain_timeout))
         self._term = asyncio.Event()
         self._signals = 0
@@ -158,6 +155,9 @@ class SidecarServer:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        soft, hard = raise_open_file_limit()
+        log.debug("open-file limit: %d (hard %d)", soft, hard)
+        log_fast_paths()
         await self.sidecar.start()
         # Everything loaded so far lives as long as the process: move it out of the
         # collector's sight, so each collection only walks per-call garbage.

@@ -17,7 +17,9 @@ Each forwarder is measured in interleaved rounds and its best run is kept (the m
 may be shared; the median is printed too). Printed: rps and p50/p99 at c=32 and c=1; sidecar/ceiling and sidecar/nginx ratios; the
 reload save->in-force median; 100 reloads under 200 req/s with the failed-call count; the
 RSS of a sidecar running a 100-service plan; the sidecar calling an HTTPS upstream (nginx
-with a trustme certificate, the plan's `tls ca`) next to the same over plain HTTP. For the
+with a trustme certificate, the plan's `tls ca`) next to the same over plain HTTP; a
+WebSocket figure: 1 KiB echoes to a `websockets` echo server, direct and through the
+sidecar (p50 round trip on one connection, and messages per second over 8 connections). For the
 Envoy engine: envoy/nginx at c=32 (target >= 0.8x), p50 at c=1 (target <= 0.3 ms),
 riprap's own CPU during the load (target < 2 % of a core), reloads and 100 reloads under
 load, and Envoy + riprap RSS with 100 services. Targets (printed next to the figures, not
@@ -105,6 +107,69 @@ service {name} {{
     limit 1000000/s burst 100000
 }}
 """
+
+
+WS_ECHO = '''
+import asyncio, sys
+from websockets.asyncio.server import serve
+
+async def echo(ws):
+    async for message in ws:
+        await ws.send(message)
+
+async def main():
+    async with serve(echo, "127.0.0.1", int(sys.argv[1]), compression=None, max_size=None):
+        print("READY", flush=True)
+        await asyncio.Future()
+
+asyncio.run(main())
+'''
+
+
+async def ws_figures(url: str, n: int = 2000, conns: int = 8,
+                     seconds: float = 2.0) -> tuple[float, float]:
+    """(p50 round trip in ms on one connection, echoes per second over `conns`)."""
+    from websockets.asyncio.client import connect
+
+    msg = b"x" * 1024
+    async with connect(url, compression=None) as ws:
+        for _ in range(100):  # warm-up
+            await ws.send(msg)
+            await ws.recv()
+        lat = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await ws.send(msg)
+            await ws.recv()
+            lat.append(time.perf_counter() - t)
+
+    count = 0
+
+    async def loop(end: float) -> None:
+        nonlocal count
+        async with connect(url, compression=None) as c:
+            while time.monotonic() < end:
+                await c.send(msg)
+                await c.recv()
+                count += 1
+
+    end = time.monotonic() + seconds
+    t0 = time.monotonic()
+    await asyncio.gather(*(loop(end) for _ in range(conns)))
+    return statistics.median(lat) * 1000, count / (time.monotonic() - t0)
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
 
 
 def have(tool: str) -> bool:
@@ -541,6 +606,27 @@ def main() -> int:
             opener.open(urllib.request.Request(f"http://127.0.0.1:{p2}/svc{i}/"), timeout=5).read()
         wrk(f"http://127.0.0.1:{p2}/", 32, 2)
         print(f"RSS with a 100-service plan: {rss_mib(sc2.pid):.1f} MiB   (target <= 60 MiB)")
+        stop(sc2)
+
+        # WebSocket relay: 1 KiB echoes, direct and through the sidecar
+        ws_port = free_port()
+        (work / "ws_echo.py").write_text(WS_ECHO)
+        procs.append(start(pin(LOAD_CORE, [PY, str(work / "ws_echo.py"), str(ws_port)])))
+        wait_port(ws_port)
+        ws_policy = work / "ws.riprap"
+        ws_policy.write_text(f"app wsbench\nservice chat {{\n    endpoint http://127.0.0.1:{ws_port}\n"
+                             "    timeout 5s\n}\n")
+        p3, a3 = free_port(), free_port()
+        procs.append(start(pin(FORWARDER_CORE, [PY, "-m", "sidecar.cli", "run", str(ws_policy),
+                                                "--listen", f"127.0.0.1:{p3}",
+                                                "--admin", f"127.0.0.1:{a3}",
+                                                "--log-level", "warning", "--grace", "0"])))
+        wait_http(f"http://127.0.0.1:{a3}/readyz")
+        direct = asyncio.run(ws_figures(f"ws://127.0.0.1:{ws_port}/"))
+        relayed = asyncio.run(ws_figures(f"ws://127.0.0.1:{p3}/chat/"))
+        print(f"websocket 1 KiB echo, direct : p50 {direct[0]:.3f} ms, {direct[1]:7.0f} msg/s (8 conns)")
+        print(f"websocket 1 KiB echo, sidecar: p50 {relayed[0]:.3f} ms (+{relayed[0] - direct[0]:.3f} ms), "
+              f"{relayed[1]:7.0f} msg/s ({relayed[1] / direct[1]:.2f}x direct)")
     finally:
         for p in reversed(procs):
             stop(p)
