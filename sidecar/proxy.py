@@ -157,15 +157,15 @@ def _forward_items(headers: list[tuple[bytes, bytes]]
     """Request headers minus hop-by-hop ones, as `(name, lower-cased name, value)` (the
     shape `httpx.Headers` keeps); also the Host and whether a body follows.
 
-    ASGI servers give lower-case names; one that does not is lower-cased here.
+    Names keep the case the client sent (riprap's protocol passes it on; ASGI servers
+    that lower-case names give lower-case ones).
     """
     host: str | None = None
     has_body = False
     named: set[bytes] | None = None
     out: list[tuple[bytes, bytes, bytes]] = []
-    for k, v in headers:
-        if not k.islower():
-            k = k.lower()
+    for name, v in headers:
+        k = name if name.islower() else name.lower()
         if k in _DROP_REQUEST:
             if k == b"host":
                 host = v.decode("latin-1")
@@ -176,7 +176,7 @@ def _forward_items(headers: list[tuple[bytes, bytes]]
             continue
         if k == b"content-length" and v != b"0":
             has_body = True
-        out.append((k, k, v))
+        out.append((name, k, v))
     if named:
         out = [item for item in out if item[1] not in named]
     return out, host, has_body

@@ -106,7 +106,7 @@ def head_timeout() -> float:
 def _config(app: Any, *, proxy: bool, drain_timeout: float, hooks: Any = None) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        http=protocol_class(hooks=hooks, head_timeout=head_timeout()),
+        http=protocol_class(hooks=hooks, head_timeout=head_timeout(), keep_case=proxy),
         ws="none",
         lifespan="off",
         access_log=False,

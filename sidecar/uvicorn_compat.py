@@ -16,6 +16,8 @@ the client side behave as the contract (section 9) says and as nginx does:
 * **HTTP/1.x rules.** Exactly one `Host` (none in HTTP/1.1, or two: 400); HTTP/1.0
   keep-alive honoured, and HTTP/1.0 answers of unknown length are close-delimited (never
   chunked, RFC 9112 section 6.1).
+* **Header names as sent.** On the proxy listener the scope's header names keep the
+  client's case (`keep_case`), so they reach the upstream as the client wrote them.
 * **Every answer is riprap's or the upstream's.** A malformed request, an oversized head
   or a bad target gets a JSON answer with `x-riprap-reason` (never uvicorn's bare 400),
   and is reported to the `hooks` (access log, metrics).
@@ -220,6 +222,9 @@ class RiprapHttpTools(HttpToolsProtocol):
     header_count_limit = HEADER_COUNT_LIMIT
     head_timeout = HEAD_TIMEOUT
     hooks: Hooks | None = None
+    # Header names as the client sent them (the proxy forwards them so); ASGI apps that
+    # expect lower-case names (the admin listener's Starlette) get them lower-cased.
+    keep_case = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -389,13 +394,13 @@ class RiprapHttpTools(HttpToolsProtocol):
         self._nheaders += 1
         if self._nheaders > self.header_count_limit:
             raise _HeadTooLarge
-        name = name.lower()
+        low = name.lower()
         value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace (RFC 9110 5.5)
-        if name == b"host":
+        if low == b"host":
             self._hosts += 1
-        elif name == b"expect" and value.lower() == b"100-continue":
+        elif low == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
-        self.headers.append((name, value))
+        self.headers.append((name if self.keep_case else low, value))
 
     def on_headers_complete(self) -> None:
         if self._done:  # pipelined after a refusal: never served
@@ -449,7 +454,7 @@ class RiprapHttpTools(HttpToolsProtocol):
         if parser.should_upgrade() and method != "CONNECT":
             upgrade = b""
             for name, value in self.headers:
-                if name == b"upgrade":
+                if name.lower() == b"upgrade":
                     upgrade = value.strip().lower()
             scope[UPGRADE_KEY] = upgrade.decode("latin-1")
             scope[TUNNEL_KEY] = self
@@ -570,14 +575,14 @@ def _check() -> tuple[bool, str]:
 _PROTOCOL_OK, _PROTOCOL_WHY = _check()
 
 
-def protocol_class(*, hooks: Hooks | None = None, head_timeout: float = HEAD_TIMEOUT
-                   ) -> type[asyncio.Protocol] | str:
+def protocol_class(*, hooks: Hooks | None = None, head_timeout: float = HEAD_TIMEOUT,
+                   keep_case: bool = False) -> type[asyncio.Protocol] | str:
     """The HTTP protocol for a listener: riprap's, or uvicorn's stock one (`"httptools"`)
     when the self-check failed."""
     if not _PROTOCOL_OK:
         return "httptools"
     return type("RiprapHttpTools", (RiprapHttpTools,),
-                {"hooks": hooks, "head_timeout": head_timeout})
+                {"hooks": hooks, "head_timeout": head_timeout, "keep_case": keep_case})
 
 
 def active_fast_paths() -> dict[str, bool]:

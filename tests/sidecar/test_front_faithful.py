@@ -165,3 +165,16 @@ def test_pipelined_requests_are_each_forwarded_exactly(env: dict[str, Any]) -> N
                                      b"POST /tenant-a/api/two HTTP/1.1",
                                      b"GET /tenant-a/api/three? HTTP/1.1"]
     assert got[1].raw.endswith(b"\r\n\r\nabc")
+
+
+def test_header_names_reach_the_upstream_with_their_case(env: dict[str, Any]) -> None:
+    up: RawUpstream = env["up"]
+    before = len(up.requests)
+    answer = raw_exchange(env["sc"].port, b"GET /svc/case HTTP/1.1\r\nHost: x\r\n"
+                                          b"X-Mixed-Case: 1\r\nx-lower: 2\r\nACCEPT: */*\r\n"
+                                          b"CONNECTION: keep-alive, X-Drop\r\nX-DROP: 3\r\n\r\n")
+    assert answer.status == 200
+    names = [k for k, _ in up.wait_requests(before + 1)[before].headers]
+    assert [n for n in names if n.lower() in (b"x-mixed-case", b"x-lower", b"accept")] == [
+        b"X-Mixed-Case", b"x-lower", b"ACCEPT"]
+    assert not any(n.lower() in (b"x-drop", b"connection") for n in names)
