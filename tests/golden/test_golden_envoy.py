@@ -83,9 +83,9 @@ def test_envoy_loads_golden_without_rejection(example: Path, tmp_path: Path) -> 
             data["resources"][0]["address"]["socket_address"]["port_value"] = listen
         (tmp_path / name).write_text(to_yaml(data))
     clusters = len(yaml.safe_load((golden / CDS_FILE).read_text())["resources"])
-    log = open(tmp_path / "envoy.log", "wb")
-    proc = subprocess.Popen([envoy_binary(), "-c", "envoy.yaml", "--concurrency", "1",
-                             "--disable-hot-restart", "-l", "warning"], cwd=tmp_path, stdout=log, stderr=log)
+    with open(tmp_path / "envoy.log", "wb") as log:  # the child keeps its own copy
+        proc = subprocess.Popen([envoy_binary(), "-c", "envoy.yaml", "--concurrency", "1",
+                                 "--disable-hot-restart", "-l", "warning"], cwd=tmp_path, stdout=log, stderr=log)
     admin = httpx.Client(base_url=f"http://127.0.0.1:{admin_port}", trust_env=False, timeout=5)
     try:
         deadline = time.monotonic() + 30
@@ -117,4 +117,3 @@ def test_envoy_loads_golden_without_rejection(example: Path, tmp_path: Path) -> 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
