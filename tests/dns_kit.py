@@ -61,16 +61,19 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
 
 class _Handler(DNSHandler):  # type: ignore[misc]
     def handle(self) -> None:
-        if self.server.resolver.fake.mode == "drop":
+        fake = self.server.resolver.fake
+        if fake.mode == "drop":
             return  # no answer: the client times out
+        self.udplen = fake.udp_limit  # 0: no limit; else larger UDP answers are truncated
         super().handle()
 
 
 class FakeDns:
     """An authoritative server whose records the test changes while it serves."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", udp_limit: int = 0) -> None:
         self.host = host
+        self.udp_limit = udp_limit  # like a real server: UDP answers above it come truncated
         self.port = 0
         self.lock = threading.Lock()
         self.records: dict[str, dict[str, list[str]]] = {}

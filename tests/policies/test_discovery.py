@@ -13,6 +13,7 @@ from dns_kit import FakeDns
 from dsl.plan import EndpointSpec
 from policies.clock import SystemClock
 from policies.discovery import (
+    Discovery,
     DnsResolver,
     FamilyAnswer,
     Lookup,
@@ -212,3 +213,26 @@ async def test_run_line_re_resolves_every_interval(fake_dns: FakeDns) -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_discovery_keeps_one_task_per_line_and_restarts_a_changed_one(
+        fake_dns: FakeDns) -> None:
+    fake_dns.set("pool.test", a=["127.0.0.2"])
+    disc = Discovery(SystemClock())
+    a, b = line(every=30.0), line(every=30.0)
+    servers = [fake_dns.address]
+    await disc.prime([a, b], servers)  # the first lookups, awaited
+    assert a.addresses == b.addresses == ("127.0.0.2",) and a.lookups == 1
+    assert disc.run([a, b], servers) == []
+    first = {id(ln): t for ln, t in ((x, disc._tasks[id(x)][3]) for x in (a, b))}
+    a.every = 0.05  # a reload changed `every`: its task restarts, due from the last lookup
+    stopped = disc.run([a], servers)  # and b is gone from the plan
+    assert len(stopped) == 2 and all(t.cancelled() or t.cancelling() for t in stopped)
+    assert disc._tasks[id(a)][3] is not first[id(a)] and disc.lines() == [a]
+    for _ in range(100):
+        if a.lookups >= 3:
+            break
+        await asyncio.sleep(0.02)
+    assert a.lookups >= 3 and b.lookups == 1
+    await disc.stop()
+    assert disc.lines() == []
