@@ -1,5 +1,9 @@
 """`EndpointRuntime`: an endpoint's live state plus how to address it (URL prefix, Host);
-`EndpointPool`: a shard's endpoints, replaceable while calls are in flight."""
+`EndpointPool`: a shard's endpoints, replaceable while calls are in flight.
+
+An endpoint found by DNS (a `resolve` line, `policies.discovery`) is addressed by its IP
+(`address`) while `Host` stays the URL's name (and TLS SNI: its `TlsClient` is built with
+the name): the request goes to `scheme://ADDRESS:PORT/path` with `Host: name:port`."""
 
 from __future__ import annotations
 
@@ -17,12 +21,13 @@ class EndpointRuntime:
     """An endpoint's live state plus what is needed to address it (URL prefix, Host)."""
 
     __slots__ = ("spec", "state", "prefix", "authority", "_urls", "release", "extensions",
-                 "_scheme", "_host", "_port", "_base")
+                 "_scheme", "_host", "_port", "_base", "address")
 
     def __init__(self, spec: EndpointSpec, state: EndpointState,
-                 tls: TlsClient | None = None) -> None:
+                 tls: TlsClient | None = None, address: str | None = None) -> None:
         self.spec = spec
         self.state = state
+        self.address = address  # the IP a resolved line's name answered (None: as written)
         # what each attempt's request carries for the inner transport (how TLS is done)
         self.extensions: dict[str, object] = {TLS_EXTENSION: tls} if tls is not None else {}
         url = httpx.URL(spec.url)
@@ -31,9 +36,14 @@ class EndpointRuntime:
         if ":" in host:  # IPv6 literal
             host = f"[{host}]"
         self.authority = f"{host}{port}".encode("ascii")
+        target = host
+        if address is not None:
+            target = f"[{address}]" if ":" in address else address
         base = url.raw_path.decode("ascii").split("?", 1)[0].rstrip("/")
-        self.prefix = f"{url.scheme}://{host}{port}{base}"
-        self._scheme, self._host, self._port = url.scheme, url.host, url.port
+        self.prefix = f"{url.scheme}://{target}{port}{base}"
+        # the request goes to the address (a resolved line's), `Host` stays the name
+        self._scheme, self._port = url.scheme, url.port
+        self._host = address if address is not None else url.host
         self._base = base.encode("ascii")
         self._urls: dict[bytes, httpx.URL] = {}
         # lowers the in-flight count once an answer is closed (built once, not per attempt)

@@ -39,6 +39,10 @@ class Observer(Protocol):
 
     def health_changed(self, service: str, endpoint: str, healthy: bool) -> None: ...
 
+    def dns_lookup(
+        self, service: str, shard: str | None, line: str, result: str, addresses: int
+    ) -> None: ...  # result: policies.discovery.RESULTS; addresses: the line's count after it
+
 
 class NullObserver:
     """Observes nothing; the default for in-process use."""
@@ -69,4 +73,8 @@ class NullObserver:
         pass
 
     def health_changed(self, service: str, endpoint: str, healthy: bool) -> None:
+        pass
+
+    def dns_lookup(self, service: str, shard: str | None, line: str, result: str,
+                   addresses: int) -> None:
         pass

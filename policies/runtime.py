@@ -18,7 +18,9 @@ stale fallback.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import httpx
@@ -31,12 +33,14 @@ from policies.budget import RetryBudget
 from policies.bulkhead import Bulkhead
 from policies.chaos import ChaosInjector
 from policies.context import CallContext
+from policies.discovery import ResolvedLine, address_url, needs_lookup
 from policies.endpoint import EndpointPool, EndpointRuntime
 from policies.env import Env
 from policies.errors import BadRequest, ResilienceError
 from policies.fallback import StaleCache, StaticAnswer, cache_key, shared_cache_vary
 from policies.headers import NOT_CACHED, forward_items, header_value, lower_ascii
 from policies.health import ActiveHealth, EndpointState, OutlierDetector
+from policies.health_checks import check as check_endpoint
 from policies.health_checks import run_health_checks
 from policies.hosts import HostTable
 from policies.hedge import HedgeDelay
@@ -72,14 +76,30 @@ class ShardRuntime:
         clock = env.clock
         obs = env.observer
 
-        # endpoints: carried one by one when their spec is unchanged
-        prev_eps = {e.spec.url: e for e in prev.endpoints} if prev else {}
-        endpoints: list[EndpointRuntime] = []
+        # endpoints: carried one by one when their spec is unchanged; a `resolve` line
+        # (policies.discovery) is carried whole, with its addresses and their state, when
+        # its URL, weight and tier are the same (bound to this shard when it goes live)
+        prev_eps = {e.spec.url: e for e in prev.fixed} if prev else {}
+        prev_lines = list(prev.lines) if prev else []
+        self.fixed: list[EndpointRuntime] = []
+        self.lines: list[ResolvedLine] = []
+        self._items: list[EndpointRuntime | ResolvedLine] = []
         for ep_spec in spec.endpoints:
+            if needs_lookup(ep_spec):
+                line = next((ln for ln in prev_lines if ln.same_line(ep_spec)), None)
+                if line is not None:
+                    prev_lines.remove(line)
+                else:
+                    line = ResolvedLine(ep_spec, service.name, name)
+                self.lines.append(line)
+                self._items.append(line)
+                continue
             old = prev_eps.get(ep_spec.url)
             state = old.state if old is not None and old.spec == ep_spec else EndpointState.from_spec(ep_spec)
-            endpoints.append(EndpointRuntime(ep_spec, state, tls_client(spec.tls, ep_spec.url)))
-        self.pool = EndpointPool(endpoints)
+            ep = EndpointRuntime(ep_spec, state, tls_client(spec.tls, ep_spec.url))
+            self.fixed.append(ep)
+            self._items.append(ep)
+        self.pool = EndpointPool(self._pool_list())
         same_eps = prev is not None and prev.spec.endpoints == spec.endpoints
 
         self.latency: LatencyWindow = prev.latency if same_eps and prev else LatencyWindow()
@@ -139,6 +159,51 @@ class ShardRuntime:
     def endpoints(self) -> tuple[EndpointRuntime, ...]:
         return self.pool.endpoints
 
+    # -- resolved lines (policies.discovery) ------------------------------------------
+
+    def _pool_list(self) -> list[EndpointRuntime]:
+        eps: list[EndpointRuntime] = []
+        for item in self._items:
+            if isinstance(item, ResolvedLine):
+                eps.extend(item.endpoints)
+            else:
+                eps.append(item)
+        return eps
+
+    def bind_lines(self) -> None:
+        """Make this shard the owner of its lines (when its runtime goes live): their new
+        addresses become this shard's endpoints."""
+        specs = [s for s in self.spec.endpoints if needs_lookup(s)]
+        for line, ep_spec in zip(self.lines, specs, strict=True):
+            line.spec = ep_spec
+            if ep_spec.resolve is not None:
+                line.every = ep_spec.resolve
+            line.make_endpoint = functools.partial(self._new_address, line)
+            line.on_change = self._addresses_changed
+            if self.active is None:  # no checks here: nothing could bring a pending one in
+                for ep in line.endpoints:
+                    ep.state.healthy = True
+        self.pool.replace(self._pool_list())
+
+    def _new_address(self, line: ResolvedLine, address: str) -> EndpointRuntime:
+        spec = line.spec
+        url = address_url(spec.url, address)
+        state = EndpointState(url=url, weight=spec.weight, tier=spec.tier)
+        if self.active is not None:
+            # health-checked before use: out until its first check passes (as Envoy does)
+            state.healthy = False
+            state.rise_count = self.active.spec.rise - 1
+        return EndpointRuntime(spec, state, tls_client(self.spec.tls, url, server_name=line.name),
+                               address=address)
+
+    async def _addresses_changed(self, added: list[EndpointRuntime]) -> None:
+        self.pool.replace(self._pool_list())  # one assignment: calls read it once
+        active = self.active
+        if added and active is not None and self.spec.health is not None:
+            timeout = self.spec.health.timeout
+            await asyncio.gather(*(check_endpoint(self.parts, ep, active, timeout)
+                                   for ep in added))
+
     async def health_loop(self) -> None:
         """The shard's active health checks, until cancelled (`policies.health_checks`)."""
         assert self.active is not None
@@ -147,14 +212,26 @@ class ShardRuntime:
     # -- state --------------------------------------------------------------------
 
     def snapshot(self, now: float) -> dict[str, Any]:
-        return {
-            "endpoints": [e.state.snapshot(now) for e in self.endpoints],
+        data = {
+            "endpoints": [_endpoint_snapshot(e, now) for e in self.endpoints],
             "breaker": _snap(self.breaker),
             "limiter": _snap(self.limiter),
             "bulkhead": _snap(self.bulkhead),
             "budget": _snap(self.budget),
             "latency": self.latency.snapshot(),
         }
+        if self.lines:  # each resolved line, with its addresses under it
+            data["lines"] = [dict(ln.snapshot(), endpoints=[
+                _endpoint_snapshot(e, now) for e in ln.endpoints]) for ln in self.lines]
+        return data
+
+
+def _endpoint_snapshot(ep: EndpointRuntime, now: float) -> dict[str, Any]:
+    snap = ep.state.snapshot(now)
+    if ep.address is not None:
+        snap["line"] = ep.spec.url
+        snap["address"] = ep.address
+    return snap
 
 
 def _budget_spec(spec: ServicePlan | ShardPlan) -> Any:
@@ -383,7 +460,12 @@ class PlanRuntime:
 
     def health_shards(self) -> list[ShardRuntime]:
         return [s for svc in self.services.values() for s in svc.shards.values()
-                if s.active is not None and s.endpoints]
+                if s.active is not None and (s.endpoints or s.lines)]
+
+    def resolved_lines(self) -> list[tuple[ShardRuntime, ResolvedLine]]:
+        """Every `resolve` line of the plan, with the shard it belongs to."""
+        return [(s, ln) for svc in self.services.values() for s in svc.shards.values()
+                for ln in s.lines]
 
     def snapshot(self) -> dict[str, Any]:
         now = self.env.clock.now()

@@ -79,5 +79,16 @@ class SafeObserver:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
+    def dns_lookup(self, service: str, shard: str | None, line: str, result: str,
+                   addresses: int) -> None:
+        # off the call path (one per lookup); observers older than discovery lack it
+        method = getattr(self._o, "dns_lookup", None)
+        if method is None:
+            return
+        try:
+            method(service, shard, line, result, addresses)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
 
 __all__ = ["SafeObserver"]

@@ -26,6 +26,7 @@ import httpx
 from dsl.plan import Plan
 from policies.answers import error_response
 from policies.clock import Clock, SystemClock
+from policies.discovery import Discovery, Lookup, ResolvedLine
 from policies.env import Env
 from policies.errors import ATTEMPTS_HEADER, UnknownService
 from policies.headers import set_header
@@ -75,13 +76,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._started = False
         self._closed = False
         self._health: dict[int, tuple[ShardRuntime, asyncio.Task[None]]] = {}
+        # `resolve` lines: looked up before a plan goes live, then by a task per line
+        self._discovery = Discovery(self._env.clock, self._dns_observed)
+        self._starting: asyncio.Future[None] | None = None
 
     # -- the hot path ---------------------------------------------------------------
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not self._started:  # the first call: start discovery and health checks
+            await self.start()
         runtime = self._runtime  # one read: the whole call runs on this runtime
-        if not self._started:
-            self._start_health(runtime)
         name = request.extensions.get(SERVICE_EXTENSION)
         if name is None:
             name = runtime.service_for_host(request.url.host)
@@ -145,9 +149,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         """
         new = PlanRuntime(plan, self._env, previous=self._runtime)
         old = self._runtime
+        live = self._started and not self._closed
+        if live:  # the new lines' first lookups, before the plan goes live
+            await self._prepare_lines(new)
         self._runtime = new
         old.release()  # a store no plan uses any more closes after a grace period
-        if self._started and not self._closed:
+        if live:
+            stopped = self._discovery.run([ln for _, ln in new.resolved_lines()],
+                                          new.plan.resolver)
+            await self._discovery.stop(stopped)
             await self._restart_health(old, new)
 
     def snapshot(self) -> dict[str, Any]:
@@ -171,12 +181,36 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the active health checks (otherwise started by the first request) and
+        """Look up the `resolve` lines, then start their re-resolution and the active
+        health checks (otherwise started by the first request, which waits for it), and
         the shared store's heartbeat."""
-        if not self._started:
-            self._start_health(self._runtime)
+        if not self._started and not self._closed:
+            if self._starting is None:
+                self._starting = asyncio.ensure_future(self._start())
+            await asyncio.shield(self._starting)
         if self._env.stores is not None:
             self._env.stores.start()
+
+    async def _start(self) -> None:
+        runtime = None
+        while runtime is not self._runtime:  # a reload during the lookups: prepare it too
+            runtime = self._runtime
+            await self._prepare_lines(runtime)
+        if self._closed:
+            return
+        self._discovery.run([ln for _, ln in runtime.resolved_lines()], runtime.plan.resolver)
+        self._start_health(runtime)
+
+    async def _prepare_lines(self, runtime: PlanRuntime) -> None:
+        """Bind the runtime's lines to their shards; look up those never looked up."""
+        pairs = runtime.resolved_lines()
+        for shard in {id(s): s for s, _ in pairs}.values():
+            shard.bind_lines()
+        await self._discovery.prime([ln for _, ln in pairs], runtime.plan.resolver)
+
+    def _dns_observed(self, line: ResolvedLine, lookup: Lookup) -> None:
+        self._env.observer.dns_lookup(line.service, line.shard, line.spec.url, lookup.result,
+                                      len(line.addresses))
 
     def store_status(self) -> tuple[bool | None, dict[str, int]]:
         """The shared store, for the metrics: up (None: the plan has none), errors by kind."""
@@ -186,9 +220,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         return stores.status()
 
     async def aclose(self) -> None:
-        """Stop the health checks and close the inner transport."""
+        """Stop discovery and the health checks, and close the inner transport."""
         self._closed = True
         self._started = True  # no lazy restart after close
+        await self._discovery.stop()
         await self._stop_health(list(self._health.keys()))
         self._runtime.release()
         if self._env.stores is not None:

@@ -53,6 +53,8 @@ RELOAD_RESULTS = frozenset({"ok", "error", "unchanged"})
 RESTART_CAUSES = frozenset({"exit", "health", "reload"})
 # = policies.store.ERROR_KINDS (not imported: that would load redis for every sidecar)
 STORE_ERROR_KINDS = ("timeout", "connection", "auth", "response", "other")
+DNS_RESULTS = frozenset({"ok", "empty", "nxdomain", "timeout", "servfail", "refused",
+                         "unreachable", "error"})  # policies.discovery.RESULTS
 UNKNOWN_SERVICE = "_unknown"  # service label of calls that named no service (not a valid name)
 MAX_LABEL_SETS = 20_000  # hard cap on label tuples per metric, whatever the plans say
 MAX_EXTRA_VALUES = 32  # values outside a known set allowed per label, then `other`
@@ -209,6 +211,14 @@ class SidecarMetrics(Collector):
             ("app", "cause"))
         self.app_up = _Gauge("riprap_app_up", "1 while the supervised app's process runs.",
                              ("app",))
+        self.dns_lookups = _Counter(
+            "riprap_dns_lookups",
+            "DNS lookups of `resolve` lines, by result (ok, empty, nxdomain: answers; "
+            "timeout, servfail, refused, unreachable, error: failures, last addresses kept).",
+            ("service", "shard", "line", "result"))
+        self.dns_addresses = _Gauge(
+            "riprap_dns_addresses", "Addresses a `resolve` line has now (its endpoints).",
+            ("service", "shard", "line"))
         for result in sorted(RELOAD_RESULTS):
             self.reloads.inc((result,), 0.0)
         self.plan: dict[str, str] = {}
@@ -219,8 +229,10 @@ class SidecarMetrics(Collector):
         self.store_source: Callable[[], tuple[bool | None, dict[str, int]]] = lambda: (None, {})
         self._counters = (self.calls, self.attempts, self.retries, self.retries_refused,
                           self.hedges, self.breaker_transitions, self.ejections,
-                          self.rejections, self.fallbacks, self.reloads, self.app_restarts)
-        self._gauges = (self.breaker_state, self.endpoint_healthy, self.app_up)
+                          self.rejections, self.fallbacks, self.reloads, self.app_restarts,
+                          self.dns_lookups)
+        self._gauges = (self.breaker_state, self.endpoint_healthy, self.app_up,
+                        self.dns_addresses)
         self._histograms = (self.call_duration, self.call_attempts, self.upstream_latency)
         self.registry = registry or CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -333,6 +345,13 @@ class SidecarMetrics(Collector):
     def health_changed(self, service: str, endpoint: str, healthy: bool) -> None:
         self._safe(lambda: self.endpoint_healthy.set((service, endpoint),
                                                      1.0 if healthy else 0.0))
+
+    def dns_lookup(self, service: str, shard: str | None, line: str, result: str,
+                   addresses: int) -> None:
+        def do() -> None:
+            self.dns_lookups.inc((service, shard or "", line, _bounded(result, DNS_RESULTS)))
+            self.dns_addresses.set((service, shard or "", line), float(addresses))
+        self._safe(do)
 
     @staticmethod
     def _safe(fn: Callable[[], None]) -> None:
