@@ -131,9 +131,11 @@ def needs_lookup(spec: EndpointSpec) -> bool:
     return bool(host) and not is_ip_literal(host or "")
 
 
-def _address_key(address: str) -> tuple[int, int]:
-    ip = ipaddress.ip_address(address)
-    return (ip.version, int(ip))
+def _address_key(address: str) -> bytes:
+    """Sort key of an address (answers give them canonical: no re-parsing needed)."""
+    if ":" in address:
+        return b"\x06" + socket.inet_pton(socket.AF_INET6, address)
+    return b"\x04" + socket.inet_aton(address)
 
 
 def _server_text(server: str, port: object) -> str:

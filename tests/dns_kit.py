@@ -18,7 +18,7 @@ import socket
 import threading
 from typing import Any
 
-from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import AAAA, QTYPE, RCODE, RR, SOA, A, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 
@@ -49,14 +49,27 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
             return reply
         if records is None:
             reply.header.rcode = RCODE.NXDOMAIN
-            return reply
+            return _negative(reply, qname)
         if truncate and handler.protocol == "udp":
             reply.header.tc = 1
             return reply
         for address in records.get(qtype, ()):
             rdata = A(address) if qtype == "A" else AAAA(address)
-            reply.add_answer(RR(qname, request.q.qtype, rdata=rdata, ttl=1))
+            reply.add_answer(RR(qname, request.q.qtype, rdata=rdata, ttl=0))
+        if not reply.rr:
+            return _negative(reply, qname)
+        if handler.protocol == "udp" and fake.udp_limit and len(reply.pack()) > fake.udp_limit:
+            reply.rr = []  # too big for UDP: TC set, question kept (dnslib's truncate drops it)
+            reply.header.tc = 1
         return reply
+
+
+def _negative(reply: DNSRecord, qname: str) -> DNSRecord:
+    """NXDOMAIN / no data, with the SOA an authoritative server sends (RFC 2308); its
+    TTLs of 0 say "do not cache", so each lookup sees the records as they are now."""
+    soa = SOA("ns.test.", "hostmaster.test.", (1, 60, 60, 60, 0))
+    reply.add_auth(RR(qname, QTYPE.SOA, rdata=soa, ttl=0))
+    return reply
 
 
 class _Handler(DNSHandler):  # type: ignore[misc]
@@ -64,7 +77,6 @@ class _Handler(DNSHandler):  # type: ignore[misc]
         fake = self.server.resolver.fake
         if fake.mode == "drop":
             return  # no answer: the client times out
-        self.udplen = fake.udp_limit  # 0: no limit; else larger UDP answers are truncated
         super().handle()
 
 
