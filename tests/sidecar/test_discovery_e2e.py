@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 from dns_kit import FakeDns, free_port_on
 
-from sidecar.faults import FaultServer
+from riprap_testing.faults import FaultServer
 
 pytestmark = pytest.mark.slow
 
