@@ -94,3 +94,17 @@ def test_policy_in_the_configmap_compiles_clean(configmap: dict[str, Any], tmp_p
     assert unit.plan is not None
     assert unit.plan.admin == "0.0.0.0:7401"
     assert set(unit.plan.services) == {"payments", "inventory", "recommendations"}
+
+
+def test_payments_are_found_through_a_headless_service(configmap: dict[str, Any],
+                                                       tmp_path: Path) -> None:
+    (svc,) = [d for d in _docs("payments-headless.yaml") if d["kind"] == "Service"]
+    assert svc["spec"]["clusterIP"] == "None"  # headless: DNS lists the pods themselves
+    name = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
+    port = svc["spec"]["ports"][0]["port"]
+    for fname, text in configmap["data"].items():
+        (tmp_path / fname).write_text(text)
+    unit = load_plan_source(str(tmp_path / "checkout.riprap"))
+    assert unit.plan is not None
+    (primary,) = [e for e in unit.plan.services["payments"].endpoints if e.tier == 0]
+    assert primary.url == f"http://{name}:{port}" and primary.resolve == 5.0
