@@ -196,7 +196,7 @@ def test_missing_binary_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
     real = builtins.__import__
 
     def fake(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name == "envoy":
+        if name == "envoy" or name.startswith("envoy."):
             raise ImportError("no envoy")
         return real(name, *args, **kwargs)
 

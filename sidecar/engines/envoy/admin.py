@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from dsl.plan import EndpointSpec, Plan, ServicePlan, ShardPlan
+from sidecar.dashboard.model import quantile  # the one histogram_quantile estimate
 
 log = logging.getLogger("riprap.envoy.admin")
 
@@ -129,26 +130,6 @@ def _match_host(ep: EndpointSpec, hosts: list[dict[str, Any]]) -> list[dict[str,
             and _host_key(h)[1] == want[1]]
 
 
-def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
-    """A quantile from cumulative (upper bound, count) pairs, linearly within a bucket."""
-    if not buckets:
-        return None
-    total = buckets[-1][1]
-    if total <= 0:
-        return None
-    rank = q * total
-    prev_b, prev_c = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if math.isinf(bound):
-                return prev_b
-            if count == prev_c:
-                return bound
-            return prev_b + (bound - prev_b) * (rank - prev_c) / (count - prev_c)
-        prev_b, prev_c = bound, count
-    return prev_b
-
-
 def _histogram(stats: EnvoyStats, name: str, **labels: str) -> tuple[list[tuple[float, float]], float, float]:
     """(cumulative buckets in seconds, count, sum in seconds) of an Envoy ms histogram."""
     by_bound: dict[float, float] = {}
@@ -205,8 +186,8 @@ class EnvoyState:
             "bulkhead": self._bulkhead(spec, [cluster], stats) if not svc.shards else None,
             "budget": self._budget(spec, [cluster], stats) if not svc.shards else None,
             "latency": {"count": int(count), "total": round(total, 6),
-                        "p50": _quantile(buckets, 0.5), "p95": _quantile(buckets, 0.95),
-                        "p99": _quantile(buckets, 0.99)},
+                        "p50": quantile(buckets, 0.5), "p95": quantile(buckets, 0.95),
+                        "p99": quantile(buckets, 0.99)},
         }
 
     @staticmethod
