@@ -264,6 +264,7 @@ class Sidecar:
         self.admin = httpx.Client(base_url=self.admin_url, trust_env=False, timeout=5)
         self.log_path = policy.parent / f"sidecar-{port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.engine = "python"  # which engine runs the plan (the run_sidecar fixture sets it)
 
     def start(self, timeout: float = 15.0) -> "Sidecar":
         self._log = open(self.log_path, "wb")
