@@ -213,7 +213,10 @@ def _scope_findings(
             )
     r = p.retry
     if (p.health is None and p.outlier is None and (r is None or r.retries == 0)
-            and any(e.tier > 0 for e in p.endpoints)):
+            and any(e.tier > 0 for e in p.endpoints)
+            # a looked-up tier can empty itself (NXDOMAIN): the next tier is then used
+            and not any(e.resolve is not None and e.tier < max(x.tier for x in p.endpoints)
+                        for e in p.endpoints)):
         add(
             ("failover", p.endpoints),
             "RP408",
