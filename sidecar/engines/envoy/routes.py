@@ -254,6 +254,18 @@ class RouteBuilder:
             meta["latency_key"] = unit.cluster
         return meta
 
+    def shard_unit_meta(self, unit: Unit, shard_meta: dict[str, Any], strip: str | None) -> dict[str, Any]:
+        """What the Lua filter needs of one shard's routes, before its route is chosen: Envoy
+        keeps handing Lua the first route's metadata after the shard pick clears the route
+        cache, so the shard-less route carries each shard's (`safe`: idempotent calls)."""
+        lua = self._meta(unit, None, strip)
+        out: dict[str, Any] = {"safe": lua, "other": _without_hedge(lua)}
+        if unit.spec.retry is not None or unit.spec.hedge is not None:
+            # as unit_routes splits them: these methods, or an Idempotency-Key, are `safe`
+            methods = unit.spec.retry.methods if unit.spec.retry is not None else IDEMPOTENT_METHODS
+            out["methods"] = {m: True for m in sorted(set(methods))}
+        return out
+
     def unit_routes(self, unit: Unit, match: dict[str, Any], rewrite: str | None,
                     shard_meta: dict[str, Any] | None, strip: str | None) -> list[dict[str, Any]]:
         """The routes of one unit under `match`: idempotent calls, then the others."""
@@ -279,6 +291,7 @@ class RouteBuilder:
         if self.chaos and spec.chaos:
             per_filter[FAULT] = _fault(spec.chaos, unit.service.name, self.sink)
         meta = {LUA_META: {LUA: self._meta(unit, shard_meta, strip)}}
+        unsafe_meta = {LUA_META: {LUA: _without_hedge(meta[LUA_META][LUA])}}
 
         def route(extra_match: list[dict[str, Any]], safe: bool) -> dict[str, Any]:
             act = dict(action)
@@ -292,11 +305,7 @@ class RouteBuilder:
             m = dict(match)
             if extra_match or "headers" in m:
                 m["headers"] = list(m.get("headers", [])) + extra_match
-            route_meta = meta
-            if not safe and "hedge" in meta[LUA_META][LUA]:
-                # no hedge for a call that may not be sent twice: no per-try override either
-                lua = {k: v for k, v in meta[LUA_META][LUA].items() if k not in ("hedge", "latency_key")}
-                route_meta = {LUA_META: {LUA: lua}}
+            route_meta = meta if safe else unsafe_meta
             out: dict[str, Any] = {"match": m, "route": act, "metadata": route_meta,
                                    "request_headers_to_add": [DEADLINE],
                                    "request_headers_to_remove": [SHARD_HEADER],
@@ -348,7 +357,9 @@ class RouteBuilder:
                 # no shard picked yet: the Lua filter reads this route, sets x-riprap-shard
                 # and clears the route cache; reaching the router here means no shard
                 meta = {"service": svc.name, "shard": shard_meta,
-                        "timeout_ms": max(1, round(svc.timeout * 1000))}
+                        "timeout_ms": max(1, round(svc.timeout * 1000)),
+                        "units": {u.shard: self.shard_unit_meta(u, shard_meta, prefix)
+                                  for u in units if u.shard is not None}}
                 routes.append({
                     "match": dict(match),
                     "direct_response": {"status": 400, "body": {"inline_string": json.dumps(
@@ -360,6 +371,12 @@ class RouteBuilder:
                     ],
                 })
         return routes
+
+
+def _without_hedge(lua: dict[str, Any]) -> dict[str, Any]:
+    """A route's Lua metadata for calls that may not be sent twice: no hedge, so no per-try
+    (hedge) timeout override either."""
+    return {k: v for k, v in lua.items() if k not in ("hedge", "latency_key")}
 
 
 def _header(key: str, value: str) -> dict[str, Any]:

@@ -357,8 +357,22 @@ end
 -- ---- route metadata, converted once per route version ----------------------------------
 
 local KEYS = {"service", "timeout_ms", "strip", "shard", "fallbacks", "breaker", "breaker_key", "hedge",
-              "latency_key", "body_limit", "riprap_state", "retry_after"}
+              "latency_key", "body_limit", "riprap_state", "retry_after", "units"}
 local route_cache, route_cache_count = {}, 0
+
+-- Envoy hands a metadata number that is not a whole number (0.5, and 100.0 too) to Lua as
+-- a string: the numbers of these specs are made numbers again, once per route.
+local NUMERIC = {breaker = {"rate", "open_ms", "max_open_ms", "slow_ms", "failures", "window", "min_calls",
+                            "probes"},
+                 hedge = {"p", "min_ms", "initial_ms", "warmup"}}
+
+local function numbers_of(spec, keys)
+  if type(spec) ~= "table" then return spec end
+  for _, k in ipairs(keys) do
+    if spec[k] ~= nil then spec[k] = tonumber(spec[k]) end
+  end
+  return spec
+end
 
 -- The matched route's riprap metadata as a Lua table, or nil. Envoy converts metadata on
 -- every get(); the routes' `id` (a hash of the rest) lets that happen once per route.
@@ -370,7 +384,15 @@ local function route_meta(handle)
   if m == nil then
     m = {}
     for _, k in ipairs(KEYS) do m[k] = md:get(k) end
+    for k, keys in pairs(NUMERIC) do m[k] = numbers_of(m[k], keys) end
     if m.fallbacks == nil then m.fallbacks = {} end
+    for _, u in pairs(m.units or {}) do  -- a sharded service's shards (routes.py shard_unit_meta)
+      for _, variant in ipairs({"safe", "other"}) do
+        local um = u[variant]
+        for k, keys in pairs(NUMERIC) do um[k] = numbers_of(um[k], keys) end
+        if um.fallbacks == nil then um.fallbacks = {} end
+      end
+    end
     if route_cache_count > 4096 then route_cache, route_cache_count = {}, 0 end
     route_cache[id] = m
     route_cache_count = route_cache_count + 1
@@ -528,7 +550,15 @@ function envoy_on_request(handle)
     local t = shard["timeouts"]
     if t ~= nil and t[pick] ~= nil then timeout_ms = t[pick] end
     handle:clearRouteCache()
-    md = route_meta(handle) or md  -- the shard's own route
+    -- the shard's own route is chosen now, but Lua keeps being handed the first route's
+    -- metadata: that route carries each shard's
+    local u = md.units ~= nil and md.units[pick] or nil
+    if u ~= nil then
+      local methods = u["methods"]
+      local safe = methods == nil or methods[headers:get(":method") or "GET"] ~= nil
+                   or headers:get("idempotency-key") ~= nil
+      md = safe and u["safe"] or u["other"]
+    end
   end
   local capped = false
   local incoming = headers:get("x-riprap-deadline-ms")
@@ -563,6 +593,11 @@ function envoy_on_request(handle)
   end
 end
 
+-- riprap's own refusals, decided before the call could reach the upstream: no breaker
+-- outcome (a refused call in half-open is not a failed probe)
+local NOT_UPSTREAM = {["breaker-open"] = true, ["overloaded"] = true, ["rate-limited"] = true,
+                      ["bad-request"] = true, ["no-shard-key"] = true, ["unknown-service"] = true}
+
 function envoy_on_response(handle)
   local md = route_meta(handle)
   if md == nil or md.service == nil then return end
@@ -595,7 +630,7 @@ function envoy_on_response(handle)
     local b = breakers[md.breaker_key]
     -- overloaded is decided before the breaker; a call cut by its caller's shorter
     -- deadline is not the upstream's failure
-    if b ~= nil and reason ~= "overloaded" and not (reason == "timeout" and dm["capped"]) then
+    if b ~= nil and not NOT_UPSTREAM[reason or ""] and not (reason == "timeout" and dm["capped"]) then
       now = now or handle:timestamp()
       local start = (dm ~= nil and dm["start"]) or now
       b_record(b, bspec, now, status < 500, now - start)
