@@ -2,8 +2,9 @@
 
 On the Envoy engine a `limit ... shared` is enforced by Envoy's `envoy.filters.http.ratelimit`
 filter, which asks this service (`envoy.service.ratelimit.v3.RateLimitService/
-ShouldRateLimit`, gRPC, `grpcio` with the generated messages of `xds-protos`) about every
-call. It answers from the SAME store and the SAME bucket script as the Python engine
+ShouldRateLimit`, gRPC: `grpcio`'s generic handlers over the messages of
+`sidecar.rls_messages`, built with protobuf, not xds-protos, whose files break OpenTelemetry)
+about every call. It answers from the SAME store and the SAME bucket script as the Python engine
 (`policies.shared_limit`), so a fleet may mix engines: a Python sidecar and an Envoy one of
 the same app draw on one bucket.
 
@@ -29,13 +30,13 @@ import logging
 from typing import Any, Callable
 
 import grpc
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from dsl.plan import Plan, ServicePlan
 from policies.clock import Clock, SystemClock
 from policies.limiter import retry_after_seconds
 from policies.shared_limit import SharedLimiter
 from policies.store import Store, StoreHub
+from sidecar import rls_messages as rls
 
 log = logging.getLogger("riprap.ratelimit")
 
@@ -85,7 +86,7 @@ class _Limits:
             self.store = None
 
 
-class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+class RateLimitServicer:
     """ShouldRateLimit over the current plan's shared limiters."""
 
     def __init__(self, plan_source: Callable[[], Plan], hub: StoreHub,
@@ -121,10 +122,10 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
         except ValueError as exc:
             log.error("rate limit service: %s", exc)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        response = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
+        response = rls.RateLimitResponse(overall_code=rls.OK)
         if request.domain != limits.app:
             for _ in request.descriptors:
-                response.statuses.add(code=rls_pb2.RateLimitResponse.OK)
+                response.statuses.add(code=rls.OK)
             return response
         cost = max(1, int(request.hits_addend or 1))
         longest = 0.0
@@ -136,7 +137,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
                     service = entry.value
                 elif entry.key == KEY_ENTRY:
                     key = entry.value
-            status = response.statuses.add(code=rls_pb2.RateLimitResponse.OK)
+            status = response.statuses.add(code=rls.OK)
             limiter = limits.limiters.get(service) if service is not None else None
             if limiter is None:
                 continue
@@ -145,16 +146,25 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
                                     f"{KEY_ENTRY} longer than {_MAX_KEY} characters")
             wait = await limiter.take(key if limiter.per_header else None, cost)
             if wait:
-                status.code = rls_pb2.RateLimitResponse.OVER_LIMIT
-                status.duration_until_reset.FromNanoseconds(int(wait * 1e9))
+                status.code = rls.OVER_LIMIT
+                rls.set_duration(status.duration_until_reset, wait)
                 longest = max(longest, wait)
         if longest:
             self.over_limit += 1
-            response.overall_code = rls_pb2.RateLimitResponse.OVER_LIMIT
+            response.overall_code = rls.OVER_LIMIT
             response.response_headers_to_add.add(key="retry-after",
                                                  value=str(retry_after_seconds(longest)))
             response.response_headers_to_add.add(key="x-riprap-reason", value="rate-limited")
         return response
+
+
+def handler(servicer: RateLimitServicer) -> Any:
+    """The gRPC generic handler that routes Envoy's ShouldRateLimit to `servicer`."""
+    method = grpc.unary_unary_rpc_method_handler(
+        servicer.ShouldRateLimit,
+        request_deserializer=rls.RateLimitRequest.FromString,
+        response_serializer=rls.RateLimitResponse.SerializeToString)
+    return grpc.method_handlers_generic_handler(rls.SERVICE_NAME, {rls.METHOD_NAME: method})
 
 
 class RateLimitService:
@@ -179,7 +189,7 @@ class RateLimitService:
 
     async def start(self) -> int:
         server = grpc.aio.server()
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers((handler(self.servicer),))
         bound = server.add_insecure_port(f"{self.host}:{self.port}")
         if not bound:
             raise OSError(f"rate limit service: cannot bind {self.host}:{self.port}")
@@ -208,5 +218,5 @@ class RateLimitService:
         }
 
 
-__all__ = ["KEY_ENTRY", "SERVICE_ENTRY", "RateLimitService", "RateLimitServicer",
+__all__ = ["KEY_ENTRY", "SERVICE_ENTRY", "RateLimitService", "RateLimitServicer", "handler",
            "shared_limited_services"]

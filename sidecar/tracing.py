@@ -157,11 +157,6 @@ def tracer_from_env(app: str, environ: Mapping[str, str] | None = None) -> OtelT
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as exc:
-        if "opentelemetry.proto" in str(exc):  # xds-protos' old copy of the same files
-            raise RuntimeError(
-                f"OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry's protos are an old copy "
-                f"({exc}), as xds-protos installs them: pip install --force-reinstall --no-deps "
-                "opentelemetry-proto") from exc
         raise RuntimeError(
             f"OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed ({exc}); "
             "install riprap with the otel extra: pip install 'riprap[otel]'") from exc

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import aiohttp
 import httpx
@@ -27,8 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Sidecar:
-    def __init__(self, policy: Path) -> None:
+    """One `riprap run` process; `args` are added to its command line (`--engine envoy`),
+    `env` to its environment."""
+
+    def __init__(self, policy: Path, args: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None) -> None:
         self.policy = policy
+        self.args = tuple(args)
+        self.extra_env = dict(env or {})
         self.port = free_port()
         self.admin_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,11 +55,12 @@ class Sidecar:
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
             env.pop(var, None)
+        env.update(self.extra_env)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar.cli", "run", str(self.policy),
              "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
-             "--grace", "0"],
+             "--grace", "0", *self.args],
             cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT, env=env)
         return self
 

