@@ -215,6 +215,7 @@ class RateLimitService:
             "over_limit": self.servicer.over_limit,
             "limits": {name: lim.snapshot() for name, lim in limits.limiters.items()}
             if limits is not None else {},
+            "store": self.hub.snapshot(),  # its URL without the password
         }
 
 

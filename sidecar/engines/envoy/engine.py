@@ -220,8 +220,23 @@ class EnvoyEngine:
         snap = self.state.snapshot(self.plan, self.stats)
         snap["envoy"] = self.process.snapshot() if self.process is not None else None
         if self.ratelimit is not None:
-            snap["ratelimit"] = self.ratelimit.snapshot()
+            rls = snap["ratelimit"] = self.ratelimit.snapshot()
+            snap["store"] = rls["store"]  # where the Python engine shows it
+            # A shared limit is enforced by the rate limit service, not Envoy's local
+            # filter: its limiter is the service's (store up/down, sidecars, limited), in
+            # the Python engine's shape.
+            for name, limiter in rls["limits"].items():
+                service = snap["services"].get(name)
+                if service is not None and "limiter" in service:
+                    service["limiter"] = limiter
         return snap
+
+    def store_status(self) -> tuple[bool | None, dict[str, int]]:
+        """For `riprap_store_up` / `riprap_store_errors`: the rate limit service's store."""
+        if self.ratelimit is None:
+            return None, {}
+        status: tuple[bool | None, dict[str, int]] = self.ratelimit.hub.status()
+        return status
 
     async def aclose(self) -> None:
         if self.process is not None:
@@ -247,7 +262,7 @@ class EnvoyMetrics(SidecarMetrics):
         if engine is None:
             return
         stats = await engine.refresh()
-        state = engine.state.snapshot(engine.plan, stats)
+        state = engine.snapshot()  # with the shared limiters of the rate limit service
         fill_metrics(self, engine.plan, stats, state, engine.cluster_name)
         self._in_flight = sum(v for lab, v in stats.samples.get("envoy_http_downstream_rq_active", ())
                               if lab.get("envoy_http_conn_manager_prefix") != "admin")
@@ -382,6 +397,7 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
         raise
     metrics = EnvoyMetrics()
     metrics.engine = engine
+    metrics.store_source = engine.store_status  # riprap_store_up, riprap_store_errors
     supervisor: list[Supervisor | None] = [None]
 
     def supervise_changed(new: Plan) -> None:
