@@ -51,6 +51,7 @@ def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
         return Response(body, media_type=ctype)
 
     async def plan(request: Request) -> Response:
+        await holder.settled()
         return JSONResponse(holder.plan_document())
 
     def state_document() -> dict[str, Any]:
@@ -74,6 +75,7 @@ def create_admin_app(holder: PlanHolder, metrics: SidecarMetrics,
         return doc
 
     async def state(request: Request) -> Response:
+        await holder.settled()
         refresh = getattr(holder.transport, "refresh", None)
         if refresh is not None:
             await refresh()

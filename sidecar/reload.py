@@ -106,6 +106,7 @@ class PlanHolder:
         self.last_reload_seconds: float | None = None
         self.on_supervise_change = on_supervise_change
         self._lock = asyncio.Lock()
+        self._applying: asyncio.Event | None = None  # set while an engine applies a new plan
         self._watch_task: asyncio.Task[None] | None = None
         self._stop_watch = asyncio.Event()
         self._watched: list[str] = []
@@ -125,8 +126,8 @@ class PlanHolder:
     def transport(self) -> ResilientTransport:
         return self._transport
 
-    def watch_paths(self) -> tuple[str, ...]:
-        paths = list(self.plan.watch)
+    def watch_paths(self, plan: Plan | None = None) -> tuple[str, ...]:
+        paths = list((plan or self.plan).watch)
         if self.source_path and self.source_path not in paths:
             paths.insert(0, self.source_path)
         return tuple(os.path.abspath(p) for p in paths)
@@ -145,6 +146,17 @@ class PlanHolder:
             if real != p:
                 dirs.add(os.path.dirname(real) or ".")
         return sorted(d for d in dirs if os.path.isdir(d))
+
+    async def settled(self, timeout: float = 3.0) -> None:
+        """Wait (bounded) for a plan the engine is applying right now: the Envoy engine
+        puts a plan in force in steps (clusters, routes, listeners), and `/plan` should not
+        show the old plan once calls already see the new one."""
+        applying = self._applying
+        if applying is not None:
+            try:
+                await asyncio.wait_for(applying.wait(), timeout)
+            except TimeoutError:
+                pass
 
     def plan_document(self) -> dict[str, Any]:
         return {
@@ -175,8 +187,8 @@ class PlanHolder:
             paths_before = self.watch_paths()
             before = fingerprint(paths_before)
 
-            def seen() -> str:
-                paths = self.watch_paths()
+            def seen(new: Plan | None = None) -> str:
+                paths = self.watch_paths(new)
                 return before if paths == paths_before else fingerprint(paths)
 
             try:
@@ -190,19 +202,24 @@ class PlanHolder:
                 return False
             for w in warnings:
                 log.warning("%s", render_text(w))
-            self.last_error = None
+            # The new plan's files, as they are now (just compiled): taken before the engine
+            # applies the plan, which may take a while, so that a file changed meanwhile
+            # (or deleted) is seen as a change once this reload is done.
+            compiled = seen(plan)
             digest = plan.digest()
             old = self.plan
             named = self._named_files(plan)
             # The same plan, but a file it names changed (a rotated certificate): rebuild.
             if digest == self.digest and plan.watch == old.watch and named == self._named:
+                self.last_error = None  # the file compiles again, to the plan in force
                 self.metrics.reloaded("unchanged")
-                self._fingerprint = seen()
+                self._fingerprint = compiled
                 log.info("reload (%s): plan unchanged (%s)", trigger, digest[:12])
                 return True
             if (plan.listen, plan.admin) != (old.listen, old.admin):
                 log.warning("reload (%s): listen/admin addresses changed in the file; they "
                             "take effect on restart", trigger)
+            applying = self._applying = asyncio.Event()
             try:
                 await self._transport.update(plan)
             except Exception as exc:  # noqa: BLE001 - keep serving the old plan
@@ -212,6 +229,12 @@ class PlanHolder:
                 self.metrics.reloaded("error")
                 log.exception("reload (%s) failed while building the new plan", trigger)
                 return False
+            finally:
+                self._applying = None
+                applying.set()  # (the plan below is swapped before any waiter runs again)
+            # only now, with the new plan in force (the engine may take a while: Envoy
+            # validates and applies it), is the last failure behind us
+            self.last_error = None
             self.plan = plan
             self._named = named
             self.router = Router(plan)
@@ -220,7 +243,7 @@ class PlanHolder:
             self.reloads += 1
             self.metrics.reloaded("ok")
             self.metrics.plan_loaded_now(digest, plan.app)
-            self._fingerprint = seen()
+            self._fingerprint = compiled
             self.last_reload_seconds = time.monotonic() - started
             log.info("reload (%s): plan %s in force (%.0f ms)", trigger, digest[:12],
                      self.last_reload_seconds * 1000)
