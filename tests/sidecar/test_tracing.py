@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-trace_pb2 = pytest.importorskip(
-    "opentelemetry.proto.collector.trace.v1.trace_service_pb2",
-    reason="the otel extra (opentelemetry-proto) is not installed")
+pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+                    reason="the otel extra (opentelemetry-proto) is not installed")
+
+from riprap_testing.otlp import Receiver  # noqa: E402 - after the skip
 
 pytestmark = pytest.mark.slow
 
@@ -27,74 +25,11 @@ CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 
 
-class Receiver:
-    """An OTLP/HTTP trace receiver: every exported span, decoded."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict[str, Any]] = []
-        self.resources: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                request = trace_pb2.ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                with receiver.lock:
-                    for rs in request.resource_spans:
-                        res = {a.key: a.value.string_value for a in rs.resource.attributes}
-                        receiver.resources.append(res)
-                        for ss in rs.scope_spans:
-                            for sp in ss.spans:
-                                receiver.spans.append(_span(sp, res))
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def wait_for(self, predicate: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                spans = list(self.spans)
-            if predicate(spans):
-                return spans
-            time.sleep(0.05)
-        raise AssertionError(f"the expected spans never arrived; got {spans}")
-
-
-def _value(v: Any) -> Any:
-    kind = v.WhichOneof("value")
-    return getattr(v, kind) if kind else None
-
-
-def _span(sp: Any, resource: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": sp.name, "trace_id": sp.trace_id.hex(), "span_id": sp.span_id.hex(),
-        "parent": sp.parent_span_id.hex(), "kind": sp.kind,
-        "attrs": {a.key: _value(a.value) for a in sp.attributes},
-        "events": [e.name for e in sp.events], "service": resource.get("service.name"),
-    }
-
-
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    r.thread.start()
+    r = Receiver().start()
     yield r
-    r.server.shutdown()
-    r.server.server_close()
+    r.stop()
 
 
 def test_call_and_attempt_spans_link_to_the_caller_and_the_upstream(
