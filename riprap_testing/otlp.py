@@ -45,7 +45,7 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                body = self._body()
                 request = trace_service_pb2.ExportTraceServiceRequest()
                 request.ParseFromString(body)
                 with receiver.lock:
@@ -61,6 +61,20 @@ class Receiver:
                 self.send_header("content-type", "application/x-protobuf")
                 self.send_header("content-length", "0")
                 self.end_headers()
+
+            def _body(self) -> bytes:
+                """The request body, sized or chunked (Envoy's exporter sends it chunked)."""
+                if "chunked" not in self.headers.get("transfer-encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("content-length", "0")))
+                chunks: list[bytes] = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass  # trailers
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
 
             def log_message(self, *args: Any) -> None:
                 pass

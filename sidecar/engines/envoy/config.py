@@ -23,7 +23,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -59,12 +59,16 @@ class EnvoyConfig:
     notes: tuple[EngineNote, ...]
 
 
-def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: bool) -> EnvoyConfig:
+def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: bool,
+                 environ: Mapping[str, str] | None = None) -> EnvoyConfig:
     """The whole Envoy configuration of `plan`. Pure: writes nothing.
 
     `dynamic_dir` is the folder of the watched files as Envoy will see it; pass an
-    absolute path unless Envoy is started in a known working directory.
+    absolute path unless Envoy is started in a known working directory. `environ` is
+    the environment whose standard `OTEL_*` variables ask for tracing (`tracing.py`);
+    None (the default) or one without them: no tracing configuration at all.
     """
+    from sidecar.engines.envoy import tracing as otel
     from sidecar.engines.envoy.clusters import build_clusters
     from sidecar.engines.envoy.listeners import build_listener
     from sidecar.engines.envoy.routes import build_route_config
@@ -77,13 +81,22 @@ def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: boo
     rds = {"route_config_name": route_config["name"], "config_source": _source(dynamic_dir / RDS_FILE)}
     listener = build_listener(plan, ports.listen_host, ports.listen_port, rds, sink,
                               chaos=chaos, shared_ok=shared_ok)
+    traced = otel.tracing_from_env(plan.app, environ, sink) if environ is not None else None
+    if traced is not None:
+        clusters.append(otel.collector_cluster(traced))
+        otel.decorate_routes(route_config)
+        otel.trace_listener(listener, traced)
     resources: dict[str, dict[str, Any]] = dict(secrets)
     typed = [{"@type": CLUSTER_TYPE, **c} for c in clusters]
     resources[CDS_FILE] = {"version_info": _version(typed), "resources": typed}
     routes = [{"@type": ROUTE_TYPE, **route_config}]
     resources[RDS_FILE] = {"version_info": _version(routes), "resources": routes}
     resources[LDS_FILE] = {"version_info": _version([listener]), "resources": [listener]}
-    return EnvoyConfig(bootstrap=bootstrap(plan, ports, dynamic_dir), resources=resources, notes=sink.notes())
+    boot = bootstrap(plan, ports, dynamic_dir)
+    runtime = otel.runtime_layer(traced) if traced is not None else None
+    if runtime is not None:
+        boot["layered_runtime"] = runtime
+    return EnvoyConfig(bootstrap=boot, resources=resources, notes=sink.notes())
 
 
 def _version(resources: list[dict[str, Any]]) -> str:
@@ -185,9 +198,27 @@ def _watched(config: EnvoyConfig) -> str:
     return str(source["watched_directory"]["path"])
 
 
-def header_comment(out_dir: Path | str) -> str:
+def _traced_to(config: EnvoyConfig) -> str | None:
+    """The OTLP/HTTP URL the configuration exports spans to, if it traces."""
+    for resource in config.resources.get(LDS_FILE, {}).get("resources", ()):
+        for chain in resource.get("filter_chains", ()):
+            for f in chain.get("filters", ()):
+                provider = f.get("typed_config", {}).get("tracing", {}).get("provider", {})
+                uri = provider.get("typed_config", {}).get("http_service", {}).get("http_uri", {}).get("uri")
+                if uri:
+                    return str(uri)
+    return None
+
+
+def header_comment(out_dir: Path | str, traced_to: str | None = None) -> str:
     """The README-style comment at the top of envoy.yaml: how to run it."""
     where = "the folder Envoy is started in" if str(out_dir) == "." else str(out_dir)
+    tracing = (
+        f"# Tracing: compiled with OTEL_EXPORTER_OTLP_*ENDPOINT set, so every call is traced over\n"
+        f"# OTLP/HTTP to {traced_to} (the OTEL_* variables were read at compile time).\n"
+        "# Compiled without them, the configuration has no tracing at all.\n"
+        if traced_to else ""
+    )
     return (
         "# Envoy configuration compiled by riprap (`riprap compile FILE --target envoy -o DIR`).\n"
         "#\n"
@@ -199,6 +230,7 @@ def header_comment(out_dir: Path | str) -> str:
         "# folder, then `mv` the file in) applies it without a restart.\n"
         "# Envoy's admin API listens on 127.0.0.1 only. Do not edit by hand: edit the .riprap\n"
         "# file and compile again. Differences from riprap's own engine: `riprap check --engine envoy`.\n"
+        + tracing
     )
 
 
@@ -232,7 +264,7 @@ def write_config(config: EnvoyConfig, out_dir: Path, *, dynamic_dir: Path | None
     dyn.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     boot = out_dir / BOOTSTRAP_FILE
-    _atomic_write(boot, header_comment(_watched(config)) + to_yaml(config.bootstrap))
+    _atomic_write(boot, header_comment(_watched(config), _traced_to(config)) + to_yaml(config.bootstrap))
     written.append(boot)
     # secrets, clusters, routes, then the listener: nothing names what Envoy lacks yet
     rank = {CDS_FILE: 1, RDS_FILE: 2, LDS_FILE: 3}

@@ -71,8 +71,10 @@ class EnvoyEngine:
     def __init__(self, plan: Plan, *, binary: str, listen: str, chaos: bool = False,
                  concurrency: int = 1, drain_time: float = 2.0,
                  compiler: tuple[Builder, ClusterNameFn, Any] | None = None,
-                 run_dir: Path | None = None, log_level: str = "warning") -> None:
+                 run_dir: Path | None = None, log_level: str = "warning",
+                 environ: dict[str, str] | None = None) -> None:
         self.plan = plan
+        self.environ = environ  # whose OTEL_* variables ask for tracing (None: no tracing)
         self.binary = binary
         self.chaos = chaos
         self.concurrency = concurrency
@@ -118,8 +120,9 @@ class EnvoyEngine:
     # -- building -----------------------------------------------------------------------
     def build(self, plan: Plan) -> ConfigLike:
         """Plan -> Envoy configuration (pure; runs in a worker thread on reloads)."""
+        extra = {"environ": self.environ} if self.environ is not None else {}
         config = self.build_config(plan, self.ports, dynamic_dir=self.dynamic_dir,
-                                   chaos=self.chaos)
+                                   chaos=self.chaos, **extra)
         return split_routes(config, self.dynamic_dir)
 
     async def prepare(self) -> ConfigLike:
@@ -376,7 +379,8 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
         raise
     engine = EnvoyEngine(plan, binary=binary, listen=listen, chaos=args.chaos,
                          drain_time=max(0.0, args.grace), compiler=compiler,
-                         log_level="debug" if args.log_level == "debug" else "warning")
+                         log_level="debug" if args.log_level == "debug" else "warning",
+                         environ=dict(os.environ))
     try:
         try:
             await engine.prepare()

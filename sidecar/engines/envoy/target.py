@@ -4,10 +4,12 @@ DIR gets envoy.yaml (with a comment saying how to run it) and the files it names
 listener is the plan's `listen`; Envoy's own admin API takes the port of the plan's
 `admin` on 127.0.0.1 (riprap's admin endpoints are not there: nothing of riprap runs).
 Shared limits need riprap's rate limit service, so here they are this Envoy's own.
+Tracing is compiled in when the standard OTEL_* variables are set at compile time.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dsl.plan import Plan
@@ -25,7 +27,9 @@ def compile_to_dir(plan: Plan, out_dir: Path, *, chaos: bool = False) -> tuple[l
     host, port = split_address(plan.listen)
     _, admin_port = split_address(plan.admin)
     out = out_dir.absolute()
-    config = build_config(plan, EnvoyPorts(host, port, admin_port), dynamic_dir=out, chaos=chaos)
+    # the OTEL_* variables of this environment: a folder compiled with them traces as `run` does
+    config = build_config(plan, EnvoyPorts(host, port, admin_port), dynamic_dir=out, chaos=chaos,
+                          environ=dict(os.environ))
     return write_config(config, out), config.notes
 
 
