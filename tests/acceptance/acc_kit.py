@@ -200,14 +200,16 @@ class Upstream:
 
             def _send(self, code: int, body: bytes, ctype: str,
                       extra: list[tuple[str, str]] | None = None) -> None:
+                bodiless = code in (204, 304) or code < 200  # RFC 9110: no body, no length
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
+                if not bodiless:
+                    self.send_header("Content-Length", str(len(body)))
                 self.send_header("X-Upstream", up.name)
                 for k, v in extra or ():
                     self.send_header(k, v)
                 self.end_headers()
-                if self.command != "HEAD":
+                if self.command != "HEAD" and not bodiless:
                     self.wfile.write(body)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _any

@@ -20,9 +20,6 @@ class Difference(NamedTuple):
 
 
 ENVOY_DIFFERENCES: dict[str, Difference] = {
-    "forward-proxy-403": Difference(
-        "a forward-proxy (absolute-form) call to an unknown host gets 404, not 403: "
-        "Envoy does not tell the absolute form apart", None),
 }
 
 

@@ -136,7 +136,26 @@ def test_unknown_host_forward_proxy_form_is_403(env: dict[str, Any]) -> None:
     # never forwarded anywhere: also not to an upstream the plan names by address
     r = proxy.get(f"http://127.0.0.1:{A.port}/{i}")
     assert r.status_code == 403 and reason(r) == "unknown-service"
+    # nor by a path that names a service: the target's host decides
+    r = proxy.get(f"http://evil.example/echo/{i}", headers={"Host": "echo"})
+    assert r.status_code == 403 and reason(r) == "unknown-service"
+    _names_all_services(r)
     assert A.hits(i) == [] and B.hits(i) == []
+
+
+def test_origin_form_is_never_taken_for_a_forward_proxy_call(env: dict[str, Any]) -> None:
+    # contract §9: 403 only for the forward-proxy form; "/NAME/rest" still routes, whatever
+    # headers the client adds, and HTTP/1.0 absolute-form is a forward-proxy call too
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/echo/{i}", headers={"x-riprap-forward-proxy": "1", "Host": "nope.example"})
+    assert r.status_code == 200 and r.json()["path"] == f"/{i}"
+    assert len(A.hits(i)) == 1
+    out = _raw(sc.port, f"GET http://evil.example/echo/{i} HTTP/1.0\r\n\r\n".encode())
+    assert out.split(b"\r\n", 1)[0].split(b" ")[1] == b"403", out[:200]
+    out = _raw(sc.port, f"GET http://echo/h10abs/{i} HTTP/1.0\r\n\r\n".encode())
+    assert out.split(b"\r\n", 1)[0].split(b" ")[1] == b"200", out[:200]
+    assert [h["path"] for h in A.hits(f"h10abs/{i}")] == [f"/h10abs/{i}"]
 
 
 def test_unknown_host_and_unknown_prefix_is_404(env: dict[str, Any]) -> None:

@@ -31,11 +31,6 @@ ENVOY_DIFFERENCES: dict[tuple[str, str], str] = {
     # Envoy's circuit breakers: the 503 comes once the upstream connection is open
     ("capped", "concurrency"): "the 503 overloaded comes a little later",
 }
-# Differences of the engine itself, not of a statement: written in docs/engines.md (the
-# compiler emits no per-statement warning for them).
-ENVOY_ENGINE_DIFFERENCES: dict[str, str] = {
-    "forward-proxy 403": "a forward-proxy call to an unknown host gets 404, not 403",
-}
 
 
 def policy(A: str, B: str, DEAD: str) -> str:
@@ -155,9 +150,9 @@ def test_unknown_service_is_404_and_403_by_proxy(sc: Sidecar) -> None:
     assert "echo" in r.json()["services"]
     with httpx.Client(proxy=sc.url, trust_env=False, timeout=10) as proxy:
         r = proxy.get("http://elsewhere.example/x")
-    want = 404 if getattr(sc, "engine", "") == "envoy" and \
-        "forward-proxy 403" in ENVOY_ENGINE_DIFFERENCES else 403
-    assert r.status_code == want and r.headers["x-riprap-reason"] == "unknown-service"
+        assert r.status_code == 403 and r.headers["x-riprap-reason"] == "unknown-service"
+        r = proxy.get("http://elsewhere.example/echo/x")  # never forwarded, whatever the path
+        assert r.status_code == 403 and r.headers["x-riprap-reason"] == "unknown-service"
 
 
 def test_retry_goes_to_the_other_endpoint_and_counts_attempts(sc: Sidecar) -> None:

@@ -286,10 +286,11 @@ def _cluster(plan: Plan, unit: Unit, dynamic_dir: str, secrets: dict[str, dict[s
     }
     if spec.balance == "least-request":
         cluster["least_request_lb_config"] = {"choice_count": 2}
-    # Without panic routing, a cluster with no healthy host answers 503 at once, which the
-    # fallback then answers: riprap's `no-healthy-endpoint`.
-    if spec.fallbacks:
-        cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    # No panic routing: a cluster with no healthy host answers 503 `no-healthy-endpoint` at
+    # once (or its fallback does), never calls an unhealthy endpoint. No update merge window
+    # (Envoy's default is 1 s): a health change reaches the load balancer at once, so `rise`
+    # and `fall` take effect after exactly that many checks.
+    cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}, "update_merge_window": "0s"}
     checks = _health_checks(unit)
     if checks:
         cluster["health_checks"] = checks

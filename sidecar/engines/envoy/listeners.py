@@ -193,6 +193,10 @@ def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: 
         "max_request_headers_kb": 64,  # a bigger head gets 431
         "common_http_protocol_options": {"idle_timeout": "5s", "max_headers_count": 256},
         "request_headers_timeout": "10s",
+        # HTTP/1.0 as on the python engine; one without Host is routed by its `/NAME/` prefix
+        # (the listener's own address is no service's name)
+        "http_protocol_options": {"accept_http_10": True,
+                                  "default_host_for_http_10": (f"[{host}]" if ":" in host else host) + f":{port}"},
         "normalize_path": False,  # the path reaches the upstream as the client sent it
         "merge_slashes": False,
         "path_with_escaped_slashes_action": "KEEP_UNCHANGED",

@@ -25,6 +25,13 @@ LUA_META = "filter_metadata"
 LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
 FAULT = "envoy.filters.http.fault"
 SHARD_HEADER = "x-riprap-shard"
+# set by the Lua filter on a forward-proxy (absolute-form) call to a host the plan does not
+# name; the catch-all virtual host's first route answers it 403
+FORWARD_PROXY_HEADER = "x-riprap-forward-proxy"
+# hop-by-hop headers Envoy itself forwards (it drops Connection, Keep-Alive, Upgrade
+# without a tunnel, Transfer-Encoding and the headers Connection names)
+HOP_BY_HOP_REQUEST = ["te", "trailer", "proxy-authorization", "proxy-connection"]
+HOP_BY_HOP_RESPONSE = ["trailer", "proxy-authenticate", "proxy-connection"]
 STATE_HOST = "_riprap"  # not a service name (those start with a letter)
 LOCAL_STAGE = 0
 SHARED_STAGE = 1
@@ -415,6 +422,21 @@ def _connect_refusal(plan: Plan, status: int) -> dict[str, Any]:
     }
 
 
+def _forward_proxy_refusal(plan: Plan) -> dict[str, Any]:
+    """403 for a forward-proxy call to a host the plan does not name, whatever its path: Envoy
+    routes it to the catch-all virtual host, where the Lua filter marks it (an absolute-form
+    request line) and clears the route cache, so that it matches here."""
+    return {
+        "match": {"prefix": "/", "headers": [{"name": FORWARD_PROXY_HEADER, "present_match": True}]},
+        "direct_response": {"status": 403, "body": {"inline_string": unknown_service_body(plan)}},
+        "response_headers_to_add": [
+            _header("x-riprap-reason", "unknown-service"),
+            _header("content-type", "application/json"),
+            _header("x-riprap-attempts", "0"),
+        ],
+    }
+
+
 def unknown_service_body(plan: Plan) -> str:
     return json.dumps({"error": "unknown service", "reason": "unknown-service",
                        "services": sorted(plan.services)})
@@ -437,7 +459,6 @@ def build_route_config(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bo
             vhosts.append({"name": f"service:{name}", "domains": domains,
                            "routes": [_connect_refusal(plan, 405), *builder.service_routes(name, None)]})
         catch_all.extend(builder.service_routes(name, f"/{name}"))
-    catch_all.insert(0, _connect_refusal(plan, 403))
     catch_all.append({
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": unknown_service_body(plan)}},
@@ -447,6 +468,11 @@ def build_route_config(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bo
             _header("x-riprap-attempts", "0"),
         ],
     })
+    # a host the plan does not name: the Lua filter turns a forward-proxy call into 403
+    for route in catch_all:
+        route.setdefault("metadata", {LUA_META: {LUA: {}}})[LUA_META][LUA]["unknown_host"] = True
+    catch_all.insert(0, _forward_proxy_refusal(plan))
+    catch_all.insert(0, _connect_refusal(plan, 403))
     # this Envoy's breakers (the Lua filter answers), for riprap's /state
     vhosts.append({"name": "riprap:state", "domains": [STATE_HOST], "routes": [{
         "match": {"path": "/breakers"},
@@ -460,7 +486,8 @@ def build_route_config(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bo
     return {
         "name": "riprap",
         "virtual_hosts": vhosts,
-        "response_headers_to_remove": ["x-envoy-upstream-service-time"],
+        "request_headers_to_remove": [*HOP_BY_HOP_REQUEST, FORWARD_PROXY_HEADER],
+        "response_headers_to_remove": ["x-envoy-upstream-service-time", *HOP_BY_HOP_RESPONSE],
         "max_direct_response_body_size_bytes": 1024 * 1024,
     }
 

@@ -11,6 +11,9 @@
 --   riprap_state  "breakers": answer this worker's breakers as JSON (Host `_riprap`)
 --   hedge       {p, min_ms, initial_ms, warmup} for `hedge at pNN`, `latency_key` its scope
 --   body_limit  the largest request body kept to resend to a fallback service
+--   unknown_host  the catch-all virtual host (a Host the plan does not name): a forward-proxy
+--               call is marked with x-riprap-forward-proxy, which routes it to a 403 (a mark
+--               the client sent itself is dropped first)
 -- `blake2b` (lua/blake2b.lua) is prepended to this file by the compiler.
 --
 -- State is per Envoy worker (a Lua state each): the breakers, the stale copies (bounded
@@ -18,6 +21,7 @@
 -- stale or service fallback is in flight, what its fallback needs from the request.
 
 local SELF = "_riprap_self"
+local FORWARD_PROXY = "x-riprap-forward-proxy"
 local STALE_MAX_ENTRIES, STALE_MAX_BYTES, STALE_MAX_ENTRY = 1024, 16 * 1048576, 1048576
 local HOP = {["connection"] = true, ["keep-alive"] = true, ["transfer-encoding"] = true, ["te"] = true,
              ["upgrade"] = true, ["proxy-connection"] = true, ["content-length"] = true, ["trailer"] = true}
@@ -357,7 +361,7 @@ end
 -- ---- route metadata, converted once per route version ----------------------------------
 
 local KEYS = {"service", "timeout_ms", "strip", "shard", "fallbacks", "breaker", "breaker_key", "hedge",
-              "latency_key", "body_limit", "riprap_state", "retry_after", "units"}
+              "latency_key", "body_limit", "riprap_state", "retry_after", "units", "unknown_host"}
 local route_cache, route_cache_count = {}, 0
 
 -- Envoy hands a metadata number that is not a whole number (0.5, and 100.0 too) to Lua as
@@ -517,15 +521,41 @@ local function climbs(path, strip)
   return false
 end
 
+-- Was the request line absolute-form (a forward-proxy call, the app uses HTTP_PROXY)? Envoy's
+-- HTTP/1 codec takes :authority and :scheme from an absolute URL, setting :scheme before
+-- :path and :method; for an origin-form line the connection manager adds :scheme after them.
+-- (HTTP/2 has no absolute form.) Envoy keeps pseudo-headers in the order they were set.
+local function absolute_form(handle, headers)
+  local protocol = handle:streamInfo():protocol()
+  if protocol ~= "HTTP/1.1" and protocol ~= "HTTP/1.0" then return false end
+  local first = nil
+  for k, _ in pairs(headers) do  -- the whole map: an unfinished iteration locks it
+    if first == nil and (k == ":scheme" or k == ":method") then first = k end
+  end
+  return first == ":scheme"
+end
+
 function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get(FORWARD_PROXY) ~= nil then
+    -- the client's own header, not riprap's mark; routed again before the first look at the
+    -- route (Lua is handed the metadata of the route it first looked at)
+    headers:remove(FORWARD_PROXY)
+    handle:clearRouteCache()
+  end
   local md = route_meta(handle)
   if md == nil then return end
   if md.riprap_state == "breakers" then
     handle:respond({[":status"] = "200", ["content-type"] = "application/json"}, breakers_json(handle:timestamp()))
     return
   end
+  if md.unknown_host and absolute_form(handle, headers) then
+    headers:replace(FORWARD_PROXY, "1")  -- never forwarded: routes.py's 403 route answers
+    handle:clearRouteCache()
+    return
+  end
   local service = md.service
-  local headers = handle:headers()
+  if service == nil then return end
   if climbs(headers:get(":path") or "/", md.strip) then
     handle:respond({[":status"] = "400", ["content-type"] = "application/json", ["x-riprap-reason"] = "bad-request"},
                    '{"error": "the path climbs above the service", "reason": "bad-request", "service": "'
@@ -598,11 +628,28 @@ end
 local NOT_UPSTREAM = {["breaker-open"] = true, ["overloaded"] = true, ["rate-limited"] = true,
                       ["bad-request"] = true, ["no-shard-key"] = true, ["unknown-service"] = true}
 
+-- The headers an upstream's `Connection` names are hop-by-hop too (Envoy drops the
+-- Connection header of an answer, not the headers it lists).
+local KEEP_NAMED = {["close"] = true, ["upgrade"] = true, ["content-length"] = true,
+                    ["transfer-encoding"] = true, ["content-type"] = true}
+local function drop_connection_named(headers)
+  local named = headers:get("connection")
+  if named == nil then return end
+  local drop = {}
+  for name in string.gmatch(string.lower(named), "[^,%s]+") do
+    if not KEEP_NAMED[name] and string.sub(name, 1, 1) ~= ":" and string.sub(name, 1, 9) ~= "x-riprap-" then
+      drop[#drop + 1] = name
+    end
+  end
+  for _, name in ipairs(drop) do headers:remove(name) end
+end
+
 function envoy_on_response(handle)
   local md = route_meta(handle)
   if md == nil or md.service == nil then return end
   local service = md.service
   local headers = handle:headers()
+  drop_connection_named(headers)
   local attempts = headers:get("x-riprap-attempts")
   if attempts == nil or attempts == "" or attempts == "-" then
     attempts = "0"
