@@ -39,12 +39,14 @@ import socket
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from policies.redact import redact
 
 log = logging.getLogger("riprap.store")
 
@@ -104,23 +106,6 @@ def check_store_url(url: str) -> str:
     if not parts.hostname:
         raise ValueError(f"store {redact(url)!r}: the URL names no host")
     return url
-
-
-def redact(url: str) -> str:
-    """The URL without its password (for logs, /state and metrics)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<bad url>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def error_kind(exc: BaseException) -> str:

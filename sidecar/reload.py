@@ -30,6 +30,7 @@ import watchfiles
 
 from dsl.diagnostics import Diagnostic, render_all_text, render_text
 from dsl.plan import Plan
+from policies.redact import redact
 from sidecar.routing import Router
 
 if TYPE_CHECKING:
@@ -159,8 +160,11 @@ class PlanHolder:
                 pass
 
     def plan_document(self) -> dict[str, Any]:
+        plan = self.plan.to_dict()
+        if plan.get("store"):
+            plan["store"] = redact(plan["store"])  # the admin API has no authentication
         return {
-            "plan": self.plan.to_dict(),
+            "plan": plan,
             "hash": self.digest,
             "loaded_at": self.loaded_at.isoformat(),
             "last_error": self.last_error,
