@@ -17,6 +17,8 @@ tests can share one upstream and one sidecar:
     /failon/A,B/...        503 on upstreams named A or B, echo elsewhere
     /slowon/A,B/SECS/...   sleep on upstreams named A or B, echo elsewhere
     /hop/...               echo, with hop-by-hop headers in the answer
+    /flipset/H/...         as /flip/, the good answer with the headers H: `Name=Value` pairs
+                           joined by `;`, percent-encoded (`flipset_path` builds it)
     /raflip/SECS/...       first call to this exact path: 503 + Retry-After SECS; then echo
     /big/N/...             N bytes
     /drip/COUNT/SECS/...   a chunked answer of COUNT chunks, one every SECS
@@ -146,6 +148,19 @@ class Upstream:
                     if seen:
                         self._send(503, b"flipped", "text/plain")
                         return
+                elif kind == "flipset":
+                    with up.lock:
+                        seen = self.path in up.flipped
+                        up.flipped.add(self.path)
+                    if seen:
+                        self._send(503, b"flipped", "text/plain")
+                        return
+                    from urllib.parse import unquote
+                    extra = [tuple(unquote(kv).split("=", 1)) for kv in parts[2].split(";") if kv]
+                    doc = {"upstream": up.name, "path": rec["path"], "headers": rec["headers"]}
+                    self._send(200, json.dumps(doc).encode(), "application/json",
+                               [(k, v) for k, v in extra])
+                    return
                 elif kind == "failon":
                     if up.name in parts[2].split(","):
                         self._send(503, f"{up.name} fails".encode(), "text/plain")
@@ -345,6 +360,13 @@ def uid() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def flipset_path(prefix: str, headers: dict[str, str]) -> str:
+    """`PREFIX/flipset/H/ID`: first call 200 with `headers` in the answer, later calls 503."""
+    from urllib.parse import quote
+    enc = ";".join(quote(f"{k}={v}", safe="") for k, v in headers.items())
+    return f"{prefix}/flipset/{enc or ';'}/{uid()}"
+
+
 def reason(r: httpx.Response) -> str | None:
     return r.headers.get("x-riprap-reason")
 
@@ -355,10 +377,15 @@ def attempts(r: httpx.Response) -> int:
 
 
 def sidecar_env(policy: Callable[..., str], tmp_path_factory: Any, ups: dict[str, Any],
-                run_sidecar: RunSidecar) -> Iterator[dict[str, Any]]:
+                run_sidecar: RunSidecar,
+                files: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
     """The body of each test file's `env` fixture: its `policy(A, B, C, DEAD, listen, admin)`
-    written to a file and run, with --listen/--admin overriding the file's addresses."""
+    written to a file and run, with --listen/--admin overriding the file's addresses;
+    `files` (name -> text) are written next to it first (files the policy names)."""
     d = tmp_path_factory.mktemp("acc")
+    for name, text in (files or {}).items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text, encoding="utf-8")
     file_listen, file_admin = free_port(), free_port()
     path = d / "acc.riprap"
     path.write_text(policy(ups["A"].url, ups["B"].url, ups["C"].url,

@@ -14,6 +14,7 @@ import pytest
 from acc_kit import (
     RunSidecar,
     attempts,
+    flipset_path,
     reason,
     sidecar_env,
     uid,
@@ -27,7 +28,9 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['echo', 'dead', 'slow', 'fbstatic', 'fb5xx', 'stalesvc', 'fbsvc', 'chain', 'sickfb', 'timeoutfb', 'staleshort', 'fbchain2', 'retry4xx']
+SERVICES = ['echo', 'dead', 'slow', 'fbstatic', 'fb5xx', 'stalesvc', 'fbsvc', 'chain', 'sickfb', 'timeoutfb', 'staleshort', 'fbchain2', 'retry4xx', 'fbfile']
+FALLBACK_FILE = '{"from": "file", "items": []}\n'
+
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -107,13 +110,19 @@ service retry4xx {{
     endpoint {A}
 }}
 
+service fbfile {{
+    fallback status 503 file "fallbacks/fbfile.json"
+    endpoint {DEAD}
+}}
+
 """
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, ups: dict[str, Any],
         run_sidecar: RunSidecar) -> Iterator[dict[str, Any]]:
-    yield from sidecar_env(policy, tmp_path_factory, ups, run_sidecar)
+    yield from sidecar_env(policy, tmp_path_factory, ups, run_sidecar,
+                           files={"fallbacks/fbfile.json": FALLBACK_FILE})
 
 
 def test_static_json_fallback(env: dict[str, Any]) -> None:
@@ -238,3 +247,56 @@ def test_retried_4xx_is_still_never_replaced_by_fallback(env: dict[str, Any]) ->
     assert len(A.hits(i)) == 2 and attempts(r) == 2
     assert r.status_code == 429 and r.text == "A says 429"
     assert "x-riprap-fallback" not in r.headers
+
+
+def test_file_fallback(env: dict[str, Any]) -> None:
+    # contract §4: "fallback status CODE file "PATH"" (relative to the policy file)
+    r = env["sc"].get(f"/fbfile/x/{uid()}")
+    assert r.status_code == 503 and r.text == FALLBACK_FILE
+    assert r.headers.get("x-riprap-fallback") == "static"
+    assert reason(r) == "upstream-failed"  # section 9: riprap made this answer
+    attempts(r)
+
+
+def _kept_as_stale(sc: Any, answer_headers: dict[str, str],
+                   request_headers: dict[str, str] | None = None) -> bool:
+    """Is a good answer with these headers (to a request with these) kept as a stale copy?"""
+    path = flipset_path("/stalesvc", answer_headers)
+    first = sc.get(path, headers=request_headers)
+    assert first.status_code == 200, first.text
+    sc.client.cookies.clear()  # httpx keeps a Set-Cookie: the next call would send a Cookie
+    again = sc.get(path, headers=request_headers)  # the upstream now answers 503
+    sc.client.cookies.clear()
+    if again.headers.get("x-riprap-fallback") == "stale":
+        assert again.status_code == 200 and again.json() == first.json()
+        return True
+    assert again.status_code == 503 and again.text == "flipped"  # passed through
+    return False
+
+
+def test_stale_copy_only_where_a_shared_cache_could_store_it(env: dict[str, Any]) -> None:
+    # contract §9: "Stale answers are kept only when a shared cache could store them (RFC 9111)"
+    sc = env["sc"]
+    assert _kept_as_stale(sc, {})
+    assert _kept_as_stale(sc, {"Cache-Control": "max-age=60"})
+    for answer in ({"Set-Cookie": "s=1; Path=/"}, {"Cache-Control": "private"},
+                   {"Cache-Control": "no-store"}, {"Cache-Control": "max-age=5, private"},
+                   {"Vary": "*"}):
+        assert not _kept_as_stale(sc, answer), answer
+    # "never for a request with Authorization (unless the answer says Cache-Control: public)"
+    assert not _kept_as_stale(sc, {}, {"Authorization": "Bearer t"})
+    assert _kept_as_stale(sc, {"Cache-Control": "public, max-age=60"}, {"Authorization": "Bearer t"})
+    # "or Cookie"
+    assert not _kept_as_stale(sc, {}, {"Cookie": "sid=1"})
+
+
+def test_stale_key_includes_the_headers_vary_names(env: dict[str, Any]) -> None:
+    # contract §9: "the request headers that Vary names are part of the key"
+    sc = env["sc"]
+    path = flipset_path("/stalesvc", {"Vary": "X-Lang"})
+    assert sc.get(path, headers={"X-Lang": "en"}).status_code == 200
+    r = sc.get(path, headers={"X-Lang": "de"})
+    assert r.status_code == 503 and r.headers.get("x-riprap-fallback") is None
+    r = sc.get(path, headers={"X-Lang": "en"})
+    assert r.status_code == 200 and r.headers.get("x-riprap-fallback") == "stale"
+    assert r.json()["headers"]["x-lang"] == "en"
