@@ -149,10 +149,28 @@ def test_envoy_sampler_service_name_and_signal_endpoint(
         receiver: Receiver, upstreams: Any, sidecar_proc: Any, module_tmp: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """parentbased_always_off: only calls whose caller sampled are traced; the caller's
-    unsampled flag goes upstream unsampled; the signal endpoint is used as is."""
-    up = upstreams("et-sampled")
+    unsampled flag goes upstream unsampled; the signal endpoint is used as is; a static
+    fallback's answer is tagged on the call span."""
+    up, down = upstreams("et-sampled"), upstreams("et-down")
+    down.set(error_rate=1.0, error_status=503)
     policy = module_tmp / "envoy-sampled.riprap"
-    policy.write_text(f"app sampledshop\nservice inv {{\n    timeout 5s\n    endpoint {up.url}\n}}\n")
+    policy.write_text(f"""\
+app sampledshop
+service inv {{
+    timeout 5s
+    endpoint {up.url}
+}}
+service recs {{
+    timeout 5s
+    fallback status 200 json {{"items": []}}
+    endpoint {down.url}
+}}
+service alt {{
+    timeout 5s
+    fallback service inv
+    endpoint {down.url}
+}}
+""")
     _clean_otel(monkeypatch)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url + "/otlp/spans")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "edge-envoy")
@@ -167,14 +185,32 @@ def test_envoy_sampler_service_name_and_signal_endpoint(
         assert side.client.get("/inv/c", headers={
             "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}).status_code == 200
         spans = receiver.wait_for(lambda ss: len(ss) >= 2, timeout=30)
-        side.client.get("/inv/d", headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+        fell = side.client.get("/recs/top", headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+        assert fell.status_code == 200 and fell.headers["x-riprap-fallback"] == "static"
         receiver.wait_for(lambda ss: len(ss) >= 4, timeout=30)  # later exports still arrive
+        other = side.client.get("/alt/x", headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+        assert other.status_code == 200 and other.headers["x-riprap-fallback"] == "service"
+        receiver.wait_for(lambda ss: len(ss) >= 9, timeout=30)
     finally:
         assert side.stop() == 0
     with receiver.lock:
         spans = list(receiver.spans)
     assert {s["trace_id"] for s in spans} == {CALLER_TRACE}
     assert {s["service"] for s in spans} == {"edge-envoy"}
+    assert sorted(s["name"] for s in spans) == [
+        "async _riprap_self egress", "riprap alt", "riprap inv", "riprap inv", "riprap recs",
+        "router alt egress", "router inv egress", "router inv egress", "router recs egress"]
+    # fallback service: the other service's call hangs under the Lua filter's call
+    alt = next(s for s in spans if s["name"] == "riprap alt")
+    assert alt["attrs"]["riprap.fallback"] == "service"
+    hop = next(s for s in spans if s["name"] == "async _riprap_self egress")
+    assert hop["parent"] == alt["span_id"]
+    assert [s["name"] for s in spans if s["parent"] == hop["span_id"]] == ["riprap inv"]
+    spans = [s for s in spans if s["name"] != "riprap alt" and s["parent"] not in (alt["span_id"], hop["span_id"])]
+    fallback = next(s for s in spans if s["name"] == "riprap recs")
+    assert fallback["attrs"]["riprap.fallback"] == "static"
+    assert fallback["attrs"]["riprap.reason"] == fell.headers["x-riprap-reason"]
+    assert "riprap.fallback" not in next(s for s in spans if s["name"] == "riprap inv")["attrs"]
     assert {req["path"] for req in receiver.requests} == {"/otlp/spans"}
     unsampled = [tp for tp in _received_traceparents(up) if unsampled_trace in tp]
     assert len(unsampled) == 1 and unsampled[0].endswith("-00")
