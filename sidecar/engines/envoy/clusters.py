@@ -18,7 +18,16 @@ from typing import Any
 from dsl.plan import Plan, TlsSpec
 from sidecar.engines.envoy.names import RATELIMIT_CLUSTER, SELF_CLUSTER
 from sidecar.engines.envoy.notes import NoteSink
-from sidecar.engines.envoy.units import Target, Unit, all_units, duration, is_ip, target, uses_service_fallback
+from sidecar.engines.envoy.units import (
+    Target,
+    Unit,
+    all_units,
+    duration,
+    is_ip,
+    resends,
+    target,
+    uses_service_fallback,
+)
 
 HUGE = 1_000_000_000  # "no limit" for Envoy's circuit breakers (its defaults are 1024 and 3 retries)
 OVERPROVISIONING = 100_000  # a tier with any healthy host takes 100 % of the load
@@ -328,7 +337,8 @@ def ratelimit_cluster(port: int) -> dict[str, Any]:
 
 def self_cluster(listen_host: str, listen_port: int) -> dict[str, Any]:
     """Envoy's own listener, for `fallback service`: the Lua filter resends a failed call
-    there with the other service's name as Host, so that service's whole policy applies."""
+    there with the other service's name as Host, so that service's whole policy applies;
+    and for the upstream Lua filter's waits between attempts (`Host: _riprap`, `/sleep`)."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen_host, listen_host)
     return {
         "name": SELF_CLUSTER,
@@ -349,7 +359,7 @@ def build_clusters(plan: Plan, listen: tuple[str, int], ratelimit_port: int | No
     """Every cluster of the plan, and the SDS secret files they name (file name -> content)."""
     secrets: dict[str, dict[str, Any]] = {}
     clusters = [_cluster(plan, unit, dynamic_dir, secrets, sink) for unit in all_units(plan)]
-    if uses_service_fallback(plan):
+    if uses_service_fallback(plan) or resends(plan):
         clusters.append(self_cluster(*listen))
     if ratelimit_port is not None and any(
         u.spec.limit is not None and u.spec.limit.shared for u in all_units(plan)

@@ -5,6 +5,8 @@ leaves): the riprap Lua filter (shard pick, deadline, static fallbacks), the loc
 limit, the global rate limit (shared limits, against riprap's gRPC service), the fault
 filter (only with chaos on), the router. Every answer Envoy makes itself goes through
 the local-reply mappers, which give it riprap's status, `x-riprap-reason` and JSON body.
+With retries or hedges, the router runs the upstream Lua filter (lua/riprap_upstream.lua)
+on every attempt, and a second fault filter (`riprap.delay`) holds its waits.
 """
 
 from __future__ import annotations
@@ -16,11 +18,31 @@ from typing import Any
 from dsl.plan import LimitSpec, Plan
 from sidecar.engines.envoy.names import RATELIMIT_CLUSTER
 from sidecar.engines.envoy.notes import NoteSink
-from sidecar.engines.envoy.routes import FAULT, LOCAL_RATELIMIT, LOCAL_STAGE, LUA, SHARED_STAGE
-from sidecar.engines.envoy.units import all_units, duration
+from sidecar.engines.envoy.routes import DELAY, FAULT, LOCAL_RATELIMIT, LOCAL_STAGE, LUA, SHARED_STAGE
+from sidecar.engines.envoy.units import all_units, duration, resends
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 FILL_STEP = 0.05  # Envoy's smallest token-bucket fill interval (50 ms)
+
+
+def upstream_lua_source() -> str:
+    """riprap's upstream Lua filter, run by the router on every attempt."""
+    pkg = resources.files("sidecar.engines.envoy") / "lua"
+    return (pkg / "riprap_upstream.lua").read_text(encoding="utf-8")
+
+
+def _router(plan: Plan) -> dict[str, Any]:
+    """The router; with retries or hedges, the upstream Lua filter on each attempt."""
+    router: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    if resends(plan):
+        router["upstream_http_filters"] = [
+            {"name": LUA, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": upstream_lua_source()}}},
+            {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
+        ]
+    return {"name": "envoy.filters.http.router", "typed_config": router}
 
 
 def lua_source() -> str:
@@ -174,8 +196,12 @@ def http_filters(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool) ->
     if chaos and any(u.spec.chaos for u in units):
         filters.append({"name": FAULT, "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}})
-    filters.append({"name": "envoy.filters.http.router", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
+    if resends(plan):
+        # holds the upstream Lua filter's `/sleep` requests (routes.py SLEEP_ROUTE) for as
+        # long as they ask: how it waits between attempts; no other route enables it
+        filters.append({"name": DELAY, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}})
+    filters.append(_router(plan))
     return filters
 
 

@@ -11,6 +11,7 @@ the static fallback.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -18,12 +19,13 @@ from typing import Any
 
 from dsl.plan import IDEMPOTENT_METHODS, BreakerSpec, ChaosSpec, Plan, RetrySpec
 from sidecar.engines.envoy.notes import NoteSink
-from sidecar.engines.envoy.units import Unit, duration, target, units_of
+from sidecar.engines.envoy.units import Unit, duration, resends, target, units_of
 
 LUA = "envoy.filters.http.lua"
 LUA_META = "filter_metadata"
 LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
 FAULT = "envoy.filters.http.fault"
+DELAY = "riprap.delay"  # a fault filter that only the `/sleep` route enables (listeners.py)
 SHARD_HEADER = "x-riprap-shard"
 # set by the Lua filter on a forward-proxy (absolute-form) call to a host the plan does not
 # name; the catch-all virtual host's first route answers it 403
@@ -42,6 +44,7 @@ DEADLINE = {
     "header": {"key": "x-riprap-deadline-ms", "value": f"%REQ({EXPECTED_TIMEOUT})%"},
     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
 }
+RETRY_HEADER = "x-riprap-retry"  # the upstream Lua filter's mark on an answer to resend
 ATTEMPTS = {
     "header": {"key": "x-riprap-attempts", "value": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"},
     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
@@ -69,31 +72,33 @@ def _retry_on(r: RetrySpec, service: str, sink: NoteSink) -> list[str]:
             sink.add(service, "retry", "Envoy retries a per-try timeout as a `reset`: resets are retried too")
         elif "timeout" not in r.on and r.per_try_timeout is not None:
             sink.add(service, "retry", "Envoy's `reset` also retries a per-try timeout")
-    if _codes(r.on):
-        on.append("retriable-status-codes")
     return on
 
 
 def _retry_policy(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: int,
                   sink: NoteSink) -> dict[str, Any] | None:
-    """Envoy's retry policy for `r`. `safe`: the request may be sent twice (idempotent)."""
+    """Envoy's retry policy for `r`. `safe`: the request may be sent twice (idempotent).
+
+    Envoy resends on a connect failure or a reset by itself; which answers are resent, and
+    how long to wait first, the upstream Lua filter decides per attempt (lua/riprap_upstream.lua,
+    from `tries_meta`): it marks an answer to resend with `x-riprap-retry`."""
     service = unit.service.name
     retries = r.retries if r is not None else 0
     on: list[str] = []
-    codes: list[int] = []
     if r is not None:
         if safe:
             on = _retry_on(r, service, sink)
-            codes = _codes(r.on)
         elif "connect-failure" in r.on:
             on = ["connect-failure"]
-    if not on:
+    if not on and not (safe and r is not None and _codes(r.on)):
         retries = 0
     extra = hedge_extra if safe else 0
     if retries + extra == 0:
         return None
+    if safe:
+        on.append("retriable-headers")
     policy: dict[str, Any] = {
-        "retry_on": ",".join(on) if on else "retriable-headers",
+        "retry_on": ",".join(on),
         "num_retries": retries + extra,
         "retry_host_predicate": [
             {
@@ -104,27 +109,13 @@ def _retry_policy(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: i
             }
         ],
         "host_selection_retry_max_attempts": 5,
+        # the upstream Lua filter waits the backoff (or Retry-After); Envoy's is 1 ms
+        "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.001s"},
     }
-    if codes:
-        policy["retriable_status_codes"] = codes
+    if safe:
+        policy["retriable_headers"] = [{"name": RETRY_HEADER, "present_match": True}]
     if r is not None and r.per_try_timeout is not None:
         policy["per_try_timeout"] = duration(r.per_try_timeout)
-    if r is not None and r.backoff is not None:
-        b = r.backoff
-        policy["retry_back_off"] = {"base_interval": duration(b.base), "max_interval": duration(max(b.max, b.base))}
-        if b.jitter != "full":
-            sink.add(service, "retry", f"jitter {b.jitter}: Envoy's backoff is always fully jittered")
-    else:
-        # riprap retries at once; Envoy's smallest backoff is 1 ms
-        policy["retry_back_off"] = {"base_interval": "0.001s", "max_interval": "0.001s"}
-    if r is not None:
-        # an upstream's Retry-After is honoured, within the call's timeout
-        policy["rate_limited_retry_back_off"] = {
-            "reset_headers": [{"name": "retry-after", "format": "SECONDS"}],
-            "max_interval": duration(unit.spec.timeout),
-        }
-        sink.add(service, "retry",
-                 "no deadline-aware skipping: a retry is started whenever the timeout has time left")
     tiers = sorted({e.tier for e in unit.spec.endpoints})
     if len(tiers) > 1:
         primaries = sum(1 for e in unit.spec.endpoints if e.tier == tiers[0])
@@ -136,6 +127,25 @@ def _retry_policy(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: i
             },
         }
     return policy
+
+
+def tries_meta(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: int) -> dict[str, Any] | None:
+    """What the upstream Lua filter needs of a route that may resend a call (its module
+    docstring says how each is used), or None for one that never resends."""
+    retries = r.retries if r is not None else 0
+    codes = _codes(r.on) if r is not None and safe else []
+    if r is None or not (safe or "connect-failure" in r.on):
+        retries = 0
+    extra = hedge_extra if safe else 0
+    if retries + extra == 0:
+        return None
+    meta: dict[str, Any] = {"codes": codes, "retries": retries + extra, "hedge": extra > 0,
+                            "latency_key": unit.cluster}
+    if r is not None and r.backoff is not None:
+        b = r.backoff
+        meta["backoff"] = {"kind": b.kind, "base_ms": b.base * 1000, "max_ms": max(b.max, b.base) * 1000,
+                           "jitter": b.jitter}
+    return meta
 
 
 def _hedge(unit: Unit, sink: NoteSink) -> tuple[float | None, int]:
@@ -254,6 +264,8 @@ class RouteBuilder:
                           "each Envoy worker keeps its own breaker")
         if shard_meta is not None:
             meta["shard"] = shard_meta
+        if unit.spec.retry is not None or unit.spec.hedge is not None:
+            meta["resend"] = True  # riprap.lua puts the call's deadline where each attempt reads it
         h = unit.spec.hedge
         if h is not None and h.delay is None and h.percentile is not None:
             meta["hedge"] = {"p": h.percentile, "min_ms": h.min_delay * 1000,
@@ -313,10 +325,15 @@ class RouteBuilder:
             if extra_match or "headers" in m:
                 m["headers"] = list(m.get("headers", [])) + extra_match
             route_meta = meta if safe else unsafe_meta
+            tries = tries_meta(unit, spec.retry, safe=safe, hedge_extra=hedge_extra)
+            if tries is not None:
+                route_meta = {LUA_META: {LUA: {**route_meta[LUA_META][LUA], "tries": tries}}}
             out: dict[str, Any] = {"match": m, "route": act, "metadata": route_meta,
                                    "request_headers_to_add": [DEADLINE],
                                    "request_headers_to_remove": [SHARD_HEADER],
                                    "response_headers_to_add": [ATTEMPTS]}
+            if tries is not None:
+                out["response_headers_to_remove"] = [RETRY_HEADER]
             if per_filter:
                 out["typed_per_filter_config"] = dict(per_filter)
             return out
@@ -384,6 +401,18 @@ def _without_hedge(lua: dict[str, Any]) -> dict[str, Any]:
     """A route's Lua metadata for calls that may not be sent twice: no hedge, so no per-try
     (hedge) timeout override either."""
     return {k: v for k, v in lua.items() if k not in ("hedge", "latency_key")}
+
+
+# the upstream Lua filter's wait between attempts: a request that the `riprap.delay` fault
+# filter holds for `x-envoy-fault-delay-request` ms, then 204
+SLEEP_ROUTE: dict[str, Any] = {
+    "match": {"path": "/sleep"},
+    "direct_response": {"status": 204},
+    "typed_per_filter_config": {DELAY: {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "delay": {"header_delay": {}, "percentage": {"numerator": 100, "denominator": "HUNDRED"}},
+    }},
+}
 
 
 def _header(key: str, value: str) -> dict[str, Any]:
@@ -474,11 +503,14 @@ def build_route_config(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bo
     catch_all.insert(0, _forward_proxy_refusal(plan))
     catch_all.insert(0, _connect_refusal(plan, 403))
     # this Envoy's breakers (the Lua filter answers), for riprap's /state
-    vhosts.append({"name": "riprap:state", "domains": [STATE_HOST], "routes": [{
+    state_routes: list[dict[str, Any]] = [{
         "match": {"path": "/breakers"},
         "direct_response": {"status": 404},
         "metadata": {"filter_metadata": {LUA: {"riprap_state": "breakers"}}},
-    }]})
+    }]
+    if resends(plan):
+        state_routes.append(copy.deepcopy(SLEEP_ROUTE))
+    vhosts.append({"name": "riprap:state", "domains": [STATE_HOST], "routes": state_routes})
     vhosts.append({"name": "riprap:unknown", "domains": ["*"], "routes": catch_all})
     for vhost in vhosts:
         for route in vhost["routes"]:

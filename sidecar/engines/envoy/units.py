@@ -85,4 +85,11 @@ def uses_service_fallback(plan: Plan) -> bool:
     return any(fb.kind == "service" for u in all_units(plan) for fb in u.spec.fallbacks)
 
 
-__all__ = ["Target", "Unit", "all_units", "duration", "is_ip", "target", "units_of", "uses_service_fallback"]
+def resends(plan: Plan) -> bool:
+    """Whether a unit retries or hedges: then Envoy runs the upstream Lua filter on every
+    attempt, which waits between attempts through Envoy's own listener (`/sleep`)."""
+    return any(u.spec.retry is not None or u.spec.hedge is not None for u in all_units(plan))
+
+
+__all__ = ["Target", "Unit", "all_units", "duration", "is_ip", "resends", "target", "units_of",
+           "uses_service_fallback"]

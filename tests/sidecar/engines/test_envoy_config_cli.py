@@ -64,7 +64,8 @@ def test_validation_bootstrap_holds_every_resource(tmp_path: Path) -> None:
     config = build_config(plan, EnvoyPorts("127.0.0.1", 7400, 7401), dynamic_dir=tmp_path, chaos=True)
     static = validation_bootstrap(config)
     assert "dynamic_resources" not in static
-    assert len(static["static_resources"]["clusters"]) == 4
+    # its services' clusters, and Envoy's own listener (the upstream Lua filter's waits)
+    assert len(static["static_resources"]["clusters"]) == 5
     path = tmp_path / "static.yaml"
     path.write_text(to_yaml(static))
     done = validate(path)

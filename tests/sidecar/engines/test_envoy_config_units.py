@@ -77,15 +77,26 @@ def test_retry_policy_and_method_routes(tmp_path: Path) -> None:
     idem, safe, other = _routes(resources, "service:pay")
     assert idem["match"]["headers"] == [{"name": "idempotency-key", "present_match": True}]
     policy = safe["route"]["retry_policy"]
-    assert policy["retry_on"] == "connect-failure,retriable-status-codes"
+    # Envoy resends connect failures itself, and the answers the upstream Lua filter marks
+    assert policy["retry_on"] == "connect-failure,retriable-headers"
+    assert policy["retriable_headers"] == [{"name": "x-riprap-retry", "present_match": True}]
     assert policy["num_retries"] == 3 and policy["per_try_timeout"] == "0.2s"
-    assert policy["retriable_status_codes"] == list(range(500, 600))
-    assert policy["retry_back_off"] == {"base_interval": "0.01s", "max_interval": "0.1s"}
-    assert policy["rate_limited_retry_back_off"]["reset_headers"] == [{"name": "retry-after", "format": "SECONDS"}]
+    # the upstream Lua filter waits the backoff (and Retry-After): Envoy's own is 1 ms
+    assert policy["retry_back_off"] == {"base_interval": "0.001s", "max_interval": "0.001s"}
+    assert "rate_limited_retry_back_off" not in policy
+    tries = safe["metadata"]["filter_metadata"]["envoy.filters.http.lua"]["tries"]
+    assert tries["codes"] == list(range(500, 600)) and tries["retries"] == 3 and not tries["hedge"]
+    assert tries["backoff"] == {"kind": "exponential", "base_ms": 10.0, "max_ms": 100.0, "jitter": "full"}
+    assert "x-riprap-retry" in safe["response_headers_to_remove"]
+    router = resources["lds.yaml"]["resources"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "http_filters"][-1]["typed_config"]
+    assert [f["name"] for f in router["upstream_http_filters"]] == [
+        "envoy.filters.http.lua", "envoy.filters.http.upstream_codec"]
     assert policy["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
     assert policy["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
     # other methods: only connect failures (nothing was sent)
     assert other["route"]["retry_policy"]["retry_on"] == "connect-failure"
+    assert other["metadata"]["filter_metadata"]["envoy.filters.http.lua"]["tries"]["codes"] == []
     assert "headers" not in other["match"]
 
 

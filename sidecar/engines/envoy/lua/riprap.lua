@@ -361,7 +361,7 @@ end
 -- ---- route metadata, converted once per route version ----------------------------------
 
 local KEYS = {"service", "timeout_ms", "strip", "shard", "fallbacks", "breaker", "breaker_key", "hedge",
-              "latency_key", "body_limit", "riprap_state", "retry_after", "units", "unknown_host"}
+              "latency_key", "body_limit", "riprap_state", "retry_after", "units", "unknown_host", "resend"}
 local route_cache, route_cache_count = {}, 0
 
 -- Envoy hands a metadata number that is not a whole number (0.5, and 100.0 too) to Lua as
@@ -597,7 +597,12 @@ function envoy_on_request(handle)
     if n ~= nil and n >= 1 and (timeout_ms == nil or n < timeout_ms) then
       headers:replace("x-envoy-upstream-rq-timeout-ms", tostring(math.floor(n)))
       capped = true
+      timeout_ms = math.floor(n)
     end
+  end
+  if md.resend and timeout_ms ~= nil then
+    -- each attempt (lua/riprap_upstream.lua) reads the call's deadline here
+    stash(handle, "deadline", handle:timestamp() + timeout_ms)
   end
   local fallbacks = md.fallbacks
   local hspec = md.hedge

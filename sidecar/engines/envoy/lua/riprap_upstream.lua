@@ -1,0 +1,255 @@
+-- riprap's upstream Lua filter: Envoy's router runs it once per attempt (its upstream HTTP
+-- filters), where riprap.lua sees only the whole call. It reads the matched route's
+-- metadata `tries` (routes.py), present on routes that may resend a call:
+--   codes        the statuses the retry is on ({} when only failures are retried)
+--   retries      how many resends Envoy may make (retries plus hedge copies)
+--   hedge        true when copies of the call may be in flight at once
+--   backoff      {kind = "exponential"|"constant", base_ms, max_ms, jitter} (nil: at once)
+--   latency_key  the window of attempt latencies (the service, or SERVICE/SHARD)
+-- and the call's `deadline` (epoch ms) that riprap.lua puts in the dynamic metadata.
+--
+-- For each attempt it
+--   * sends the time left before the deadline as x-riprap-deadline-ms;
+--   * waits before a retry as policies/backoff.py says (its jitter, or the upstream's
+--     Retry-After when longer), by a request to Envoy's own listener that the `riprap.delay`
+--     fault filter holds that long (Envoy's own backoff is always fully jittered and only
+--     takes a Retry-After in whole seconds);
+--   * decides whether an answer is retried, as policies/stages/retry.py: a status the retry
+--     is on, unless its Retry-After ends past the deadline (the upstream's answer is passed
+--     on) or the time left after the wait is shorter than the median latency of the last
+--     attempts (then a 504 `timeout` at once, for the fallback chain); and, while a hedge
+--     copy is still in flight, a 5xx waits for it (the first good answer wins).
+-- Envoy resends an answer that carries x-riprap-retry (routes.py: `retriable-headers`);
+-- the route removes that header from the answer the client gets.
+--
+-- Per call state is in the stream's dynamic metadata (shared by its attempts); the latency
+-- windows are per Envoy worker (a Lua state each).
+
+local SELF = "_riprap_self"
+local NS = "riprap.tries"
+local CALL_NS = "envoy.filters.http.lua"
+local RETRY = "x-riprap-retry"
+local WINDOW = 256
+
+local windows = {}  -- latency_key -> {ring, i}
+pcall(function() math.randomseed(os.time() + math.floor(os.clock() * 1000000)) end)
+local meta_cache, meta_cache_count = {}, 0
+
+-- Envoy hands a metadata number that is not a whole number to Lua as a string.
+local function num(v)
+  if v == nil then return nil end
+  return tonumber(v)
+end
+
+local function tries_meta(handle)
+  local md = handle:metadata()
+  local id = md:get("id")
+  if id == nil then return nil end
+  local m = meta_cache[id]
+  if m == nil then
+    local t = md:get("tries")
+    m = {none = t == nil}
+    if t ~= nil then
+      m.codes = {}
+      for _, c in pairs(t["codes"] or {}) do m.codes[tonumber(c)] = true end
+      m.retries = num(t["retries"]) or 0
+      m.hedge = t["hedge"] == true
+      m.latency_key = t["latency_key"] or ""
+      local b = t["backoff"]
+      if b ~= nil then
+        m.backoff = {kind = b["kind"], base = num(b["base_ms"]) or 0, max = num(b["max_ms"]) or 0,
+                     jitter = b["jitter"] or "full"}
+      end
+    end
+    if meta_cache_count > 4096 then meta_cache, meta_cache_count = {}, 0 end
+    meta_cache[id] = m
+    meta_cache_count = meta_cache_count + 1
+  end
+  if m.none then return nil end
+  return m
+end
+
+-- policies/backoff.py: the wait before retry number n (1 = the first), in ms.
+local function backoff_ms(b, n, previous)
+  if b == nil then return 0 end
+  local base = b.base
+  local top = b.kind == "exponential" and math.max(b.max, base) or base
+  if b.jitter == "decorrelated" then
+    local hi = (previous or base) * 3
+    if hi < base then hi = base end
+    return math.min(top, base + math.random() * (hi - base))
+  end
+  local d = base
+  if b.kind == "exponential" then d = math.min(top, base * 2 ^ math.min(n - 1, 60)) end
+  if b.jitter == "full" then return math.random() * d end
+  if b.jitter == "equal" then return d / 2 + math.random() * d / 2 end
+  return d
+end
+
+local MONTHS = {jan = 1, feb = 2, mar = 3, apr = 4, may = 5, jun = 6, jul = 7, aug = 8, sep = 9, oct = 10,
+                nov = 11, dec = 12}
+
+-- Days from 1970-01-01 to a civil date (proleptic Gregorian).
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+-- An HTTP-date (IMF-fixdate, RFC 850 or asctime) as epoch seconds, or nil.
+local function http_date(s)
+  local d, mon, y, hh, mm, ss = string.match(s, "^%a+, (%d+) (%a+) (%d+) (%d+):(%d+):(%d+)")
+  if d == nil then
+    d, mon, y, hh, mm, ss = string.match(s, "^%a+, (%d+)-(%a+)-(%d+) (%d+):(%d+):(%d+)")
+    if y ~= nil and #y == 2 then y = tostring(1900 + tonumber(y) + (tonumber(y) < 70 and 100 or 0)) end
+  end
+  if d == nil then
+    mon, d, hh, mm, ss, y = string.match(s, "^%a+ (%a+) +(%d+) (%d+):(%d+):(%d+) (%d+)")
+  end
+  if d == nil then return nil end
+  local m = MONTHS[string.lower(string.sub(mon, 1, 3))]
+  if m == nil then return nil end
+  local days = days_from_civil(tonumber(y), m, tonumber(d))
+  return days * 86400 + tonumber(hh) * 3600 + tonumber(mm) * 60 + tonumber(ss)
+end
+
+-- Retry-After as ms from now (policies/retry.py parse_retry_after), or nil.
+local function retry_after_ms(value, now_ms)
+  if value == nil then return nil end
+  value = string.gsub(value, "^%s*(.-)%s*$", "%1")
+  local secs = string.match(value, "^%d+%.?%d*$") and tonumber(value) or nil
+  if secs ~= nil then return secs * 1000 end
+  local at = http_date(value)
+  if at == nil then return nil end
+  return math.max(0, at * 1000 - now_ms)
+end
+
+local function window_of(key)
+  local w = windows[key]
+  if w == nil then
+    w = {ring = {}, i = 0}
+    windows[key] = w
+  end
+  return w
+end
+
+local function record(w, ms)
+  if ms < 0 then ms = 0 end
+  w.i = (w.i % WINDOW) + 1
+  w.ring[w.i] = ms
+end
+
+local function median(w)
+  local n = #w.ring
+  if n == 0 then return nil end
+  local sorted = {}
+  for k = 1, n do sorted[k] = w.ring[k] end
+  table.sort(sorted)
+  return sorted[math.max(1, math.ceil(0.5 * n - 1e-9))]
+end
+
+-- policies/retry.py retry_fits: after the wait, time for a typical attempt?
+local function fits(left, wait, med)
+  local remaining = left - wait
+  if remaining <= 0 then return false end
+  return med == nil or remaining >= med
+end
+
+local function sleep(handle, ms)
+  ms = math.floor(ms)
+  if ms < 1 then return end
+  pcall(handle.httpCall, handle, SELF,
+        {[":method"] = "GET", [":path"] = "/sleep", [":authority"] = "_riprap",
+         ["x-envoy-fault-delay-request"] = tostring(ms)}, "", ms + 1000)
+end
+
+-- The answer becomes riprap's 504 `timeout`: too little time is left for another attempt.
+local function answer_timeout(handle)
+  local body = handle:body(true)
+  local headers = handle:headers()  -- the headers seen before body() are out of scope now
+  headers:replace(":status", "504")
+  headers:replace("content-type", "application/json")
+  headers:replace("x-riprap-reason", "timeout")
+  headers:remove("content-length")
+  headers:remove("retry-after")
+  local text = '{"error": "too little time left for a retry", "reason": "timeout"}'
+  if body ~= nil then body:setBytes(text) end
+end
+
+function envoy_on_request(handle)
+  local m = tries_meta(handle)
+  if m == nil then return end
+  local dmd = handle:streamInfo():dynamicMetadata()
+  local st = dmd:get(NS) or {}
+  local call = dmd:get(CALL_NS) or {}
+  local deadline = num(call["deadline"])
+  local n = (num(st["n"]) or 0) + 1
+  local inflight = num(st["inflight"]) or 0
+  if n > 1 and not (m.hedge and inflight > 0) then  -- a retry (a hedge copy goes at once)
+    local wait = num(st["wait_ms"]) or -1
+    if wait < 0 then wait = backoff_ms(m.backoff, n - 1, num(st["prev_ms"])) end  -- no answer came
+    if deadline ~= nil then wait = math.min(wait, deadline - handle:timestamp()) end
+    if wait >= 1 then
+      sleep(handle, wait)
+      dmd = handle:streamInfo():dynamicMetadata()  -- what was read before the wait is out of scope
+      dmd:set(NS, "prev_ms", wait)
+    end
+  end
+  local now = handle:timestamp()
+  dmd:set(NS, "n", n)
+  dmd:set(NS, "inflight", inflight + 1)
+  dmd:set(NS, "t_last", now)
+  dmd:set(NS, "wait_ms", -1)
+  if deadline ~= nil then
+    handle:headers():replace("x-riprap-deadline-ms", tostring(math.max(0, math.floor(deadline - now))))
+  end
+end
+
+function envoy_on_response(handle)
+  local m = tries_meta(handle)
+  if m == nil then return end
+  local headers = handle:headers()
+  local status = tonumber(headers:get(":status")) or 0
+  local dmd = handle:streamInfo():dynamicMetadata()
+  local st = dmd:get(NS) or {}
+  local now = handle:timestamp()
+  local inflight = math.max(0, (num(st["inflight"]) or 1) - 1)
+  dmd:set(NS, "inflight", inflight)
+  local w = window_of(m.latency_key)
+  record(w, now - (num(st["t_last"]) or now))
+  local hedged = m.hedge and inflight > 0
+  if not m.codes[status] then
+    if hedged and status >= 500 then headers:replace(RETRY, "1") end  -- wait for the copy in flight
+    return
+  end
+  local n = num(st["n"]) or 1
+  if n > m.retries then return end  -- the retries are used up: this answer is the call's
+  if hedged then
+    headers:replace(RETRY, "1")
+    return
+  end
+  local wait = backoff_ms(m.backoff, n, num(st["prev_ms"]))
+  local ra = retry_after_ms(headers:get("retry-after"), now)
+  local call = dmd:get(CALL_NS) or {}
+  local deadline = num(call["deadline"])
+  if deadline ~= nil then
+    local left = deadline - now
+    local med = median(w)
+    if ra ~= nil and ra > wait and not fits(left, ra, med) then
+      return  -- the upstream asked for more time than is left: its own answer is passed on
+    end
+    if ra ~= nil and ra > wait then wait = ra end
+    if not fits(left, wait, med) then
+      answer_timeout(handle)
+      return
+    end
+  elseif ra ~= nil and ra > wait then
+    wait = ra
+  end
+  dmd:set(NS, "wait_ms", wait)
+  headers:replace(RETRY, "1")
+end
