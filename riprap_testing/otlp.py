@@ -8,6 +8,7 @@ imported when a receiver is made so that importing this module costs nothing.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,9 +33,10 @@ def decode_span(sp: Any, resource: dict[str, Any]) -> dict[str, Any]:
 
 class Receiver:
     """An OTLP/HTTP trace receiver on 127.0.0.1: `spans`, `resources`, `requests` (path and
-    headers of every export), filled as exports arrive. `start()`, then `stop()`."""
+    headers of every export), filled as exports arrive. `start()`, then `stop()`. With `tls`
+    (a server-side SSL context) it speaks HTTPS."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
         self.spans: list[dict[str, Any]] = []
@@ -80,11 +82,15 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.scheme = "http"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def start(self) -> "Receiver":
         self.thread.start()

@@ -5,7 +5,7 @@ Only when riprap's environment has `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as
 returns None otherwise and the configuration has no tracing at all (zero cost). The
 other standard variables are read here, once, and baked into the configuration:
 `OTEL_SERVICE_NAME` (default: the plan's `app`), `OTEL_RESOURCE_ATTRIBUTES`,
-`OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`,
+`OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, `_TIMEOUT` and `_CERTIFICATE`, `OTEL_SDK_DISABLED`,
 `OTEL_TRACES_SAMPLER`/`_ARG` (mapped to Envoy's OpenTelemetry samplers) and
 `OTEL_BSP_SCHEDULE_DELAY` (Envoy's flush interval).
 
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
 from sidecar.engines.envoy.notes import NoteSink
-from sidecar.engines.envoy.units import duration
+from sidecar.engines.envoy.units import duration, is_ip
 
 OTEL_CLUSTER = "_riprap_otel"  # service names start with a letter: no clash
 TRACER = "envoy.tracers.opentelemetry"
@@ -50,6 +50,7 @@ class TracingSettings:
     resource: tuple[tuple[str, str], ...]  # OTEL_RESOURCE_ATTRIBUTES, less service.name
     timeout: float  # seconds, per export
     flush_ms: int | None  # OTEL_BSP_SCHEDULE_DELAY (Envoy's default is the SDK's: 5000)
+    ca: str | None = None  # OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE (https; else the system's)
 
     @property
     def url(self) -> str:
@@ -139,7 +140,7 @@ def tracing_from_env(app: str, environ: Mapping[str, str] | None = None,
     env = os.environ if environ is None else environ
     notes = sink if sink is not None else NoteSink()
     url = traces_endpoint(env)
-    if url is None:
+    if url is None or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
     parts = urlsplit(url if "://" in url else f"http://{url}")
     scheme = parts.scheme.lower() if parts.scheme.lower() in ("http", "https") else "http"
@@ -160,6 +161,8 @@ def tracing_from_env(app: str, environ: Mapping[str, str] | None = None,
         resource=tuple(resource),
         timeout=(timeout_ms if timeout_ms is not None else 10_000.0) / 1000,
         flush_ms=max(1, round(flush)) if flush is not None else None,
+        ca=(env.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE") or env.get("OTEL_EXPORTER_OTLP_CERTIFICATE")
+            or None),
     )
 
 
@@ -226,8 +229,11 @@ def trace_listener(listener: dict[str, Any], t: TracingSettings) -> None:
 
 
 def collector_cluster(t: TracingSettings) -> dict[str, Any]:
-    """The collector named by the endpoint (the user's own, wherever they said)."""
-    ip = all(c.isdigit() or c == "." for c in t.host) or ":" in t.host
+    """The collector named by the endpoint (the user's own, wherever they said); over TLS
+    for https, its certificate checked against the host name, as the SDK does."""
+    from sidecar.engines.envoy.clusters import SYSTEM_CA
+
+    ip = is_ip(t.host)
     cluster: dict[str, Any] = {
         "name": OTEL_CLUSTER,
         "type": "STATIC" if ip else "STRICT_DNS",
@@ -238,15 +244,17 @@ def collector_cluster(t: TracingSettings) -> dict[str, Any]:
     if not ip:
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     if t.scheme == "https":
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": t.host,
-                "common_tls_context": {"validation_context": {
-                    "trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"}}},
-            },
+        tls: dict[str, Any] = {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {"validation_context": {
+                "trusted_ca": {"filename": t.ca or SYSTEM_CA},
+                "match_typed_subject_alt_names": [
+                    {"san_type": "IP_ADDRESS" if ip else "DNS", "matcher": {"exact": t.host}}],
+            }},
         }
+        if not ip:
+            tls["sni"] = t.host
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
     return cluster
 
 

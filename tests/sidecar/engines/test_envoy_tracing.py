@@ -11,6 +11,7 @@ tracing at all.
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,38 @@ service alt {{
     assert len(unsampled) == 1 and unsampled[0].endswith("-00")
 
 
+def test_envoy_exports_to_an_https_collector_it_verifies(
+        upstreams: Any, sidecar_proc: Any, module_tmp: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """https:// endpoint: TLS to the collector, its certificate checked against
+    OTEL_EXPORTER_OTLP_CERTIFICATE and the endpoint's address."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    ca_file = tmp_path / "collector-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    receiver = Receiver(tls=ctx).start()
+    try:
+        up = upstreams("et-tls")
+        policy = module_tmp / "envoy-tls-collector.riprap"
+        policy.write_text(f"app tlsshop\nservice inv {{\n    timeout 5s\n    endpoint {up.url}\n}}\n")
+        _clean_otel(monkeypatch)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(ca_file))
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        side = sidecar_proc(policy, "--engine", "envoy").start(timeout=60)
+        try:
+            assert side.client.get("/inv/a").status_code == 200
+            spans = receiver.wait_for(lambda ss: len(ss) >= 2, timeout=30)
+        finally:
+            assert side.stop() == 0
+    finally:
+        receiver.stop()
+    assert receiver.url.startswith("https://")
+    assert sorted(s["name"] for s in spans) == ["riprap inv", "router inv egress"]
+
+
 def _plan() -> Plan:
     svc = ServicePlan(name="pay", endpoints=(EndpointSpec(url="http://127.0.0.1:9"),),
                       retry=RetrySpec(retries=1, on=("5xx",)))
@@ -289,6 +322,7 @@ def test_settings_follow_the_sdk_rules() -> None:
     assert t.headers == (("c", "3"),)  # the signal's own variable wins
     assert t.service_name == "shop" and t.resource == (("deployment.environment", "prod"),)
     assert tracing_from_env("shop", {}) is None
+    assert tracing_from_env("shop", {**env, "OTEL_SDK_DISABLED": "true"}) is None
     only = tracing_from_env("shop", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/x"})
     assert only is not None and (only.host, only.port, only.path) == ("127.0.0.1", 4318, "/x")
 
