@@ -253,7 +253,8 @@ def test_client_gone_mid_answer_frees_its_slot(env: dict[str, Any]) -> None:
     with httpx.Client(base_url=sc.url, trust_env=False, timeout=5) as c:
         with c.stream("GET", f"/capdisc/drip/30/0.1/{uid()}") as resp:
             assert resp.status_code == 200
-            next(resp.iter_raw())
+            chunks = resp.iter_raw()  # held: a dropped iterator closes the answer at once
+            next(chunks)
             r = sc.get(f"/capdisc/x/{uid()}")
             assert r.status_code == 503 and reason(r) == "overloaded"  # still streaming
     # leaving the blocks closed the connection mid-answer
