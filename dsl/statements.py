@@ -414,8 +414,8 @@ _TABLE: tuple[Statement, ...] = (
                         default=plan_default(ConcurrencySpec, "queue"),
                         envoy=Envoy(
                             "approximate",
-                            "the queue is Envoy's pending-request queue, which may also hold up to N calls "
-                            "whose upstream connection is opening",
+                            "the queue is Envoy's pending-request queue: a call waiting for a new upstream "
+                            "connection to open also takes a place in it",
                         ),
                     ),
                     _o(
@@ -424,8 +424,8 @@ _TABLE: tuple[Statement, ...] = (
                         default=plan_default(ConcurrencySpec, "queue_timeout"),
                         envoy=Envoy(
                             "approximate",
-                            "a queued call waits until its timeout, not `queue-timeout` (Envoy's pending "
-                            "requests have no wait bound of their own)",
+                            "a queued call waits until a slot frees or its timeout, not at most `queue-timeout` "
+                            "(Envoy's pending requests have no wait bound of their own)",
                         ),
                     ),
                 ),

@@ -20,6 +20,11 @@ class Difference(NamedTuple):
 
 
 ENVOY_DIFFERENCES: dict[str, Difference] = {
+    "concurrency-queue-timeout": Difference(
+        "a queued call waits until a slot frees (or its timeout), not at most queue-timeout: "
+        "Envoy's pending requests have no wait bound of their own",
+        "a queued call waits until a slot frees or its timeout, not at most `queue-timeout` "
+        "(Envoy's pending requests have no wait bound of their own)"),
 }
 
 

@@ -34,6 +34,8 @@ OVERPROVISIONING = 100_000  # a tier with any healthy host takes 100 % of the lo
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 TLS_SECRET_FILE = "sds-{name}.yaml"
 PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+QUEUE_DIFFERS = ("a queued call waits until a slot frees or its timeout, not at most queue-timeout; "
+                 "a call waiting for a new upstream connection to open takes a queue place")
 LB = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST", "random": "RANDOM"}
 
 
@@ -118,13 +120,12 @@ def _thresholds(unit: Unit, sink: NoteSink) -> dict[str, Any]:
                      "connection is open, not before")
         else:
             # N connections (HTTP/1.1: one call each); calls wait for one in Envoy's pending
-            # queue, which also holds calls whose new connection is still opening
+            # queue, Q long: once the N connections are up, N in flight, Q waiting, the rest
+            # 503 at once. A call waiting for a connection still opening waits there too.
             t["max_connections"] = c.max
-            t["max_pending_requests"] = c.queue + c.max
-            t["max_requests"] = c.max + c.queue
-            sink.add(unit.service.name, "concurrency",
-                     "the queue is Envoy's pending-request queue: it may hold up to N more calls while "
-                     "connections open, and a queued call waits up to its timeout rather than queue-timeout")
+            t["max_pending_requests"] = c.queue
+            t["max_requests"] = c.max
+            sink.add(unit.service.name, "concurrency queue", QUEUE_DIFFERS)
     r = spec.retry
     if r is not None and r.budget is not None:
         t["retry_budget"] = {
