@@ -43,6 +43,10 @@ class EnvoyStats:
     buckets: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
     clusters: dict[str, dict[str, Any]] = field(default_factory=dict)
     breakers: dict[str, dict[str, Any]] | None = None  # the Lua filter's, by SERVICE[/SHARD]
+    # the Lua filter's counters (`GET /counters`): fallback answers ("answered": service
+    # -> kind -> n), stale copies ("stale": service -> entries, bytes, hits, misses) and
+    # hedges sent ("hedges": service -> n)
+    counters: dict[str, dict[str, Any]] | None = None
 
     def value(self, name: str, **labels: str) -> float:
         total = 0.0
@@ -164,7 +168,7 @@ class EnvoyState:
                                   for s in svc.shards}
             else:
                 data.update(self._shard(svc, svc, self.cluster_name(name, None), stats))
-            data["stale_cache"] = None
+            data["stale_cache"] = self._stale(svc, stats)
             services[name] = data
         return {"services": services}
 
@@ -189,6 +193,19 @@ class EnvoyState:
                         "p50": quantile(buckets, 0.5), "p95": quantile(buckets, 0.95),
                         "p99": quantile(buckets, 0.99)},
         }
+
+    @staticmethod
+    def _stale(svc: ServicePlan, stats: EnvoyStats) -> Any:
+        """The service's stale copies, as the Python engine's StaleCache.snapshot()."""
+        specs: list[ServicePlan | ShardPlan] = [svc, *svc.shards]
+        if not any(f.kind == "stale" for sp in specs for f in sp.fallbacks):
+            return None
+        if stats.counters is None:
+            return None
+        mine = (stats.counters.get("stale") or {}).get(svc.name) or {}
+        return {"entries": int(mine.get("entries", 0)), "bytes": int(mine.get("bytes", 0)),
+                "max_entries": mine.get("max_entries"), "max_bytes": mine.get("max_bytes"),
+                "hits": int(mine.get("hits", 0)), "misses": int(mine.get("misses", 0))}
 
     @staticmethod
     def _endpoint(ep: EndpointSpec, host: dict[str, Any] | None) -> dict[str, Any]:
@@ -324,7 +341,8 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
     incremented; a restarted Envoy starts them over, which Prometheus reads as a reset.
     """
     for m in (metrics.attempts, metrics.retries, metrics.retries_refused, metrics.ejections,
-              metrics.rejections, metrics.calls):
+              metrics.rejections, metrics.calls, metrics.hedges, metrics.fallbacks,
+              metrics.breaker_transitions):
         m.values.clear()
     metrics.upstream_latency.data.clear()
     metrics.call_duration.data.clear()
@@ -336,6 +354,12 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
     for svc_name, names in by_service.items():
         sp = plan.services[svc_name]
         retries = sum(stats.cluster(n, "upstream_rq_retry") for n in names)
+        specs: list[ServicePlan | ShardPlan] = [sp, *sp.shards]
+        if any(s.hedge is not None for s in specs) and stats.counters is not None:
+            # Envoy counts a hedge as a retry: the Lua filter tells them apart
+            hedges = float(((stats.counters.get("hedges") or {}).get(svc_name)) or 0)
+            metrics.hedges.values[(svc_name,)] = hedges
+            retries = max(0.0, retries - hedges)
         metrics.retries.values[(svc_name,)] = retries
         overflow = sum(stats.cluster(n, "upstream_rq_retry_overflow") for n in names)
         if overflow or (sp.retry is not None and sp.retry.budget is not None):
@@ -366,6 +390,17 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
             if br is not None:
                 metrics.breaker_state.values[(svc_name, shard or "")] = \
                     {"closed": 0.0, "half-open": 1.0, "open": 2.0}.get(br["state"], -1.0)
+                lua = (stats.breakers or {}).get(svc_name if shard is None else f"{svc_name}/{shard}")
+                for new_state, field_name in (("open", "opened"), ("half-open", "half_opened"),
+                                              ("closed", "closed")):
+                    if stats.breakers is not None:
+                        metrics.breaker_transitions.values[(svc_name, shard or "", new_state)] = \
+                            float((lua or {}).get(field_name, 0))
+    answered = (stats.counters or {}).get("answered") or {}
+    for svc_name, kinds in answered.items():
+        if svc_name in plan.services and isinstance(kinds, dict):
+            for kind, count in kinds.items():
+                metrics.fallbacks.values[(svc_name, kind)] = float(count)
     for cname, status in stats.clusters.items():
         owner = clusters.get(cname)
         if owner is None:

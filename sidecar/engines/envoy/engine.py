@@ -187,16 +187,19 @@ class EnvoyEngine:
         specs: list[Any] = [sp for svc in self.plan.services.values() for sp in (svc, *svc.shards)]
         if any(spec.breaker is not None for spec in specs):
             stats.breakers = await self._breakers()
+        if any(spec.fallbacks or spec.hedge is not None for spec in specs):
+            stats.counters = await self._breakers("/counters")
         return stats
 
-    async def _breakers(self) -> dict[str, dict[str, Any]] | None:
-        """The Lua filter's breakers: `GET /breakers` with Host `_riprap` on the listener
-        (one Envoy worker: one table). None when this configuration has no such route."""
+    async def _breakers(self, path: str = "/breakers") -> dict[str, dict[str, Any]] | None:
+        """The Lua filter's breakers (`GET /breakers` with Host `_riprap` on the listener),
+        or its counters of fallbacks, stale copies and hedges (`/counters`); one Envoy worker: one
+        table. None when this configuration has no such route."""
         assert self.process is not None
         host = self.ports.listen_host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{self.ports.listen_port}/breakers"
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{self.ports.listen_port}{path}"
         try:
             resp = await self.process.client.get(url, headers={"Host": STATE_HOST}, timeout=1.0)
         except httpx.HTTPError:

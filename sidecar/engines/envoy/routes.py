@@ -271,6 +271,9 @@ class RouteBuilder:
             meta["hedge"] = {"p": h.percentile, "min_ms": h.min_delay * 1000,
                              "initial_ms": h.initial_delay * 1000, "warmup": h.warmup_calls}
             meta["latency_key"] = unit.cluster
+        elif h is not None and h.delay is not None:
+            # Envoy counts a hedge as a retry: the Lua filter counts the hedges it sent
+            meta["hedge_after_ms"] = max(1, round(h.delay * 1000))
         return meta
 
     def shard_unit_meta(self, unit: Unit, shard_meta: dict[str, Any], strip: str | None) -> dict[str, Any]:
@@ -400,7 +403,7 @@ class RouteBuilder:
 def _without_hedge(lua: dict[str, Any]) -> dict[str, Any]:
     """A route's Lua metadata for calls that may not be sent twice: no hedge, so no per-try
     (hedge) timeout override either."""
-    return {k: v for k, v in lua.items() if k not in ("hedge", "latency_key")}
+    return {k: v for k, v in lua.items() if k not in ("hedge", "latency_key", "hedge_after_ms")}
 
 
 # the upstream Lua filter's wait between attempts: a request that the `riprap.delay` fault
@@ -502,12 +505,13 @@ def build_route_config(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bo
         route.setdefault("metadata", {LUA_META: {LUA: {}}})[LUA_META][LUA]["unknown_host"] = True
     catch_all.insert(0, _forward_proxy_refusal(plan))
     catch_all.insert(0, _connect_refusal(plan, 403))
-    # this Envoy's breakers (the Lua filter answers), for riprap's /state
+    # this Envoy's breakers and counters of fallbacks, stale copies and hedges (the Lua
+    # filter answers), for riprap's /state and /metrics
     state_routes: list[dict[str, Any]] = [{
-        "match": {"path": "/breakers"},
+        "match": {"path": f"/{what}"},
         "direct_response": {"status": 404},
-        "metadata": {"filter_metadata": {LUA: {"riprap_state": "breakers"}}},
-    }]
+        "metadata": {"filter_metadata": {LUA: {"riprap_state": what}}},
+    } for what in ("breakers", "counters")]
     if resends(plan):
         state_routes.append(copy.deepcopy(SLEEP_ROUTE))
     vhosts.append({"name": "riprap:state", "domains": [STATE_HOST], "routes": state_routes})

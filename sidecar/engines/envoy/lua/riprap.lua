@@ -8,7 +8,9 @@
 --               {kind="stale", max_age_ms} | {kind="service", host, timeout_ms} |
 --               {kind="static", status, body, content_type}
 --   breaker     the breaker spec (routes.py breaker_meta), `breaker_key` its scope
---   riprap_state  "breakers": answer this worker's breakers as JSON (Host `_riprap`)
+--   riprap_state  "breakers" / "counters": answer this worker's breakers, or its counters of
+--               fallback answers, stale copies and hedges, as JSON (Host `_riprap`)
+--   hedge_after_ms  `hedge after D`: D, to count the hedges Envoy sent (it counts them as retries)
 --   hedge       {p, min_ms, initial_ms, warmup} for `hedge at pNN`, `latency_key` its scope
 --   body_limit  the largest request body kept to resend to a fallback service
 --   unknown_host  the catch-all virtual host (a Host the plan does not name): a forward-proxy
@@ -32,6 +34,9 @@ local stale_vary = {}      -- service .. " " .. path -> the names its answer's V
 local stale_vary_count = 0
 local stale_bytes, stale_count = 0, 0
 local calls = {}          -- call id -> {method, path, headers, body, cacheable}
+local answered = {}       -- service -> {static = n, stale = n, service = n}: calls a fallback answered
+local hedges = {}         -- service -> hedged copies sent (Envoy counts them as retries)
+local stale_of = {}       -- service -> {entries, bytes, hits, misses}: its part of `stale`
 local calls_count, next_call = 0, 0
 
 local function trim(s)
@@ -112,7 +117,7 @@ local function breaker_of(key, spec)
   if b == nil or b.spec_id ~= spec["id"] then
     b = {spec_id = spec["id"], state = "closed", consecutive = 0, ring = {}, ring_i = 0, ring_n = 0,
          ring_failures = 0, open_for = spec["open_ms"], open_until = 0, half_since = 0,
-         probes_out = 0, probe_ok = 0, opened = 0}
+         probes_out = 0, probe_ok = 0, opened = 0, half_opened = 0, closed = 0}
     breakers[key] = b
   end
   return b
@@ -129,6 +134,7 @@ local function b_close(b, spec)
   b.consecutive = 0
   b.ring, b.ring_i, b.ring_n, b.ring_failures = {}, 0, 0, 0
   b.state = "closed"
+  b.closed = b.closed + 1
 end
 
 local function b_allow(b, spec, now)
@@ -136,6 +142,7 @@ local function b_allow(b, spec, now)
   if b.state == "open" then
     if now < b.open_until then return false end
     b.state, b.half_since, b.probes_out, b.probe_ok = "half-open", now, 0, 0
+    b.half_opened = b.half_opened + 1
   elseif b.probes_out >= spec["probes"] then
     if now - b.half_since < math.max(b.open_for, 1) then return false end
     b.half_since = now  -- probe outcomes never came back: hand the slots out again
@@ -193,8 +200,9 @@ local function breakers_json(now)
     local retry_in = 0
     if b.state == "open" and now < b.open_until then retry_in = (b.open_until - now) / 1000 end
     parts[#parts + 1] = string.format(
-      '"%s":{"state":"%s","open_for":%.3f,"retry_in":%.3f,"opened":%d,"failures":%d,"calls":%d}',
-      key, b_state(b, now), b.open_for / 1000, retry_in, b.opened,
+      '"%s":{"state":"%s","open_for":%.3f,"retry_in":%.3f,"opened":%d,"half_opened":%d,"closed":%d,'
+      .. '"failures":%d,"calls":%d}',
+      key, b_state(b, now), b.open_for / 1000, retry_in, b.opened, b.half_opened, b.closed,
       b.ring_n > 0 and b.ring_failures or b.consecutive, b.ring_n)
   end
   return "{" .. table.concat(parts, ",") .. "}"
@@ -222,6 +230,45 @@ local function vary_key(call, vary)
   return table.concat(parts, "\n")
 end
 
+local function stale_stats(service)
+  local st = stale_of[service]
+  if st == nil then
+    st = {entries = 0, bytes = 0, hits = 0, misses = 0}
+    stale_of[service] = st
+  end
+  return st
+end
+
+local function count_fallback(service, kind)
+  local a = answered[service]
+  if a == nil then
+    a = {}
+    answered[service] = a
+  end
+  a[kind] = (a[kind] or 0) + 1
+end
+
+-- GET /counters with Host `_riprap` (routes.py): this worker's fallback answers, stale
+-- copies and hedges per service, as JSON (riprap's /metrics and /state read it).
+local function counters_json()
+  local parts = {}
+  for service, a in pairs(answered) do
+    local kinds = {}
+    for kind, n in pairs(a) do kinds[#kinds + 1] = string.format('"%s":%d', kind, n) end
+    parts[#parts + 1] = string.format('"%s":{%s}', service, table.concat(kinds, ","))
+  end
+  local caches = {}
+  for service, st in pairs(stale_of) do
+    caches[#caches + 1] = string.format(
+      '"%s":{"entries":%d,"bytes":%d,"max_entries":%d,"max_bytes":%d,"hits":%d,"misses":%d}',
+      service, st.entries, st.bytes, STALE_MAX_ENTRIES, STALE_MAX_BYTES, st.hits, st.misses)
+  end
+  local sent = {}
+  for service, n in pairs(hedges) do sent[#sent + 1] = string.format('"%s":%d', service, n) end
+  return '{"answered":{' .. table.concat(parts, ",") .. '},"stale":{' .. table.concat(caches, ",")
+         .. '},"hedges":{' .. table.concat(sent, ",") .. "}}"
+end
+
 local function stale_evict()
   while #stale_order > 0 and (stale_count > STALE_MAX_ENTRIES or stale_bytes > STALE_MAX_BYTES) do
     local item = table.remove(stale_order, 1)
@@ -231,6 +278,8 @@ local function stale_evict()
       stale[key] = nil
       stale_bytes = stale_bytes - e.size
       stale_count = stale_count - 1
+      local st = stale_stats(e.service)
+      st.entries, st.bytes = st.entries - 1, st.bytes - e.size
     end
   end
 end
@@ -262,14 +311,17 @@ local function keep_stale(handle, service, call)
   end
   next_call = next_call + 1
   local old = stale[key]
+  local st = stale_stats(service)
   if old ~= nil then
     stale_bytes = stale_bytes - old.size
     stale_count = stale_count - 1
+    st.entries, st.bytes = st.entries - 1, st.bytes - old.size
   end
   stale[key] = {status = status, headers = kept, body = table.concat(parts), at = handle:timestamp(),
-                size = size, seq = next_call}
+                size = size, seq = next_call, service = service}
   stale_bytes = stale_bytes + size
   stale_count = stale_count + 1
+  st.entries, st.bytes = st.entries + 1, st.bytes + size
   stale_order[#stale_order + 1] = {key, next_call}
   -- the Vary names are needed to find the entry again
   local base = service .. " " .. call.path
@@ -285,9 +337,13 @@ local function find_stale(handle, service, call, max_age_ms)
   if call == nil or not call.cacheable then return nil end
   local base = service .. " " .. call.path
   local vary = stale_vary[base]
-  if vary == nil then return nil end
-  local e = stale[base .. "\n" .. vary_key(call, vary)]
-  if e == nil or handle:timestamp() - e.at >= max_age_ms then return nil end
+  local e = vary ~= nil and stale[base .. "\n" .. vary_key(call, vary)] or nil
+  local st = stale_stats(service)
+  if e == nil or handle:timestamp() - e.at >= max_age_ms then
+    st.misses = st.misses + 1
+    return nil
+  end
+  st.hits = st.hits + 1
   return e
 end
 
@@ -361,7 +417,8 @@ end
 -- ---- route metadata, converted once per route version ----------------------------------
 
 local KEYS = {"service", "timeout_ms", "strip", "shard", "fallbacks", "breaker", "breaker_key", "hedge",
-              "latency_key", "body_limit", "riprap_state", "retry_after", "units", "unknown_host", "resend"}
+              "latency_key", "body_limit", "riprap_state", "retry_after", "units", "unknown_host", "resend",
+              "hedge_after_ms"}
 local route_cache, route_cache_count = {}, 0
 
 -- Envoy hands a metadata number that is not a whole number (0.5, and 100.0 too) to Lua as
@@ -496,6 +553,7 @@ local function refuse_open(handle, headers, md, service, fallbacks)
                    '{"error": "breaker open", "reason": "breaker-open", "service": "' .. service .. '"}')
     return
   end
+  count_fallback(service, ans.kind)
   local out = {[":status"] = tostring(ans.status)}
   for _, kv in ipairs(ans.headers) do out[kv[1]] = kv[2] end
   out["x-riprap-fallback"] = ans.kind
@@ -547,6 +605,9 @@ function envoy_on_request(handle)
   if md == nil then return end
   if md.riprap_state == "breakers" then
     handle:respond({[":status"] = "200", ["content-type"] = "application/json"}, breakers_json(handle:timestamp()))
+    return
+  elseif md.riprap_state == "counters" then
+    handle:respond({[":status"] = "200", ["content-type"] = "application/json"}, counters_json())
     return
   end
   if md.unknown_host and absolute_form(handle, headers) then
@@ -608,10 +669,15 @@ function envoy_on_request(handle)
   local hspec = md.hedge
   local bspec = md.breaker
   local now = nil
+  local hedge_ms = md.hedge_after_ms
   if hspec ~= nil then
     now = handle:timestamp()
-    local delay = hedge_delay(latency_of(md.latency_key), hspec)
-    headers:replace("x-envoy-upstream-rq-per-try-timeout-ms", tostring(math.max(1, math.floor(delay))))
+    local delay = math.max(1, math.floor(hedge_delay(latency_of(md.latency_key), hspec)))
+    headers:replace("x-envoy-upstream-rq-per-try-timeout-ms", tostring(delay))
+    stash(handle, "hedge_ms", delay)
+    hedge_ms = delay
+  elseif hedge_ms ~= nil then
+    now = handle:timestamp()  -- the answer counts the hedges sent from the call's time
   end
   if bspec ~= nil then
     now = now or handle:timestamp()
@@ -620,7 +686,7 @@ function envoy_on_request(handle)
       return
     end
     if capped then stash(handle, "capped", true) end
-    if bspec["slow_ms"] == nil and hspec == nil then now = nil end
+    if bspec["slow_ms"] == nil and hedge_ms == nil then now = nil end
   end
   if now ~= nil then stash(handle, "start", now) end  -- only what the answer needs: timing
   if needs_call_state(fallbacks) then
@@ -666,14 +732,25 @@ function envoy_on_response(handle)
   local fallbacks = md.fallbacks
   local bspec = md.breaker
   local hspec = md.hedge
-  if bspec == nil and hspec == nil and #fallbacks == 0 then return end
+  local hedge_ms = md.hedge_after_ms
+  if bspec == nil and hspec == nil and hedge_ms == nil and #fallbacks == 0 then return end
   local status = tonumber(headers:get(":status")) or 0
   local reason = headers:get("x-riprap-reason")
   local dm = nil
-  if hspec ~= nil or needs_call_state(fallbacks) or (bspec ~= nil and (bspec["slow_ms"] ~= nil or reason == "timeout")) then
+  if hspec ~= nil or hedge_ms ~= nil or needs_call_state(fallbacks)
+      or (bspec ~= nil and (bspec["slow_ms"] ~= nil or reason == "timeout")) then
     dm = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.lua") or {}
   end
   local now = nil
+  if hspec ~= nil then hedge_ms = dm["hedge_ms"] end
+  local extra = (tonumber(attempts) or 0) - 1
+  if hedge_ms ~= nil and extra > 0 and dm["start"] ~= nil then
+    -- Envoy sends a copy each time a try has waited hedge_ms (and retries on failures):
+    -- the copies are the extra attempts the call's time can account for
+    now = handle:timestamp()
+    local sent = math.min(extra, math.floor((now - dm["start"]) / hedge_ms))
+    if sent > 0 then hedges[service] = (hedges[service] or 0) + sent end
+  end
   if hspec ~= nil and dm["start"] ~= nil and reason == nil then
     now = handle:timestamp()
     record_latency(latency_of(md.latency_key), now - dm["start"])
@@ -698,6 +775,7 @@ function envoy_on_response(handle)
   if reason == nil then reason = "upstream-5xx" end
   local ans = chain_answer(handle, service, call, fallbacks, true)
   if ans ~= nil then
+    count_fallback(service, ans.kind)
     answer_with(handle, ans, reason, call ~= nil and call.method == "HEAD")
     if ans.attempts ~= nil then
       handle:headers():replace("x-riprap-attempts", tostring((tonumber(attempts) or 0) + ans.attempts))
