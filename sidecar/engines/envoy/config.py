@@ -93,9 +93,8 @@ def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: boo
     resources[RDS_FILE] = {"version_info": _version(routes), "resources": routes}
     resources[LDS_FILE] = {"version_info": _version([listener]), "resources": [listener]}
     boot = bootstrap(plan, ports, dynamic_dir)
-    runtime = otel.runtime_layer(traced) if traced is not None else None
-    if runtime is not None:
-        boot["layered_runtime"] = runtime
+    if traced is not None:
+        boot["layered_runtime"] = otel.runtime_layer(traced)
     return EnvoyConfig(bootstrap=boot, resources=resources, notes=sink.notes())
 
 

@@ -7,7 +7,7 @@ other standard variables are read here, once, and baked into the configuration:
 `OTEL_SERVICE_NAME` (default: the plan's `app`), `OTEL_RESOURCE_ATTRIBUTES`,
 `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, `_TIMEOUT` and `_CERTIFICATE`, `OTEL_SDK_DISABLED`,
 `OTEL_TRACES_SAMPLER`/`_ARG` (mapped to Envoy's OpenTelemetry samplers) and
-`OTEL_BSP_SCHEDULE_DELAY` (Envoy's flush interval).
+`OTEL_BSP_SCHEDULE_DELAY` and `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (when Envoy exports).
 
 What Envoy makes of it: the HCM's span per call, named by the route's decorator `riprap
 SERVICE`, kind CLIENT (the listener's traffic direction is OUTBOUND), the child of an
@@ -49,7 +49,8 @@ class TracingSettings:
     sampler: dict[str, Any]  # an Envoy OpenTelemetry sampler (TypedExtensionConfig)
     resource: tuple[tuple[str, str], ...]  # OTEL_RESOURCE_ATTRIBUTES, less service.name
     timeout: float  # seconds, per export
-    flush_ms: int | None  # OTEL_BSP_SCHEDULE_DELAY (Envoy's default is the SDK's: 5000)
+    flush_ms: int  # OTEL_BSP_SCHEDULE_DELAY: Envoy's flush interval (the SDK's default, 5000)
+    batch: int = 512  # OTEL_BSP_MAX_EXPORT_BATCH_SIZE: spans per export (Envoy's own default is 5)
     ca: str | None = None  # OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE (https; else the system's)
 
     @property
@@ -153,6 +154,7 @@ def tracing_from_env(app: str, environ: Mapping[str, str] | None = None,
     resource = [(k, v) for k, v in _pairs(env.get("OTEL_RESOURCE_ATTRIBUTES", "")) if k != "service.name"]
     timeout_ms = _millis(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
     flush = _millis(env, "OTEL_BSP_SCHEDULE_DELAY")
+    batch = _millis(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
     return TracingSettings(
         scheme=scheme, host=host, port=port, path=parts.path or "/v1/traces",
         service_name=env.get("OTEL_SERVICE_NAME", "").strip() or app,
@@ -160,7 +162,8 @@ def tracing_from_env(app: str, environ: Mapping[str, str] | None = None,
         sampler=sampler_config(env.get("OTEL_TRACES_SAMPLER", ""), env.get("OTEL_TRACES_SAMPLER_ARG"), notes),
         resource=tuple(resource),
         timeout=(timeout_ms if timeout_ms is not None else 10_000.0) / 1000,
-        flush_ms=max(1, round(flush)) if flush is not None else None,
+        flush_ms=max(1, round(flush)) if flush is not None else 5000,
+        batch=max(1, round(batch)) if batch is not None else 512,
         ca=(env.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE") or env.get("OTEL_EXPORTER_OTLP_CERTIFICATE")
             or None),
     )
@@ -258,13 +261,14 @@ def collector_cluster(t: TracingSettings) -> dict[str, Any]:
     return cluster
 
 
-def runtime_layer(t: TracingSettings) -> dict[str, Any] | None:
-    """The bootstrap's runtime with Envoy's span flush interval (None: Envoy's default,
-    5 s, which is also the SDK's)."""
-    if t.flush_ms is None:
-        return None
+def runtime_layer(t: TracingSettings) -> dict[str, Any]:
+    """The bootstrap's runtime: Envoy exports its spans every `flush_ms` or once `batch`
+    are buffered, as the SDK's batch processor does (Envoy's own default, an export per 5
+    spans, would be a request per two or three calls). The admin layer stays."""
     return {"layers": [
-        {"name": "riprap_tracing", "static_layer": {"tracing.opentelemetry.flush_interval_ms": t.flush_ms}},
+        {"name": "riprap_tracing", "static_layer": {
+            "tracing.opentelemetry.flush_interval_ms": t.flush_ms,
+            "tracing.opentelemetry.min_flush_spans": t.batch}},
         {"name": "admin", "admin_layer": {}},
     ]}
 

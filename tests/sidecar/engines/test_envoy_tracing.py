@@ -321,6 +321,7 @@ def test_settings_follow_the_sdk_rules() -> None:
     assert t.url == "https://collector.example:4443/base/v1/traces"
     assert t.headers == (("c", "3"),)  # the signal's own variable wins
     assert t.service_name == "shop" and t.resource == (("deployment.environment", "prod"),)
+    assert (t.flush_ms, t.batch) == (5000, 512)  # the SDK's batch processor defaults
     assert tracing_from_env("shop", {}) is None
     assert tracing_from_env("shop", {**env, "OTEL_SDK_DISABLED": "true"}) is None
     only = tracing_from_env("shop", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/x"})
