@@ -1,13 +1,14 @@
 """What tracing costs: the sidecar with no OTEL_* variables, then with OTLP/HTTP export on.
 
-    .venv/bin/python tests/bench/tracing_bench.py [--duration 3] [--rounds 3]
+    .venv/bin/python tests/bench/tracing_bench.py [--duration 3] [--rounds 3] [--engine envoy]
 
 The same setup as proxy_bench.py (nginx upstream and wrk on core 0, the sidecar alone on
 core 1; best of interleaved rounds): the sidecar (a) without tracing variables, (b) with
 `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at a local OTLP/HTTP sink that answers 200 (the SDK's
 default sampler, parentbased_always_on: every call traced, two spans or more a call).
 Printed: rps, p50 and p99 at c=32 and c=1 for both, and the spans the sink received.
-Figures only; nothing is asserted.
+With `--engine envoy` the same two runs are `riprap run --engine envoy` (Envoy's own
+OpenTelemetry tracer). Figures only; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -39,8 +40,16 @@ class Sink:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
-                n = int(self.headers.get("content-length", "0"))
-                self.rfile.read(n)
+                if "chunked" in self.headers.get("transfer-encoding", "").lower():
+                    n = 0  # Envoy's exporter sends its body chunked
+                    while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                        n += len(self.rfile.read(size))
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                else:
+                    n = int(self.headers.get("content-length", "0"))
+                    self.rfile.read(n)
                 sink.requests += 1
                 sink.bytes += n
                 self.send_response(200)
@@ -62,6 +71,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engine", choices=("python", "envoy"), default="python")
     args = ap.parse_args()
     if not pb.ensure_tools():
         return 0
@@ -86,7 +96,8 @@ def main() -> int:
             port, admin = pb.free_port(), pb.free_port()
             procs.append(pb.start(pb.pin(pb.FORWARDER_CORE, [
                 pb.PY, "-m", "sidecar.cli", "run", str(policy), "--listen", f"127.0.0.1:{port}",
-                "--admin", f"127.0.0.1:{admin}", "--log-level", "warning", "--grace", "0"]),
+                "--admin", f"127.0.0.1:{admin}", "--log-level", "warning", "--grace", "0",
+                "--engine", args.engine]),
                 env={**base_env, **extra}))
             targets[name] = f"http://127.0.0.1:{port}/"
         for url in targets.values():
@@ -102,7 +113,8 @@ def main() -> int:
                 print(f"tracing {name:3s} c={conns:<2d} {best['rps']:9.0f} rps  p50 "
                       f"{best['p50']:6.3f} ms  p99 {best['p99']:6.3f} ms  "
                       f"non-2xx {int(sum(r['non2xx'] for r in runs[name]))}", flush=True)
-        print(f"OTLP sink: {sink.requests} export requests, {sink.bytes / 1e6:.1f} MB")
+        print(f"engine {args.engine}; OTLP sink: {sink.requests} export requests, "
+              f"{sink.bytes / 1e6:.1f} MB")
     finally:
         for proc in procs:
             pb.stop(proc)
