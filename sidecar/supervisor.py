@@ -8,9 +8,15 @@ backoff (`restart backoff A..B`: A, 2A, 4A, ... up to B), and the backoff starts
 the app has been healthy (or, with no health check, running) for a minute. Stopping sends
 SIGTERM to the group, then SIGKILL after `stop_timeout` (10 s).
 
-As the contract says, `fall` failed checks in a row restart the app, whether or not it
-ever passed one. The first check runs `every` after the start, so an app has about
-`fall x every` to come up; a slow starter needs a larger `every` or `fall`.
+`fall` failed checks in a row restart the app. A start grace, where the contract is
+silent (as Docker's `--start-period`, or a Kubernetes startup probe): until the app first
+answers a check, a check that finds nothing listening on the health URL (connection
+refused) does not count during the first `START_GRACE` seconds after the start, so an app
+that needs a few seconds to bind its port is not killed in a restart loop on a busy
+machine. A check the app answers (any status but 2xx, or too late) always counts, and so
+does every check once the app has answered one or once the grace is over: a never-healthy
+app is still restarted after `fall` checks, and one that never listens `START_GRACE` +
+`fall x every` after its start.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import httpx
 from dsl.plan import SuperviseSpec
 
 log = logging.getLogger("riprap.supervisor")
+
+START_GRACE = 5.0  # seconds after a start in which "nothing listening yet" is not a failure
 
 
 class Supervisor:
@@ -175,15 +183,25 @@ class Supervisor:
             self._client = httpx.AsyncClient(
                 trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
         failures = 0
+        answered = False  # has this start of the app answered a check yet?
+        graced = False
         while True:
             await asyncio.sleep(health.interval)
-            ok = await self._probe()
+            ok, listening = await self._probe()
             now = time.monotonic()
+            answered = answered or listening
             if ok:
                 failures = 0
                 if self._healthy_since is None:
                     self._healthy_since = now
                 self.healthy = True
+                continue
+            started = self.started_at if self.started_at is not None else now
+            if not answered and now - started < START_GRACE:
+                if not graced:
+                    graced = True
+                    log.info("app %s: not listening yet; checks count once it answers one, "
+                             "or %.0fs after its start", self.app, START_GRACE)
                 continue
             self._healthy_since = None
             failures += 1
@@ -192,14 +210,17 @@ class Supervisor:
             if failures >= health.fall:
                 return
 
-    async def _probe(self) -> bool:
+    async def _probe(self) -> tuple[bool, bool]:
+        """One check: (passed, something listening on the health URL answered or accepted)."""
         health = self.spec.health
         assert health is not None and self._client is not None
         try:
             resp = await self._client.request(health.method, health.url, timeout=health.timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            return False, False  # nothing listening (yet)
         except httpx.HTTPError:
-            return False
-        return 200 <= resp.status_code < 300
+            return False, True  # connected, then no (good) answer: a hung or broken app
+        return 200 <= resp.status_code < 300, True
 
     async def _terminate(self) -> None:
         proc = self.proc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -234,15 +235,21 @@ def test_supervision_sighup_and_sigterm(tmp_path: Path, ups: dict[str, Any],
     sc = run_sidecar(link, port=port, admin=admin)
     try:
         # section 6: the app is started, and restarted each time it exits
+        # (each start is a Python interpreter: the bound allows for a loaded machine)
         starts = wait_for(lambda: (lambda ls: ls if len(ls) >= 3 else None)(
-            [ln for ln in log.read_text().splitlines() if ln.startswith("start")]), 6)
+            [ln for ln in log.read_text().splitlines() if ln.startswith("start")]
+            if log.exists() else []), 20)
         assert starts, f"app not restarted: {log.read_text() if log.exists() else ''}"
         pids = {int(ln.split()[1]) for ln in starts}
         assert len(pids) == 3
         last = int(starts[-1].split()[1])
         t = [float(ln.split()[2]) for ln in starts]
-        # exponential backoff between restarts: 200ms, then 400ms
-        assert t[1] - t[0] >= 0.3 and (t[2] - t[1]) - (t[1] - t[0]) >= 0.12, t
+        # exponential backoff between restarts: 200ms, then 400ms, as the sidecar says, and
+        # at least that between the starts (plus the app's 0.1 s; a slow interpreter start
+        # only adds to either gap, so these lower bounds hold under any load)
+        delays = re.findall(r"app sup: restarting \(exit, exit code \d+\) in ([0-9.]+)s", sc.logs())
+        assert [float(d) for d in delays[:2]] == [0.2, 0.4], sc.logs()
+        assert t[1] - t[0] >= 0.3 and t[2] - t[1] >= 0.5, t
         time.sleep(0.3)
         assert _alive(last)
 
@@ -266,7 +273,7 @@ def test_supervision_sighup_and_sigterm(tmp_path: Path, ups: dict[str, Any],
         th.start()
         assert wait_for(lambda: A.hits(i), 3)
         sc.signal(signal.SIGTERM)
-        assert wait_for(lambda: sc.admin.get("/readyz").status_code == 503, 0.5), \
+        assert wait_for(lambda: sc.admin.get("/readyz").status_code == 503, 1.0), \
             "readiness did not turn 503"
         r = sc.get(f"/up/x/{uid()}")
         assert r.status_code == 200  # the grace period still serves new calls
@@ -388,10 +395,10 @@ def test_supervised_app_restarted_when_health_fails(tmp_path: Path, run_sidecar:
     """Section 6: restarted when its health check fails `fall` times in a row."""
     sc, log = _health_app_sidecar(run_sidecar, tmp_path, "once")
     try:
-        starts = wait_for(lambda: (lambda ls: ls if len(ls) >= 2 else None)(_starts(log)), 4)
+        starts = wait_for(lambda: (lambda ls: ls if len(ls) >= 2 else None)(_starts(log)), 15)
         assert starts, f"not restarted on failed health: {_starts(log)}"
         first = int(starts[0].split()[1])
-        assert wait_for(lambda: not _alive(first), 2), "the unhealthy app was not stopped"
+        assert wait_for(lambda: not _alive(first), 5), "the unhealthy app was not stopped"
     finally:
         sc.stop()
     last = int(_starts(log)[-1].split()[1])
@@ -403,9 +410,10 @@ def test_never_healthy_app_restarted_after_fall_checks(tmp_path: Path,
     # contract §6: "restarts it when ... its health check fails fall times in a row"
     sc, log = _health_app_sidecar(run_sidecar, tmp_path, "never")
     try:
-        # every 100ms, fall 2: a few hundred ms after it starts, plus the 100ms backoff (the
-        # wait is polled: the bound only matters on a loaded machine, where Python starts slowly)
-        assert wait_for(lambda: len(_starts(log)) >= 2, 8.0), "not restarted"
+        # every 100ms, fall 2: a few hundred ms after it answers its first check (the start
+        # grace forgives only "nothing listening"), plus the 100ms backoff (the wait is
+        # polled: the bound only matters on a loaded machine, where Python starts slowly)
+        assert wait_for(lambda: len(_starts(log)) >= 2, 15.0), "not restarted"
     finally:
         sc.stop()
 

@@ -252,11 +252,12 @@ def test_the_app_supervisor_works_on_the_envoy_engine(tmp_path: Path,
                     encoding="utf-8")
     sc = start(path)
     try:
-        first: Any = wait_for(lambda: sc.admin.get("/state").json()["app"]["pid"], 5)
-        assert first
+        # each /state reads Envoy's admin API: under load one poll may take a second or more
+        first: Any = wait_for(lambda: sc.admin.get("/state").json()["app"]["pid"], 20)
+        assert first, sc.logs()
         os.kill(first, signal.SIGKILL)
         again = wait_for(lambda: (lambda p: p if p and p != first else None)(
-            sc.admin.get("/state").json()["app"]["pid"]), 5)
+            sc.admin.get("/state").json()["app"]["pid"]), 20)
         assert again, "the app was not restarted"
         assert sc.admin.get("/state").json()["app"]["restarts"] == 1
     finally:
