@@ -286,8 +286,9 @@ _TABLE: tuple[Statement, ...] = (
                         default=plan_default(BudgetSpec, "min_per_second"),
                         envoy=Envoy(
                             "approximate",
-                            "Envoy's retry budget caps retries in flight at P% of the requests in flight "
-                            "(at least `min` as a count of concurrent retries), not P% of calls over 10 s",
+                            "retries after an answer are budgeted as riprap does, in each Envoy worker; resends "
+                            "after a connect failure or a reset, and hedge copies, are capped only by Envoy's "
+                            "in-flight retry budget (P% of requests in flight, at least `min` at once)",
                         ),
                     ),
                     _o("methods", "methods M, ..."),

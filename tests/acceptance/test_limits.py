@@ -246,8 +246,13 @@ def test_retry_budget_caps_retries(env: dict[str, Any]) -> None:
     for n in range(20):
         r = sc.get(f"/budgeted/s/503/{i}/{n}")
         assert r.status_code == 503
-    # without a budget: 20 x 4 = 80 attempts; 10% of 20 calls (min 1/s) is a few retries
-    assert len(A.hits(i)) < 40, len(A.hits(i))
+    # without a budget: 20 x 4 = 80 attempts; with it, max(10% of 20 calls, 1/s over the
+    # 10 s window) = 10 retries: 30 attempts
+    assert len(A.hits(i)) == 30, len(A.hits(i))
+    # the window is the budget's: a quiet second later, no retry is left either
+    time.sleep(1.1)
+    r = sc.get(f"/budgeted/s/503/{i}/late")
+    assert r.status_code == 503 and attempts(r) == 1
 
 
 def test_many_concurrent_calls(env: dict[str, Any]) -> None:

@@ -36,6 +36,10 @@ TLS_SECRET_FILE = "sds-{name}.yaml"
 PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 QUEUE_DIFFERS = ("a queued call waits until a slot frees or its timeout, not at most queue-timeout; "
                  "a call waiting for a new upstream connection to open takes a queue place")
+BUDGET_DIFFERS = ("retries after an answer are budgeted as riprap does (P% of calls over the window, "
+                  "at least R per second), in each Envoy worker; resends after a connect failure or a "
+                  "reset, and hedge copies, count in that window but are capped only by Envoy's "
+                  "in-flight retry budget (P% of requests in flight, at least R at once)")
 LB = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST", "random": "RANDOM"}
 
 
@@ -132,9 +136,7 @@ def _thresholds(unit: Unit, sink: NoteSink) -> dict[str, Any]:
             "budget_percent": {"value": round(r.budget.ratio * 100, 3)},
             "min_retry_concurrency": max(1, math.ceil(r.budget.min_per_second)),
         }
-        sink.add(unit.service.name, "retry budget",
-                 "Envoy's retry budget caps retries in flight at P% of requests in flight "
-                 "(at least R at once), not P% of requests over 10 s")
+        sink.add(unit.service.name, "retry budget", BUDGET_DIFFERS)
     return t
 
 

@@ -141,6 +141,10 @@ def tries_meta(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: int)
         return None
     meta: dict[str, Any] = {"codes": codes, "retries": retries + extra, "hedge": extra > 0,
                             "latency_key": unit.cluster}
+    if r is not None and r.budget is not None:
+        # policies/budget.py's window, kept per Envoy worker by the upstream Lua filter
+        meta["budget"] = {"ratio": r.budget.ratio, "floor": r.budget.min_per_second * r.budget.window,
+                          "window_ms": r.budget.window * 1000}
     if r is not None and r.backoff is not None:
         b = r.backoff
         meta["backoff"] = {"kind": b.kind, "base_ms": b.base * 1000, "max_ms": max(b.max, b.base) * 1000,

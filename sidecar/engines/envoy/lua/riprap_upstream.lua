@@ -6,6 +6,9 @@
 --   hedge        true when copies of the call may be in flight at once
 --   backoff      {kind = "exponential"|"constant", base_ms, max_ms, jitter} (nil: at once)
 --   latency_key  the window of attempt latencies (the service, or SERVICE/SHARD)
+--   budget       {ratio, floor, window_ms}: the retry budget (policies/budget.py), kept
+--                under latency_key: a resend is allowed while, counting it, the resends in
+--                the window stay within max(ratio * calls in the window, floor)
 -- and the call's `deadline` (epoch ms) that riprap.lua puts in the dynamic metadata.
 --
 -- For each attempt it
@@ -55,6 +58,11 @@ local function tries_meta(handle)
       m.retries = num(t["retries"]) or 0
       m.hedge = t["hedge"] == true
       m.latency_key = t["latency_key"] or ""
+      local bu = t["budget"]
+      if bu ~= nil then
+        m.budget = {ratio = num(bu["ratio"]) or 0, floor = num(bu["floor"]) or 0,
+                    width = (num(bu["window_ms"]) or 10000) / 10}
+      end
       local b = t["backoff"]
       if b ~= nil then
         m.backoff = {kind = b["kind"], base = num(b["base_ms"]) or 0, max = num(b["max_ms"]) or 0,
@@ -128,6 +136,58 @@ local function retry_after_ms(value, now_ms)
   return math.max(0, at * 1000 - now_ms)
 end
 
+-- ---- the retry budget (policies/budget.py): 10 buckets of window/10 each ------------------
+local budgets = {}  -- latency_key -> {calls = {}, retries = {}, slot, n_calls, n_retries, refused}
+
+local function budget_of(key, spec, now)
+  local b = budgets[key]
+  if b == nil or b.width ~= spec.width then
+    b = {calls = {}, retries = {}, slot = math.floor(now / spec.width), n_calls = 0, n_retries = 0,
+         refused = 0, width = spec.width}
+    for i = 0, 9 do b.calls[i], b.retries[i] = 0, 0 end
+    budgets[key] = b
+  end
+  return b
+end
+
+local function budget_roll(b, now)
+  local slot = math.floor(now / b.width)
+  if slot > b.slot then
+    if slot - b.slot >= 10 then
+      for i = 0, 9 do b.calls[i], b.retries[i] = 0, 0 end
+      b.n_calls, b.n_retries = 0, 0
+    else
+      for s = b.slot + 1, slot do
+        local i = s % 10
+        b.n_calls = b.n_calls - b.calls[i]
+        b.n_retries = b.n_retries - b.retries[i]
+        b.calls[i], b.retries[i] = 0, 0
+      end
+    end
+    b.slot = slot
+  end
+  return b.slot % 10
+end
+
+local function budget_call(b, now)
+  local i = budget_roll(b, now)
+  b.calls[i] = b.calls[i] + 1
+  b.n_calls = b.n_calls + 1
+end
+
+-- Spend one resend; false (and counted as refused) when the budget has none left.
+local function budget_spend(b, spec, now, force)
+  local i = budget_roll(b, now)
+  local limit = math.max(spec.ratio * b.n_calls, spec.floor)
+  if not force and b.n_retries + 1 > limit + 1e-9 then
+    b.refused = b.refused + 1
+    return false
+  end
+  b.retries[i] = b.retries[i] + 1
+  b.n_retries = b.n_retries + 1
+  return true
+end
+
 local function window_of(key)
   local w = windows[key]
   if w == nil then
@@ -189,6 +249,15 @@ function envoy_on_request(handle)
   local deadline = num(call["deadline"])
   local n = (num(st["n"]) or 0) + 1
   local inflight = num(st["inflight"]) or 0
+  if m.budget ~= nil then
+    local b = budget_of(m.latency_key, m.budget, handle:timestamp())
+    if n == 1 then
+      budget_call(b, handle:timestamp())
+    elseif num(st["spent"]) ~= n then
+      -- a resend Envoy started by itself (connect failure, reset, a hedge copy): it counts
+      budget_spend(b, m.budget, handle:timestamp(), true)
+    end
+  end
   if n > 1 and not (m.hedge and inflight > 0) then  -- a retry (a hedge copy goes at once)
     local wait = num(st["wait_ms"]) or -1
     if wait < 0 then wait = backoff_ms(m.backoff, n - 1, num(st["prev_ms"])) end  -- no answer came
@@ -249,6 +318,12 @@ function envoy_on_response(handle)
     end
   elseif ra ~= nil and ra > wait then
     wait = ra
+  end
+  if m.budget ~= nil then
+    if not budget_spend(budget_of(m.latency_key, m.budget, now), m.budget, now, false) then
+      return  -- the budget is spent: this answer is the call's
+    end
+    dmd:set(NS, "spent", n + 1)
   end
   dmd:set(NS, "wait_ms", wait)
   headers:replace(RETRY, "1")
