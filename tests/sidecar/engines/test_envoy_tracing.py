@@ -14,6 +14,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -78,6 +79,7 @@ service pay {{
 service recs {{
     timeout 5s
     hedge after 50ms
+    breaker failures 5
     endpoint {slow1.url}
     endpoint {slow2.url}
 }}
@@ -98,6 +100,9 @@ service recs {{
         hedged = side.client.get("/recs/top")
         assert hedged.status_code == 200 and hedged.headers["x-riprap-attempts"] == "2"
         assert side.client.get("/nosuch/x").status_code == 404  # riprap's own answer: no span
+        # riprap's metrics poll reads the breakers from Envoy (Host _riprap) every second:
+        # those reads are not traced either
+        time.sleep(2.5)
         expected = sum(attempts_seen) + 2
         spans = receiver.wait_for(
             lambda ss: sum(s["name"].startswith("router ") for s in ss) >= expected
@@ -171,6 +176,16 @@ service alt {{
     fallback service inv
     endpoint {down.url}
 }}
+service stock {{
+    timeout 5s
+    shard by header X-Sku
+    shard a {{
+        endpoint {up.url}
+    }}
+    shard b {{
+        endpoint {up.url}
+    }}
+}}
 """)
     _clean_otel(monkeypatch)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url + "/otlp/spans")
@@ -191,16 +206,21 @@ service alt {{
         receiver.wait_for(lambda ss: len(ss) >= 4, timeout=30)  # later exports still arrive
         other = side.client.get("/alt/x", headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
         assert other.status_code == 200 and other.headers["x-riprap-fallback"] == "service"
-        receiver.wait_for(lambda ss: len(ss) >= 9, timeout=30)
+        sku = side.client.get("/stock/x", headers={
+            "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", "x-sku": "k1"})
+        assert sku.status_code == 200
+        receiver.wait_for(lambda ss: len(ss) >= 11, timeout=30)
     finally:
         assert side.stop() == 0
     with receiver.lock:
         spans = list(receiver.spans)
     assert {s["trace_id"] for s in spans} == {CALLER_TRACE}
     assert {s["service"] for s in spans} == {"edge-envoy"}
-    assert sorted(s["name"] for s in spans) == [
+    assert sum(s["name"].startswith("router stock/") for s in spans) == 1
+    assert sorted(s["name"] for s in spans if not s["name"].startswith("router stock/")) == [
         "async _riprap_self egress", "riprap alt", "riprap inv", "riprap inv", "riprap recs",
-        "router alt egress", "router inv egress", "router inv egress", "router recs egress"]
+        "riprap stock", "router alt egress", "router inv egress", "router inv egress",
+        "router recs egress"]
     # fallback service: the other service's call hangs under the Lua filter's call
     alt = next(s for s in spans if s["name"] == "riprap alt")
     assert alt["attrs"]["riprap.fallback"] == "service"
@@ -208,6 +228,11 @@ service alt {{
     assert hop["parent"] == alt["span_id"]
     assert [s["name"] for s in spans if s["parent"] == hop["span_id"]] == ["riprap inv"]
     spans = [s for s in spans if s["name"] != "riprap alt" and s["parent"] not in (alt["span_id"], hop["span_id"])]
+    # a shard: the call span is the service's, the attempt is its shard cluster's
+    stock = next(s for s in spans if s["name"] == "riprap stock")
+    assert [s["name"] for s in spans if s["parent"] == stock["span_id"]] in (
+        ["router stock/a egress"], ["router stock/b egress"])
+    spans = [s for s in spans if s is not stock and s["parent"] != stock["span_id"]]
     fallback = next(s for s in spans if s["name"] == "riprap recs")
     assert fallback["attrs"]["riprap.fallback"] == "static"
     assert fallback["attrs"]["riprap.reason"] == fell.headers["x-riprap-reason"]
