@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['brk', 'brkprobe', 'brk4xx', 'brkfb', 'frbrk', 'slowbrk', 'shbrk', 'brkreopen', 'brkk2', 'brkhalf']
+SERVICES = ['brk', 'brkprobe', 'brk4xx', 'brkfb', 'frbrk', 'slowbrk', 'shbrk', 'brkreopen', 'brkk2', 'brkhalf', 'brkdead', 'brkto', 'brkcap']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -92,6 +92,22 @@ service brkk2 {{
 
 service brkhalf {{
     breaker failures 1 open 200ms
+    endpoint {A}
+}}
+
+service brkdead {{
+    breaker failures 2 open 30s
+    endpoint {DEAD}
+}}
+
+service brkto {{
+    timeout 200ms
+    breaker failures 2 open 30s
+    endpoint {A}
+}}
+
+service brkcap {{
+    breaker failures 1 open 60ms
     endpoint {A}
 }}
 
@@ -230,3 +246,38 @@ def test_half_open_breaker_lets_only_k_probes_through(env: dict[str, Any]) -> No
         cli.close()
     assert out["r"].status_code == 200
     assert sc.get(f"/brkhalf/x/{uid()}").status_code == 200  # the probe closed it
+
+
+def test_connection_errors_count_as_failures(env: dict[str, Any]) -> None:
+    # contract §4 breaker: "Failures are connection errors, timeouts and 5xx answers"
+    sc = env["sc"]
+    for _ in range(2):
+        r = sc.get(f"/brkdead/x/{uid()}")
+        assert r.status_code == 502 and reason(r) == "upstream-failed"
+    r = sc.get(f"/brkdead/x/{uid()}")
+    assert r.status_code == 503 and reason(r) == "breaker-open"
+
+
+def test_timeouts_count_as_failures(env: dict[str, Any]) -> None:
+    # contract §4 breaker: "Failures are connection errors, timeouts and 5xx answers"
+    sc, A = env["sc"], env["A"]
+    for _ in range(2):
+        r = sc.get(f"/brkto/sleep/1/{uid()}")
+        assert r.status_code == 504 and reason(r) == "timeout"
+    i = uid()
+    r = sc.get(f"/brkto/x/{i}")
+    assert r.status_code == 503 and reason(r) == "breaker-open" and A.hits(i) == []
+
+
+def test_reopen_doubling_stops_at_ten_times_open(env: dict[str, Any]) -> None:
+    # contract §4 breaker: "open for D (default 30s, doubling on each reopen up to 10 times D)"
+    sc = env["sc"]
+    assert sc.get(f"/brkcap/s/500/{uid()}").status_code == 500  # open 60ms
+    for _ in range(4):  # each failed probe reopens it: 120, 240, 480, then 600 (not 960)
+        assert wait_for(lambda: sc.get(f"/brkcap/s/500/{uid()}").status_code == 500, 5)
+    tripped = time.monotonic()
+    time.sleep(0.3)
+    assert reason(sc.get(f"/brkcap/x/{uid()}")) == "breaker-open"  # open for longer than 300ms
+    time.sleep(max(0.0, tripped + 0.78 - time.monotonic()))
+    r = sc.get(f"/brkcap/x/{uid()}")  # 600ms are over (960ms would not be)
+    assert r.status_code == 200, (r.status_code, reason(r))

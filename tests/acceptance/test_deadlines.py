@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['echo', 'slow', 'roomy', 'rashort', 'tight', 'median']
+SERVICES = ['echo', 'slow', 'roomy', 'rashort', 'tight', 'median', 'medianfb', 'hedgeto', 'dlbrk']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -65,6 +65,26 @@ service tight {{
 service median {{
     timeout 600ms
     retry 3 on 503 backoff 1ms
+    endpoint {A}
+}}
+
+service medianfb {{
+    timeout 600ms
+    retry 3 on 503 backoff 1ms
+    fallback status 200 text "median-fallback"
+    endpoint {A}
+}}
+
+service hedgeto {{
+    timeout 300ms
+    hedge after 50ms
+    endpoint {A}
+    endpoint {B}
+}}
+
+service dlbrk {{
+    timeout 5s
+    breaker failures 1 open 30s
     endpoint {A}
 }}
 
@@ -166,3 +186,43 @@ def test_garbage_deadline_header_ignored(env: dict[str, Any]) -> None:
     # contract §9 Deadlines (silent on garbage: Envoy ignores a bad x-envoy-expected-rq-timeout-ms)
     r = env["sc"].get(f"/echo/x/{uid()}", headers={"x-riprap-deadline-ms": "soon"})
     assert r.status_code == 200
+
+
+def test_retry_skipped_below_median_goes_to_the_fallback(env: dict[str, Any]) -> None:
+    """Section 4: a retry is not started when the time left is shorter than the observed
+    median latency: "the call goes to its fallback ... at once"."""
+    sc, A = env["sc"], env["A"]
+    for _ in range(2):  # the first call teaches the median (~250ms)
+        i = uid()
+        t = time.monotonic()
+        r = sc.get(f"/medianfb/sleepcode/0.25/503/{i}")
+        took = time.monotonic() - t
+    assert len(A.hits(i)) == 2, [h["path"] for h in A.hits(i)]
+    assert r.status_code == 200 and r.text == "median-fallback"
+    assert r.headers.get("x-riprap-fallback") == "static"
+    assert took < 0.7  # at once: not at the 600ms deadline
+
+
+def test_timeout_covers_hedges(env: dict[str, Any]) -> None:
+    # contract §4 timeout: "deadline for the whole call, retries and hedges included"
+    sc = env["sc"]
+    t = time.monotonic()
+    r = sc.get(f"/hedgeto/slowon/A,B/1.5/{uid()}")
+    took = time.monotonic() - t
+    assert r.status_code == 504 and reason(r) == "timeout"
+    assert took < 1.0
+
+
+def test_call_cut_by_callers_deadline_is_no_breaker_failure(env: dict[str, Any]) -> None:
+    # contract §9 Deadlines: "A call that runs out of time only because its caller's deadline
+    # was shorter than the service's timeout is not a failure of the upstream: it counts
+    # toward no breaker"
+    sc = env["sc"]
+    for _ in range(2):
+        r = sc.get(f"/dlbrk/sleep/1/{uid()}", headers={"x-riprap-deadline-ms": "150"})
+        assert r.status_code == 504 and reason(r) == "timeout"
+    r = sc.get(f"/dlbrk/x/{uid()}")  # breaker failures 1: one counted failure would open it
+    assert r.status_code == 200, (r.status_code, reason(r))
+    assert sc.get(f"/dlbrk/s/500/{uid()}").status_code == 500  # a real failure does count
+    r = sc.get(f"/dlbrk/x/{uid()}")
+    assert r.status_code == 503 and reason(r) == "breaker-open"

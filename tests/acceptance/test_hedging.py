@@ -24,7 +24,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['hedged', 'hedgegood', 'hedgep95', 'hedge3']
+SERVICES = ['hedged', 'hedgegood', 'hedgep95', 'hedge3', 'hedgemin']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -49,6 +49,13 @@ service hedgegood {{
 
 service hedgep95 {{
     hedge at p95
+    balance round-robin
+    endpoint {A}
+    endpoint {B}
+}}
+
+service hedgemin {{
+    hedge at p95 min 400ms
     balance round-robin
     endpoint {A}
     endpoint {B}
@@ -127,3 +134,19 @@ def test_hedge_max_sends_more_copies(env: dict[str, Any]) -> None:
         r = sc.get(f"/hedge3/slowon/A,B/1.5/{uid()}")
         assert r.status_code == 200 and r.headers["x-upstream"] == "C"
         assert time.monotonic() - t < 0.8
+
+
+def test_hedge_at_pnn_never_below_min(env: dict[str, Any]) -> None:
+    # contract §4 hedge at pNN: "never below min" (here 400ms, above the 100ms start)
+    sc, A = env["sc"], env["A"]
+    started_on_a = 0
+    for _ in range(2):  # round-robin: one of the two starts on the slow A
+        i = uid()
+        t = time.monotonic()
+        r = sc.get(f"/hedgemin/slowon/A/1.5/{i}")
+        took = time.monotonic() - t
+        assert r.status_code == 200 and r.headers["x-upstream"] == "B"
+        if A.hits(i):
+            started_on_a += 1
+            assert 0.38 <= took < 1.3, took  # the copy went after 400ms, not 100ms
+    assert started_on_a >= 1

@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['pair', 'passthru', 'halfdead', 'dead', 'resetter', 'dflt', 'ra', 'pertry', 'methods', 'pairlr', 'resetretry', 'backoffx']
+SERVICES = ['pair', 'passthru', 'halfdead', 'dead', 'resetter', 'dflt', 'ra', 'pertry', 'methods', 'pairlr', 'resetretry', 'backoffx', 'backoffc', 'backoffeq']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -99,6 +99,16 @@ service resetretry {{
 
 service backoffx {{
     retry 2 on 503 backoff 100ms..1s jitter none
+    endpoint {A}
+}}
+
+service backoffc {{
+    retry 2 on 503 backoff 150ms jitter none
+    endpoint {A}
+}}
+
+service backoffeq {{
+    retry 3 on 503 backoff 240ms jitter equal
     endpoint {A}
 }}
 
@@ -282,3 +292,30 @@ def test_retry_after_http_date_is_honoured(env: dict[str, Any]) -> None:
     assert r.status_code == 200 and attempts(r) == 2
     hits = A.hits(i)
     assert len(hits) == 2 and hits[1]["t0"] - hits[0]["t0"] >= 0.9
+
+
+def _gaps(hits: list[dict[str, Any]]) -> list[float]:
+    t = [h["t0"] for h in sorted(hits, key=lambda h: h["t0"])]
+    return [t[k + 1] - t[k] for k in range(len(t) - 1)]
+
+
+def test_constant_backoff(env: dict[str, Any]) -> None:
+    # contract §4 retry: "backoff D is constant"; jitter none
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/backoffc/s/503/{i}")
+    assert r.status_code == 503 and attempts(r) == 3
+    g1, g2 = _gaps(A.hits(i))
+    # 150ms each time (not doubling): the machine is loaded, so the upper margin is wide
+    assert 0.14 <= g1 < 0.4 and 0.14 <= g2 < 0.4 and g2 < 1.8 * g1, (g1, g2)
+
+
+def test_equal_jitter_waits_at_least_half(env: dict[str, Any]) -> None:
+    # contract §4 retry: "jitter full|equal|decorrelated|none": equal jitter waits D/2 plus a
+    # random part up to D/2 (full jitter would wait under D/2 half of the time)
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/backoffeq/s/503/{i}")
+    assert r.status_code == 503 and attempts(r) == 4
+    gaps = _gaps(A.hits(i))
+    assert len(gaps) == 3 and all(0.115 <= g < 0.6 for g in gaps), gaps

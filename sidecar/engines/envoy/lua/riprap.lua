@@ -396,7 +396,7 @@ local function latency_of(key)
 end
 
 local function hedge_delay(w, spec)
-  if w.total < spec["warmup"] then return spec["initial_ms"] end
+  if w.total < spec["warmup"] then return math.max(spec["min_ms"], spec["initial_ms"]) end  -- never below min
   if w.delay == nil or w.total % 16 == 0 then
     local sorted = {}
     for _, v in ipairs(w.ring) do sorted[#sorted + 1] = v end
