@@ -108,7 +108,8 @@ def _retry_policy(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: i
                 },
             }
         ],
-        "host_selection_retry_max_attempts": 5,
+        # least-request picks two at random: enough re-picks that a retry lands elsewhere
+        "host_selection_retry_max_attempts": 32,
         # the upstream Lua filter waits the backoff (or Retry-After); Envoy's is 1 ms
         "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.001s"},
     }
