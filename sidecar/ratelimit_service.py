@@ -27,9 +27,8 @@ Python engine.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable
-
-import grpc
 
 from dsl.plan import Plan, ServicePlan
 from policies.clock import Clock, SystemClock
@@ -37,6 +36,17 @@ from policies.limiter import retry_after_seconds
 from policies.shared_limit import SharedLimiter
 from policies.store import Store, StoreHub
 from sidecar import rls_messages as rls
+
+# riprap forks only to exec (Envoy, `envoy --mode validate`, the app), so gRPC's fork
+# handlers have nothing to do, and its core logs "skipping fork() handlers" on every fork
+# while its threads run (on every reload). Off for this process: set before grpc reads it
+# (at import and at the first server), then put back (`_restore_fork_env`) so the processes
+# riprap starts get the environment they were given.
+_FORK_ENV = "GRPC_ENABLE_FORK_SUPPORT"
+_fork_env_was = os.environ.get(_FORK_ENV)
+os.environ.setdefault(_FORK_ENV, "false")
+
+import grpc  # noqa: E402 - after the variable above
 
 log = logging.getLogger("riprap.ratelimit")
 
@@ -167,6 +177,13 @@ def handler(servicer: RateLimitServicer) -> Any:
     return grpc.method_handlers_generic_handler(rls.SERVICE_NAME, {rls.METHOD_NAME: method})
 
 
+def _restore_fork_env() -> None:
+    if _fork_env_was is None:
+        os.environ.pop(_FORK_ENV, None)
+    else:
+        os.environ[_FORK_ENV] = _fork_env_was
+
+
 class RateLimitService:
     """The gRPC server: `await start()` (returns the bound port), `await stop()`.
 
@@ -194,6 +211,7 @@ class RateLimitService:
         if not bound:
             raise OSError(f"rate limit service: cannot bind {self.host}:{self.port}")
         await server.start()
+        _restore_fork_env()
         self._server = server
         self.port = int(bound)
         self.servicer.limits()  # connect to the store now, not on the first call
