@@ -390,6 +390,7 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
         except EnvoyRejected as exc:
             print(f"riprap run: error: Envoy refused the configuration: {exc}", file=sys.stderr)
             return 2
+        _log_tracing(plan.app)
         spans = service_spans(path)
         for note in engine.notes:
             print(format_note(note, args.file, spans), file=sys.stderr)
@@ -502,6 +503,16 @@ async def _serve(args: argparse.Namespace, binary: str, plan: Plan, warnings: li
             loop.remove_signal_handler(sig)
     log.info("riprap stopped")
     return 0
+
+
+def _log_tracing(app: str) -> None:
+    """Say where Envoy sends its spans, as the Python engine does (tracing.py)."""
+    from sidecar.engines.envoy.tracing import tracing_from_env
+
+    traced = tracing_from_env(app)
+    if traced is not None:
+        log.info("tracing: Envoy exports spans over OTLP/HTTP to %s (service.name %s)",
+                 traced.url, traced.service_name)
 
 
 def _name(sock: socket.socket) -> str:

@@ -93,7 +93,8 @@ service recs {{
         traceparent = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
         attempts_seen = []
         for _ in range(4):  # round-robin: calls that hit the 503 first are retried
-            r = side.client.get("/pay/charge", headers={"traceparent": traceparent})
+            r = side.client.get("/pay/charge", headers={"traceparent": traceparent,
+                                                       "tracestate": "vendor=abc"})
             assert r.status_code == 200
             attempts_seen.append(int(r.headers["x-riprap-attempts"]))
         assert max(attempts_seen) >= 2, attempts_seen
@@ -123,6 +124,9 @@ service recs {{
         by_parent.setdefault(s["parent"], []).append(s)
     received = _received_traceparents(bad, good)
     assert CALLER_SPAN not in {tp.split("-")[2] for tp in received}  # replaced, not forwarded
+    states = {h[1] for up in (bad, good) for req in up.recent for h in req["headers"]
+              if h[0].lower() == "tracestate"}
+    assert states == {"vendor=abc"}  # the caller's tracestate goes on with every attempt
     for call in calls:
         assert call["kind"] == SPAN_KIND_CLIENT
         assert call["trace_id"] == CALLER_TRACE and call["parent"] == CALLER_SPAN
