@@ -37,11 +37,13 @@ service inventory {{
     shard by header X-Sku
     shard a {{
         endpoint {inv_a}
+        health GET /healthz every 300ms timeout 200ms fall 2 rise 2
     }}
     shard b {{
         endpoint {inv_b}
+        health GET /healthz every 300ms timeout 200ms fall 2 rise 2
     }}
-    breaker failures 5 open 2s probes 1
+    breaker failures 5 open 1s probes 1
     fallback stale 10m
 }}
 
@@ -188,7 +190,9 @@ def test_dead_shard_answers_stale_then_its_own_breaker_fails_fast(story: Story) 
             assert r.headers["x-riprap-fallback"] == "stale"
             assert r.json()["server"] == "inventory-b"
         # the shard's breaker opened after 5 failed calls: the rest never went out
-        assert [r.headers["x-riprap-reason"] for r in answers[5:]] == ["breaker-open"] * 3
+        # (the health checks may call the shard down first: no endpoint, nothing sent)
+        assert [r.headers["x-riprap-reason"] for r in answers[5:]] == ["breaker-open"] * 3, \
+            [r.headers["x-riprap-reason"] for r in answers]
         assert all(r.headers["x-riprap-attempts"] == "0" for r in answers[5:])
         # a key that never had a good answer gets the breaker's own 503
         fresh = next(f"SKU-{i}" for i in range(200, 400)
@@ -209,6 +213,42 @@ def test_dead_shard_answers_stale_then_its_own_breaker_fails_fast(story: Story) 
         assert story.metric("riprap_fallbacks_total", service="inventory", kind="stale") >= 8
     finally:
         story.inv_b.recover()
+
+
+def test_healed_shard_closes_its_breaker_at_the_next_probe(story: Story) -> None:
+    """Step 6: while the health checks say the shard is down, a probe finds no healthy
+    endpoint: nothing was sent, so it is no failure (as on the Python engine) and does not
+    reopen the breaker for twice as long; once the checks pass, the next probe closes it."""
+    sku_b = _sku_on(story, story.inv_b)
+    story.inv_b.set(mode="refuse")
+    try:
+        until(lambda: story.stock(sku_b).headers.get("x-riprap-reason") == "no-healthy-endpoint"
+              or story.state()["services"]["inventory"]["shards"]["b"]["endpoints"][0]["healthy"]
+              is False, timeout=10)
+        end = time.monotonic() + 6  # down for a while: probes come and find no endpoint
+        while time.monotonic() < end:
+            assert story.stock(sku_b).status_code == 200  # the stale copy
+            time.sleep(0.1)
+        # probes that found no endpoint did not double the open time (one probe may
+        # have met the dead endpoint before the checks called it down)
+        down = story.state()["services"]["inventory"]["shards"]["b"]["breaker"]
+        assert down["opened"] >= 1 and down["open_for"] <= 2.0, down
+    finally:
+        story.inv_b.recover()
+    healed = time.monotonic()
+    fresh = until(lambda: "x-riprap-fallback" not in story.stock(sku_b).headers, timeout=12, step=0.1)
+    took = time.monotonic() - healed
+    assert fresh, story.state()["services"]["inventory"]["shards"]["b"]
+    # health rise (2 x 300 ms) and at most one open period (1 s), with room for a loaded
+    # machine; a breaker reopened by each probe would be open 8 s or more by now
+    assert took < 6.0, (took, story.state()["services"]["inventory"]["shards"]["b"])
+    b = story.state()["services"]["inventory"]["shards"]["b"]["breaker"]
+    assert b["state"] == "closed" and b["open_for"] <= 2.0, b
+    assert story.metric("riprap_breaker_transitions_total", service="inventory", shard="b",
+                        state="closed") >= 1
+    # a breaker that never moved has no transition series (as on the Python engine)
+    assert ("riprap_breaker_transitions_total", (("service", "inventory"), ("shard", "a"),
+                                                 ("state", "open"))) not in story.metrics()
 
 
 def test_slow_answers_trip_the_slow_call_breaker_and_stale_copies_answer(story: Story) -> None:

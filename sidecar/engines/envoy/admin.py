@@ -393,9 +393,9 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
                 lua = (stats.breakers or {}).get(svc_name if shard is None else f"{svc_name}/{shard}")
                 for new_state, field_name in (("open", "opened"), ("half-open", "half_opened"),
                                               ("closed", "closed")):
-                    if stats.breakers is not None:
-                        metrics.breaker_transitions.values[(svc_name, shard or "", new_state)] = \
-                            float((lua or {}).get(field_name, 0))
+                    count = float((lua or {}).get(field_name, 0))
+                    if count:  # as the Python engine: a series from its first transition
+                        metrics.breaker_transitions.values[(svc_name, shard or "", new_state)] = count
     answered = (stats.counters or {}).get("answered") or {}
     for svc_name, kinds in answered.items():
         if svc_name in plan.services and isinstance(kinds, dict):

@@ -276,9 +276,10 @@ class RouteBuilder:
             meta["hedge"] = {"p": h.percentile, "min_ms": h.min_delay * 1000,
                              "initial_ms": h.initial_delay * 1000, "warmup": h.warmup_calls}
             meta["latency_key"] = unit.cluster
-        elif h is not None and h.delay is not None:
-            # Envoy counts a hedge as a retry: the Lua filter counts the hedges it sent
-            meta["hedge_after_ms"] = max(1, round(h.delay * 1000))
+        if h is not None:
+            # Envoy counts a hedge copy as a retry: the answer counts the copies that
+            # lua/riprap_upstream.lua saw leave while another attempt was in flight
+            meta["hedged"] = True
         return meta
 
     def shard_unit_meta(self, unit: Unit, shard_meta: dict[str, Any], strip: str | None) -> dict[str, Any]:
@@ -408,7 +409,7 @@ class RouteBuilder:
 def _without_hedge(lua: dict[str, Any]) -> dict[str, Any]:
     """A route's Lua metadata for calls that may not be sent twice: no hedge, so no per-try
     (hedge) timeout override either."""
-    return {k: v for k, v in lua.items() if k not in ("hedge", "latency_key", "hedge_after_ms")}
+    return {k: v for k, v in lua.items() if k not in ("hedge", "latency_key", "hedged")}
 
 
 # the upstream Lua filter's wait between attempts: a request that the `riprap.delay` fault

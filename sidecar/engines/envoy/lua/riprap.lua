@@ -10,7 +10,7 @@
 --   breaker     the breaker spec (routes.py breaker_meta), `breaker_key` its scope
 --   riprap_state  "breakers" / "counters": answer this worker's breakers, or its counters of
 --               fallback answers, stale copies and hedges, as JSON (Host `_riprap`)
---   hedge_after_ms  `hedge after D`: D, to count the hedges Envoy sent (it counts them as retries)
+--   hedged      the route hedges: count the copies riprap_upstream.lua sent (Envoy counts them as retries)
 --   hedge       {p, min_ms, initial_ms, warmup} for `hedge at pNN`, `latency_key` its scope
 --   body_limit  the largest request body kept to resend to a fallback service
 --   unknown_host  the catch-all virtual host (a Host the plan does not name): a forward-proxy
@@ -418,7 +418,7 @@ end
 
 local KEYS = {"service", "timeout_ms", "strip", "shard", "fallbacks", "breaker", "breaker_key", "hedge",
               "latency_key", "body_limit", "riprap_state", "retry_after", "units", "unknown_host", "resend",
-              "hedge_after_ms"}
+              "hedged"}
 local route_cache, route_cache_count = {}, 0
 
 -- Envoy hands a metadata number that is not a whole number (0.5, and 100.0 too) to Lua as
@@ -669,15 +669,10 @@ function envoy_on_request(handle)
   local hspec = md.hedge
   local bspec = md.breaker
   local now = nil
-  local hedge_ms = md.hedge_after_ms
   if hspec ~= nil then
     now = handle:timestamp()
-    local delay = math.max(1, math.floor(hedge_delay(latency_of(md.latency_key), hspec)))
-    headers:replace("x-envoy-upstream-rq-per-try-timeout-ms", tostring(delay))
-    stash(handle, "hedge_ms", delay)
-    hedge_ms = delay
-  elseif hedge_ms ~= nil then
-    now = handle:timestamp()  -- the answer counts the hedges sent from the call's time
+    local delay = hedge_delay(latency_of(md.latency_key), hspec)
+    headers:replace("x-envoy-upstream-rq-per-try-timeout-ms", tostring(math.max(1, math.floor(delay))))
   end
   if bspec ~= nil then
     now = now or handle:timestamp()
@@ -686,7 +681,7 @@ function envoy_on_request(handle)
       return
     end
     if capped then stash(handle, "capped", true) end
-    if bspec["slow_ms"] == nil and hedge_ms == nil then now = nil end
+    if bspec["slow_ms"] == nil and hspec == nil then now = nil end
   end
   if now ~= nil then stash(handle, "start", now) end  -- only what the answer needs: timing
   if needs_call_state(fallbacks) then
@@ -695,9 +690,12 @@ function envoy_on_request(handle)
 end
 
 -- riprap's own refusals, decided before the call could reach the upstream: no breaker
--- outcome (a refused call in half-open is not a failed probe)
+-- outcome (a refused call in half-open is not a failed probe). With no healthy endpoint
+-- nothing was sent either (as policies/stages/breaker.py: no attempt failed): a probe
+-- while the health checks still say down does not reopen the breaker for twice as long.
 local NOT_UPSTREAM = {["breaker-open"] = true, ["overloaded"] = true, ["rate-limited"] = true,
-                      ["bad-request"] = true, ["no-shard-key"] = true, ["unknown-service"] = true}
+                      ["bad-request"] = true, ["no-shard-key"] = true, ["unknown-service"] = true,
+                      ["no-healthy-endpoint"] = true}
 
 -- The headers an upstream's `Connection` names are hop-by-hop too (Envoy drops the
 -- Connection header of an answer, not the headers it lists).
@@ -732,25 +730,21 @@ function envoy_on_response(handle)
   local fallbacks = md.fallbacks
   local bspec = md.breaker
   local hspec = md.hedge
-  local hedge_ms = md.hedge_after_ms
-  if bspec == nil and hspec == nil and hedge_ms == nil and #fallbacks == 0 then return end
+  if md.hedged then
+    -- the hedge copies of this call (lua/riprap_upstream.lua counts them per call)
+    local tries = handle:streamInfo():dynamicMetadata():get("riprap.tries")
+    local sent = tries ~= nil and tonumber(tries["hedges"]) or nil
+    if sent ~= nil and sent > 0 then hedges[service] = (hedges[service] or 0) + sent end
+  end
+  if bspec == nil and hspec == nil and #fallbacks == 0 then return end
   local status = tonumber(headers:get(":status")) or 0
   local reason = headers:get("x-riprap-reason")
   local dm = nil
-  if hspec ~= nil or hedge_ms ~= nil or needs_call_state(fallbacks)
+  if hspec ~= nil or needs_call_state(fallbacks)
       or (bspec ~= nil and (bspec["slow_ms"] ~= nil or reason == "timeout")) then
     dm = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.lua") or {}
   end
   local now = nil
-  if hspec ~= nil then hedge_ms = dm["hedge_ms"] end
-  local extra = (tonumber(attempts) or 0) - 1
-  if hedge_ms ~= nil and extra > 0 and dm["start"] ~= nil then
-    -- Envoy sends a copy each time a try has waited hedge_ms (and retries on failures):
-    -- the copies are the extra attempts the call's time can account for
-    now = handle:timestamp()
-    local sent = math.min(extra, math.floor((now - dm["start"]) / hedge_ms))
-    if sent > 0 then hedges[service] = (hedges[service] or 0) + sent end
-  end
   if hspec ~= nil and dm["start"] ~= nil and reason == nil then
     now = handle:timestamp()
     record_latency(latency_of(md.latency_key), now - dm["start"])

@@ -258,7 +258,9 @@ function envoy_on_request(handle)
       budget_spend(b, m.budget, handle:timestamp(), true)
     end
   end
-  if n > 1 and not (m.hedge and inflight > 0) then  -- a retry (a hedge copy goes at once)
+  if n > 1 and m.hedge and inflight > 0 then  -- a hedge copy: riprap.lua counts them
+    dmd:set(NS, "hedges", (num(st["hedges"]) or 0) + 1)
+  elseif n > 1 then  -- a retry (a hedge copy goes at once)
     local wait = num(st["wait_ms"]) or -1
     if wait < 0 then wait = backoff_ms(m.backoff, n - 1, num(st["prev_ms"])) end  -- no answer came
     if deadline ~= nil then wait = math.min(wait, deadline - handle:timestamp()) end
