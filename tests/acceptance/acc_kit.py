@@ -23,11 +23,14 @@ tests can share one upstream and one sidecar:
     /big/N/...             N bytes
     /drip/COUNT/SECS/...   a chunked answer of COUNT chunks, one every SECS
     /size/...              echo without the body (its size only)
+    /bighead/N/...         200 with an answer head of about N bytes (one long header)
+    /manyheaders/N/...     200 with N extra headers
     anything else          200 echo: JSON {upstream, method, path, headers, body}
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -44,6 +47,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
+
+
+# Python's http.server refuses a request with over 100 headers (431): the test upstreams
+# take what riprap forwards (up to its own bound of 256)
+http.client._MAXHEADERS = 1024  # type: ignore[attr-defined]
 
 
 def free_port() -> int:
@@ -160,6 +168,12 @@ class Upstream:
                     doc = {"upstream": up.name, "path": rec["path"], "headers": rec["headers"]}
                     self._send(200, json.dumps(doc).encode(), "application/json",
                                [(k, v) for k, v in extra])
+                    return
+                elif kind in ("bighead", "manyheaders"):
+                    n = int(parts[2])
+                    many = [(f"X-H{k}", "v") for k in range(n)]
+                    self._send(200, b"head", "text/plain",
+                               [("X-Big", "a" * n)] if kind == "bighead" else many)
                     return
                 elif kind == "failon":
                     if up.name in parts[2].split(","):

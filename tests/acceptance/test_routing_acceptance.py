@@ -29,7 +29,63 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['echo', 'pair', 'resetter', 'capdisc', 'usesvc', 'useover']
+SERVICES = ['echo', 'pair', 'resetter', 'capdisc', 'usesvc', 'useover', 'ws', 'bigheads']
+
+
+class WsUpstream:
+    """A minimal WebSocket upstream: answers the handshake 101 (RFC 6455 accept key), then
+    echoes every byte back until the client closes; records each handshake's head."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.heads: list[bytes] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: Any) -> None:
+        import base64
+        import hashlib
+
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            head, rest = head.split(b"\r\n\r\n", 1)
+            self.heads.append(head)
+            key = next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"sec-websocket-key:")), b"")
+            accept = base64.b64encode(hashlib.sha1(
+                key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            if rest:
+                conn.sendall(rest)
+            while chunk := conn.recv(65536):
+                conn.sendall(chunk)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+WS = WsUpstream()
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -73,6 +129,16 @@ service useover {{
 policy quick {{
     timeout 250ms
     retry 1 on 503 backoff 1ms
+}}
+
+service ws {{
+    timeout 1s
+    endpoint {WS.url}
+}}
+
+service bigheads {{
+    retry 2 on reset, 502 backoff 1ms
+    endpoint {A}
 }}
 
 """
@@ -374,3 +440,164 @@ def test_repeated_request_headers_preserved(env: dict[str, Any]) -> None:
     hit = A.hits(i)[0]
     assert [v for k, v in hit["raw_headers"] if k == "x-two"] == ["1", "2"]
     assert hit["method"] == "PATCH" and hit["body"] == "patch-body"
+
+
+def _status(out: bytes) -> int:
+    return int(out.split(b"\r\n", 1)[0].split(b" ")[1])
+
+
+def test_dot_segments_forwarded_as_sent_but_never_above_the_service(env: dict[str, Any]) -> None:
+    # contract §9 Faithful forwarding: "no dot-segment removal"; "a path whose .. segments
+    # would climb above that prefix gets 400 with x-riprap-reason: bad-request"
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    out = _raw(sc.port, f"GET /echo/a/../{i}/./b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+               .encode())
+    assert _status(out) == 200, out[:300]
+    assert [h["path"] for h in A.hits(i)] == [f"/a/../{i}/./b"]
+    for path in (f"/echo/../{i}", f"/echo/a/../../{i}"):
+        out = _raw(sc.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert _status(out) == 400, out[:300]
+        assert b"x-riprap-reason: bad-request" in out.lower()
+    out = _raw(sc.port, f"GET /../{i} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n".encode())
+    assert _status(out) == 400 and b"x-riprap-reason: bad-request" in out.lower()
+    assert A.hits(i) == [A.hits(i)[0]]  # only the first call reached the upstream
+
+
+def _ws_handshake(port: int, host: str, path: str) -> Any:
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
+              "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+    return s
+
+
+def _read_head(s: Any) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+def test_websocket_upgrade_is_relayed_both_ways(env: dict[str, Any]) -> None:
+    # contract §9 Upgrades: "forwarded with its upgrade headers; once the upstream answers
+    # 101, the connection is relayed both ways until either side closes"; "timeout covers
+    # the handshake, not the tunnel" (ws has timeout 1s)
+    sc = env["sc"]
+    for host, path in (("ws", "/chat"), ("127.0.0.1", "/ws/chat")):
+        n = len(WS.heads)
+        with _ws_handshake(sc.port, host, path) as s:
+            head = _read_head(s)
+            assert head.startswith(b"HTTP/1.1 101"), head[:200]
+            assert b"s3pplmbitxaq9kygzzhzrbk+xoo=" in head.lower()  # RFC 6455's example key
+            sent = WS.heads[n].lower()
+            assert sent.startswith(b"get /chat ") and b"upgrade: websocket" in sent
+            for k in range(3):
+                msg = f"frame-{k}".encode()
+                s.sendall(msg)
+                got = b""
+                while len(got) < len(msg):
+                    got += s.recv(100)
+                assert got == msg
+                time.sleep(0.6 if k == 0 else 0)  # past the 1 s timeout in all: not cut
+            time.sleep(0.6)
+            s.sendall(b"late")
+            assert s.recv(100) == b"late"
+
+
+def test_connect_and_other_upgrades_refused_with_reason(env: dict[str, Any]) -> None:
+    # contract §9 Upgrades: "CONNECT and other upgrades get a clear refusal with x-riprap-reason"
+    import socket
+
+    with socket.create_connection(("127.0.0.1", env["sc"].port), timeout=5) as s:
+        s.sendall(b"CONNECT echo:443 HTTP/1.1\r\nHost: echo:443\r\n\r\n")
+        data = s.recv(4096)
+    assert 400 <= _status(data) < 500 and b"x-riprap-reason:" in data.lower(), data[:300]
+    i = uid()
+    out = _raw(env["sc"].port, f"GET /echo/{i} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+               "Upgrade: foo/1\r\n\r\n".encode())
+    assert _status(out) == 501 and b"x-riprap-reason: upgrade-unsupported" in out.lower(), out[:300]
+    assert env["A"].hits(i) == []
+
+
+def test_request_head_over_bounds_is_431(env: dict[str, Any]) -> None:
+    # contract §9 Limits: "a request head (line and headers) over 64 KiB, or over 256 headers, gets 431"
+    sc = env["sc"]
+    i = uid()
+    big = "x" * (70 * 1024)
+    out = _raw(sc.port, f"GET /echo/{i} HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n"
+               "Connection: close\r\n\r\n".encode())
+    assert _status(out) == 431, out[:200]
+    many = "".join(f"X-H{k}: v\r\n" for k in range(300))
+    out = _raw(sc.port, f"GET /echo/{i} HTTP/1.1\r\nHost: x\r\n{many}Connection: close\r\n\r\n"
+               .encode())
+    assert _status(out) == 431, out[:200]
+    assert env["A"].hits(i) == []
+    # within the bounds: forwarded
+    r = sc.get(f"/echo/{i}", headers={f"X-H{k}": "v" for k in range(200)})
+    assert r.status_code == 200 and len(env["A"].hits(i)) == 1
+
+
+def test_upstream_head_over_bounds_is_502_not_retried(env: dict[str, Any]) -> None:
+    # contract §9 Limits: "An upstream answer with a head over the same bounds is a 502
+    # upstream-failed that is not retried"
+    sc, A = env["sc"], env["A"]
+    for path in (f"/bighead/{70 * 1024}/{uid()}", f"/manyheaders/300/{uid()}"):
+        r = sc.get(f"/bigheads{path}")
+        assert r.status_code == 502 and reason(r) == "upstream-failed", (path, r.status_code)
+        assert len(A.hits(path)) == 1, path
+    r = sc.get(f"/bigheads/bighead/{30 * 1024}/{uid()}")
+    assert r.status_code == 200 and len(r.headers["x-big"]) == 30 * 1024
+
+
+def test_idle_keep_alive_connection_closed_after_5s(env: dict[str, Any]) -> None:
+    # contract §9 Limits: a client "that stays idle on a keep-alive connection for longer than
+    # the keep-alive timeout (5 s), is disconnected"
+    import socket
+
+    req = b"GET /echo/idle HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", env["sc"].port), timeout=15) as s:
+        s.sendall(req)
+        assert _read_head(s).startswith(b"HTTP/1.1 200")
+        s.settimeout(0.2)
+        time.sleep(3)
+        try:  # drain the body; the connection is still open after 3 s
+            while s.recv(65536):
+                pass
+        except TimeoutError:
+            pass
+        s.sendall(req)
+        assert _read_head(s).startswith(b"HTTP/1.1 200"), "closed before 5 s idle"
+        t = time.monotonic()
+        s.settimeout(15)
+        closed_at = None
+        while closed_at is None:
+            try:
+                if not s.recv(65536):
+                    closed_at = time.monotonic() - t
+            except ConnectionResetError:
+                closed_at = time.monotonic() - t
+    assert 4.0 <= closed_at <= 9.0, closed_at
+
+
+def test_slow_request_head_disconnected_after_10s(env: dict[str, Any]) -> None:
+    # contract §9 Limits: "a client that has not sent a whole request head within 10 s ... is disconnected"
+    import socket
+
+    with socket.create_connection(("127.0.0.1", env["sc"].port), timeout=20) as s:
+        s.sendall(b"GET /echo/slowhead HTTP/1.1\r\nHost: x\r\n")
+        t = time.monotonic()
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        took = time.monotonic() - t
+    assert 9.0 <= took <= 14.0, took
+    assert not data or _status(data) in (408, 400), data[:200]

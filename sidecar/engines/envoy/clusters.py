@@ -25,6 +25,7 @@ from sidecar.engines.envoy.units import (
     duration,
     is_ip,
     resends,
+    retries_resets,
     target,
     uses_service_fallback,
 )
@@ -41,6 +42,7 @@ BUDGET_DIFFERS = ("retries after an answer are budgeted as riprap does (P% of ca
                   "reset, and hedge copies, count in that window but are capped only by Envoy's "
                   "in-flight retry budget (P% of requests in flight, at least R at once)")
 LB = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST", "random": "RANDOM"}
+LUA_HEAD_KB, LUA_HEADERS = 1024, 4096  # the codec's answer-head bounds where Lua checks riprap's
 
 
 def _status_ranges(expect: tuple[str, ...]) -> list[dict[str, int]]:
@@ -269,14 +271,18 @@ def _auto_sni(unit: Unit, targets: list[Target]) -> dict[str, bool] | None:
     return {"auto_sni": True, "auto_san_validation": tls.verify}
 
 
-def _protocol_options(auto_sni: dict[str, bool] | None) -> dict[str, Any]:
-    """HTTP/1.1 upstream, riprap's bounds on the upstream's answer head."""
+def _protocol_options(auto_sni: dict[str, bool] | None, lua_bounds: bool) -> dict[str, Any]:
+    """HTTP/1.1 upstream, riprap's bounds on the upstream's answer head. With `lua_bounds`
+    (the unit retries resets, and Envoy would retry a head over its codec's bounds like
+    one) the codec takes heads up to LUA_HEAD_KB and the Lua filter answers those over
+    riprap's bounds 502, not retried."""
+    count, kb = (LUA_HEADERS, LUA_HEAD_KB) if lua_bounds else (256, 64)
     opts: dict[str, Any] = {
         "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
         "explicit_http_config": {"http_protocol_options": {}},
         # an upstream answer with a head over riprap's bounds is a 502, as on the python engine
-        "common_http_protocol_options": {"max_headers_count": 256, "idle_timeout": "60s",
-                                         "max_response_headers_kb": 64},
+        "common_http_protocol_options": {"max_headers_count": count, "idle_timeout": "60s",
+                                         "max_response_headers_kb": kb},
     }
     if auto_sni is not None:
         opts["upstream_http_protocol_options"] = auto_sni
@@ -315,7 +321,8 @@ def _cluster(plan: Plan, unit: Unit, dynamic_dir: str, secrets: dict[str, dict[s
     if tls is not None:
         cluster["transport_socket"] = tls
     auto_sni = _auto_sni(unit, targets) if tls is not None else None
-    cluster["typed_extension_protocol_options"] = {PROTOCOL_OPTIONS: _protocol_options(auto_sni)}
+    cluster["typed_extension_protocol_options"] = {
+        PROTOCOL_OPTIONS: _protocol_options(auto_sni, retries_resets(unit))}
     return cluster
 
 

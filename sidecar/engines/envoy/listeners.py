@@ -84,10 +84,32 @@ def _mapper(flags: list[str], status: int | None, reason: str, error: str,
     return m
 
 
+def _upgrade_refusal() -> dict[str, Any]:
+    """An upgrade Envoy has no `upgrade_configs` entry for (anything but WebSocket and
+    CONNECT) is refused before routing with a bare 403: riprap's 501 `upgrade-unsupported`."""
+    upgrade = "upgrade"
+    return {
+        "filter": {"and_filter": {"filters": [
+            _status_is(403),
+            {"header_filter": {"header": {"name": upgrade, "present_match": True}}},
+            {"header_filter": {"header": {"name": upgrade, "invert_match": True, "string_match": {
+                "safe_regex": {"regex": "(?i).*websocket.*"}}}}},
+        ]}},
+        "status_code": 501,
+        "headers_to_add": [_header("x-riprap-reason", "upgrade-unsupported"),
+                           _header("x-riprap-attempts", "0")],
+        "body_format_override": {"json_format": {
+            "error": "upgrade to '%REQ(upgrade)%' is not supported: only WebSocket "
+                     "(GET with Upgrade: websocket) is relayed",
+            "reason": "upgrade-unsupported"}},
+    }
+
+
 def local_reply_config() -> dict[str, Any]:
     """riprap's own answers for Envoy's failures (by response flag), first match wins."""
     return {
         "mappers": [
+            _upgrade_refusal(),
             _mapper(["RL"], 429, "rate-limited", "rate limited", [_header("retry-after", "1")], or_status=429),
             _mapper(["UO"], 503, "overloaded", "too many calls in flight"),
             _mapper(["UH"], 503, "no-healthy-endpoint", "no healthy endpoint"),
@@ -218,6 +240,9 @@ def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: 
         "strip_any_host_port": True,  # Host routing ignores the port
         "max_request_headers_kb": 64,  # a bigger head gets 431
         "common_http_protocol_options": {"idle_timeout": "5s", "max_headers_count": 256},
+        # an idle timeout starts Envoy's drain sequence, which closes the connection after
+        # drain_timeout (default 5 s): idle keep-alive connections close at about 5 s
+        "drain_timeout": "0.25s",
         "request_headers_timeout": "10s",
         # HTTP/1.0 as on the python engine; one without Host is routed by its `/NAME/` prefix
         # (the listener's own address is no service's name)

@@ -19,7 +19,7 @@ from typing import Any
 
 from dsl.plan import IDEMPOTENT_METHODS, BreakerSpec, ChaosSpec, Plan, RetrySpec
 from sidecar.engines.envoy.notes import NoteSink
-from sidecar.engines.envoy.units import Unit, duration, resends, target, units_of
+from sidecar.engines.envoy.units import Unit, duration, resends, retries_resets, target, units_of
 
 LUA = "envoy.filters.http.lua"
 LUA_META = "filter_metadata"
@@ -258,6 +258,11 @@ class RouteBuilder:
                 meta["body_limit"] = unit.service.max_body_buffer
         if strip is not None:
             meta["strip"] = strip
+        if retries_resets(unit):
+            meta["head_bound"] = True  # the Lua filter answers a head over riprap's bounds 502
+            self.sink.add(unit.service.name, "retry",
+                          "an answer head over 1 MiB or 4096 headers is retried like a reset "
+                          "(riprap: a 502 never retried)")
         lim = unit.spec.limit
         if lim is not None and lim.rate > 0 and math.ceil(1 / lim.rate - 1e-9) > 1:
             meta["retry_after"] = str(math.ceil(1 / lim.rate - 1e-9))

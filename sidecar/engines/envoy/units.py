@@ -31,6 +31,14 @@ class Unit:
         return self.service.name if self.shard is None else f"{self.service.name} shard {self.shard}"
 
 
+def retries_resets(unit: Unit) -> bool:
+    """Does the unit's retry policy use Envoy's `reset` condition (riprap's `reset` or
+    `timeout`)? Envoy retries an upstream protocol error, such as an answer head over the
+    codec's bounds, under it: those units check riprap's head bounds in the Lua filter."""
+    r = unit.spec.retry
+    return r is not None and ("reset" in r.on or "timeout" in r.on)
+
+
 def units_of(service: ServicePlan) -> list[Unit]:
     if service.shards:
         return [Unit(service, shard, shard.name) for shard in service.shards]

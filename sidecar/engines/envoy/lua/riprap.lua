@@ -418,7 +418,7 @@ end
 
 local KEYS = {"service", "timeout_ms", "strip", "shard", "fallbacks", "breaker", "breaker_key", "hedge",
               "latency_key", "body_limit", "riprap_state", "retry_after", "units", "unknown_host", "resend",
-              "hedged"}
+              "hedged", "head_bound"}
 local route_cache, route_cache_count = {}, 0
 
 -- Envoy hands a metadata number that is not a whole number (0.5, and 100.0 too) to Lua as
@@ -713,11 +713,43 @@ local function drop_connection_named(headers)
   for _, name in ipairs(drop) do headers:remove(name) end
 end
 
+-- riprap's bounds on an answer head (section 9 Limits: 64 KiB, 256 headers), where the
+-- route has `head_bound`: its cluster's codec lets bigger heads through, since Envoy would
+-- retry one over the codec's own bounds like a reset.
+local MAX_HEAD_BYTES, MAX_HEADERS = 65536, 256
+local function head_over_bounds(headers)
+  local count, size = 0, 2
+  for k, v in pairs(headers) do
+    if string.sub(k, 1, 1) ~= ":" then count = count + 1 end
+    size = size + #k + #v + 4
+  end
+  return count > MAX_HEADERS or size > MAX_HEAD_BYTES
+end
+
+local function fail_upstream(handle, service)
+  handle:body(true)  -- the answer's body, dropped (the headers are fetched again after it)
+  local headers = handle:headers()
+  local names = {}
+  for k, _ in pairs(headers) do
+    if k ~= ":status" and k ~= "x-riprap-attempts" then names[#names + 1] = k end
+  end
+  for _, k in ipairs(names) do headers:remove(k) end
+  headers:replace(":status", "502")
+  headers:replace("content-type", "application/json")
+  headers:replace("x-riprap-reason", "upstream-failed")
+  handle:body(true):setBytes('{"error": "upstream failed: its answer head is over the bounds", '
+                             .. '"reason": "upstream-failed", "service": "' .. service .. '"}')
+end
+
 function envoy_on_response(handle)
   local md = route_meta(handle)
   if md == nil or md.service == nil then return end
   local service = md.service
   local headers = handle:headers()
+  if md.head_bound and head_over_bounds(headers) then
+    fail_upstream(handle, service)
+    headers = handle:headers()
+  end
   drop_connection_named(headers)
   local attempts = headers:get("x-riprap-attempts")
   if attempts == nil or attempts == "" or attempts == "-" then
