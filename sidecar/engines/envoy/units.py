@@ -99,5 +99,5 @@ def resends(plan: Plan) -> bool:
     return any(u.spec.retry is not None or u.spec.hedge is not None for u in all_units(plan))
 
 
-__all__ = ["Target", "Unit", "all_units", "duration", "is_ip", "resends", "target", "units_of",
+__all__ = ["Target", "Unit", "all_units", "duration", "is_ip", "resends", "retries_resets", "target", "units_of",
            "uses_service_fallback"]
