@@ -295,9 +295,9 @@ _TABLE: tuple[Statement, ...] = (
                 ),
                 Envoy(
                     "approximate",
-                    "a retry is started even when the time left is shorter than the service's median "
-                    "latency (Envoy does not skip it; the timeouts still bound it); backoff jitter is always full; "
-                    "Envoy's `reset` condition also covers a per-try timeout",
+                    "Envoy's `reset` condition also covers a per-try timeout; with a `per-try` time or a "
+                    "hedge, Envoy waits between attempts itself: a fully jittered backoff, and a Retry-After "
+                    "rounded up to whole seconds (plus up to half of it)",
                 ),
             ),
         ),

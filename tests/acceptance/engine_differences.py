@@ -25,6 +25,13 @@ ENVOY_DIFFERENCES: dict[str, Difference] = {
         "Envoy's pending requests have no wait bound of their own",
         "a queued call waits until a slot frees or its timeout, not at most `queue-timeout` "
         "(Envoy's pending requests have no wait bound of their own)"),
+    "retry-wait-with-per-try": Difference(
+        "with a per-try time (or a hedge) Envoy waits between attempts itself: a fully "
+        "jittered backoff whatever the jitter, and a Retry-After rounded up to whole seconds "
+        "(Envoy runs the per-try timer from the start of an attempt, through any wait riprap's "
+        "upstream filter would make)",
+        "with a per-try time or a hedge, Envoy waits between attempts itself: a fully jittered "
+        "backoff, and a Retry-After rounded up to whole seconds (plus up to half of it)"),
 }
 
 

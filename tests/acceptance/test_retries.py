@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from engine_differences import ENVOY_DIFFERENCES
+
 from acc_kit import (
     RunSidecar,
     attempts,
@@ -26,7 +28,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['pair', 'passthru', 'halfdead', 'dead', 'resetter', 'dflt', 'ra', 'pertry', 'methods', 'pairlr', 'resetretry', 'backoffx', 'backoffc', 'backoffeq']
+SERVICES = ['pair', 'passthru', 'halfdead', 'dead', 'resetter', 'dflt', 'ra', 'pertry', 'methods', 'pairlr', 'resetretry', 'backoffx', 'backoffc', 'backoffeq', 'ptjitter', 'rapertry']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -109,6 +111,16 @@ service backoffc {{
 
 service backoffeq {{
     retry 3 on 503 backoff 240ms jitter equal
+    endpoint {A}
+}}
+
+service ptjitter {{
+    retry 2 on 503 backoff 150ms jitter none per-try 1s
+    endpoint {A}
+}}
+
+service rapertry {{
+    retry 1 on 503 backoff 1ms per-try 2s
     endpoint {A}
 }}
 
@@ -319,3 +331,32 @@ def test_equal_jitter_waits_at_least_half(env: dict[str, Any]) -> None:
     assert r.status_code == 503 and attempts(r) == 4
     gaps = _gaps(A.hits(i))
     assert len(gaps) == 3 and all(0.115 <= g < 0.6 for g in gaps), gaps
+
+
+def test_retry_after_honoured_with_per_try(env: dict[str, Any]) -> None:
+    """Section 4: a Retry-After is honoured within the deadline, also with a per-try time."""
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/rapertry/raflip/1/{i}")
+    assert r.status_code == 200 and attempts(r) == 2
+    hits = A.hits(i)
+    assert len(hits) == 2 and hits[1]["t0"] - hits[0]["t0"] >= 0.9
+    assert "x-riprap-retry-after" not in r.headers and "x-riprap-retry" not in r.headers
+
+
+def test_backoff_with_per_try_time(env: dict[str, Any]) -> None:
+    # contract §4 retry: "backoff D is constant"; jitter none; with per-try D
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/ptjitter/s/503/{i}")
+    assert r.status_code == 503 and attempts(r) == 3
+    gaps = _gaps(A.hits(i))
+    if sc.engine == "envoy":
+        # the closest thing (engine_differences: retry-wait-with-per-try): Envoy's own
+        # backoff, fully jittered up to 150ms then 300ms; `run --engine envoy` says so
+        warning = ENVOY_DIFFERENCES["retry-wait-with-per-try"].warning
+        assert warning is not None and f"service ptjitter: retry: {warning}" in \
+            sc.log_path.read_text(errors="replace")
+        assert len(gaps) == 2 and gaps[0] < 0.35 and gaps[1] < 0.5, gaps
+        return
+    assert len(gaps) == 2 and all(0.14 <= g < 0.4 for g in gaps), gaps

@@ -45,6 +45,7 @@ DEADLINE = {
     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
 }
 RETRY_HEADER = "x-riprap-retry"  # the upstream Lua filter's mark on an answer to resend
+RETRY_AFTER_HEADER = "x-riprap-retry-after"  # its Retry-After in seconds, where Envoy waits
 ATTEMPTS = {
     "header": {"key": "x-riprap-attempts", "value": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"},
     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
@@ -113,6 +114,8 @@ def _retry_policy(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: i
         # the upstream Lua filter waits the backoff (or Retry-After); Envoy's is 1 ms
         "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.001s"},
     }
+    if envoy_waits(r, extra):
+        _envoy_backoff(policy, unit, r, sink)
     if safe:
         policy["retriable_headers"] = [{"name": RETRY_HEADER, "present_match": True}]
     if r is not None and r.per_try_timeout is not None:
@@ -130,6 +133,29 @@ def _retry_policy(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: i
     return policy
 
 
+def envoy_waits(r: RetrySpec | None, hedge_extra: int) -> bool:
+    """Whether Envoy, not the upstream Lua filter, waits between attempts: on a route with a
+    per-try timer (`per-try`, or a hedge), which Envoy starts with the attempt, so a wait in
+    the attempt's filters would use it up."""
+    return hedge_extra > 0 or (r is not None and r.per_try_timeout is not None)
+
+
+def _envoy_backoff(policy: dict[str, Any], unit: Unit, r: RetrySpec | None, sink: NoteSink) -> None:
+    if r is None:
+        return
+    if r.backoff is not None:
+        b = r.backoff
+        policy["retry_back_off"] = {"base_interval": duration(b.base), "max_interval": duration(max(b.max, b.base))}
+    # a Retry-After the upstream Lua filter found within the deadline, in whole seconds
+    policy["rate_limited_retry_back_off"] = {
+        "reset_headers": [{"name": RETRY_AFTER_HEADER, "format": "SECONDS"}],
+        "max_interval": duration(unit.spec.timeout),
+    }
+    sink.add(unit.service.name, "retry",
+             "with a per-try time or a hedge, Envoy waits between attempts itself: a fully jittered "
+             "backoff, and a Retry-After rounded up to whole seconds (plus up to half of it)")
+
+
 def tries_meta(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: int) -> dict[str, Any] | None:
     """What the upstream Lua filter needs of a route that may resend a call (its module
     docstring says how each is used), or None for one that never resends."""
@@ -141,7 +167,7 @@ def tries_meta(unit: Unit, r: RetrySpec | None, *, safe: bool, hedge_extra: int)
     if retries + extra == 0:
         return None
     meta: dict[str, Any] = {"codes": codes, "retries": retries + extra, "hedge": extra > 0,
-                            "latency_key": unit.cluster}
+                            "latency_key": unit.cluster, "waits": not envoy_waits(r, extra)}
     if r is not None and r.budget is not None:
         # policies/budget.py's window, kept per Envoy worker by the upstream Lua filter
         meta["budget"] = {"ratio": r.budget.ratio, "floor": r.budget.min_per_second * r.budget.window,
@@ -347,7 +373,7 @@ class RouteBuilder:
                                    "request_headers_to_remove": [SHARD_HEADER],
                                    "response_headers_to_add": [ATTEMPTS]}
             if tries is not None:
-                out["response_headers_to_remove"] = [RETRY_HEADER]
+                out["response_headers_to_remove"] = [RETRY_HEADER, RETRY_AFTER_HEADER]
             if per_filter:
                 out["typed_per_filter_config"] = dict(per_filter)
             return out

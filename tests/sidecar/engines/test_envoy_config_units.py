@@ -81,13 +81,16 @@ def test_retry_policy_and_method_routes(tmp_path: Path) -> None:
     assert policy["retry_on"] == "connect-failure,retriable-headers"
     assert policy["retriable_headers"] == [{"name": "x-riprap-retry", "present_match": True}]
     assert policy["num_retries"] == 3 and policy["per_try_timeout"] == "0.2s"
-    # the upstream Lua filter waits the backoff (and Retry-After): Envoy's own is 1 ms
-    assert policy["retry_back_off"] == {"base_interval": "0.001s", "max_interval": "0.001s"}
-    assert "rate_limited_retry_back_off" not in policy
+    # with a per-try timer Envoy waits itself (a wait in the attempt's filters would use the
+    # per-try time up): the backoff, and a Retry-After the upstream Lua filter passes on
+    assert policy["retry_back_off"] == {"base_interval": "0.01s", "max_interval": "0.1s"}
+    assert policy["rate_limited_retry_back_off"]["reset_headers"] == [
+        {"name": "x-riprap-retry-after", "format": "SECONDS"}]
     tries = safe["metadata"]["filter_metadata"]["envoy.filters.http.lua"]["tries"]
     assert tries["codes"] == list(range(500, 600)) and tries["retries"] == 3 and not tries["hedge"]
+    assert tries["waits"] is False
     assert tries["backoff"] == {"kind": "exponential", "base_ms": 10.0, "max_ms": 100.0, "jitter": "full"}
-    assert "x-riprap-retry" in safe["response_headers_to_remove"]
+    assert {"x-riprap-retry", "x-riprap-retry-after"} <= set(safe["response_headers_to_remove"])
     router = resources["lds.yaml"]["resources"][0]["filter_chains"][0]["filters"][0]["typed_config"][
         "http_filters"][-1]["typed_config"]
     assert [f["name"] for f in router["upstream_http_filters"]] == [
@@ -141,3 +144,18 @@ def test_write_config_is_atomic_and_ordered(tmp_path: Path) -> None:
     assert route["route"]["prefix_rewrite"] == "/base/"  # the endpoint's own path prefix
     again = write_config(config, tmp_path / "out", dynamic_dir=tmp_path / "dyn")
     assert [p.read_text() for p in again] == [p.read_text() for p in paths]
+
+
+def test_the_upstream_lua_filter_waits_where_no_per_try_timer_runs(tmp_path: Path) -> None:
+    retry = RetrySpec(retries=2, on=("503",), backoff=BackoffSpec("exponential", 0.1, 1.0, "none"))
+    svc = ServicePlan(name="pay", endpoints=(EndpointSpec("http://127.0.0.1:1"),), retry=retry)
+    resources = _config(tmp_path, pay=svc)
+    _, safe, _ = _routes(resources, "service:pay")
+    policy = safe["route"]["retry_policy"]
+    assert policy["retry_back_off"] == {"base_interval": "0.001s", "max_interval": "0.001s"}
+    assert "rate_limited_retry_back_off" not in policy
+    assert safe["metadata"]["filter_metadata"]["envoy.filters.http.lua"]["tries"]["waits"] is True
+    # its waits: a `/sleep` on Envoy's own listener, held by the `riprap.delay` fault filter
+    sleep = [r for r in _routes(resources, "riprap:state") if r["match"] == {"path": "/sleep"}]
+    assert sleep and sleep[0]["direct_response"]["status"] == 204
+    assert "_riprap_self" in [c["name"] for c in resources["cds.yaml"]["resources"]]

@@ -6,6 +6,10 @@
 --   hedge        true when copies of the call may be in flight at once
 --   backoff      {kind = "exponential"|"constant", base_ms, max_ms, jitter} (nil: at once)
 --   latency_key  the window of attempt latencies (the service, or SERVICE/SHARD)
+--   waits        true: this filter waits between attempts; false on routes with a per-try
+--                timer (`per-try`, or a hedge), which Envoy runs from the start of an
+--                attempt, through any wait: there Envoy waits (fully jittered backoff, and a
+--                Retry-After in whole seconds that this filter passes as x-riprap-retry-after)
 --   budget       {ratio, floor, window_ms}: the retry budget (policies/budget.py), kept
 --                under latency_key: a resend is allowed while, counting it, the resends in
 --                the window stay within max(ratio * calls in the window, floor)
@@ -32,6 +36,7 @@ local SELF = "_riprap_self"
 local NS = "riprap.tries"
 local CALL_NS = "envoy.filters.http.lua"
 local RETRY = "x-riprap-retry"
+local RETRY_AFTER = "x-riprap-retry-after"
 local WINDOW = 256
 
 local windows = {}  -- latency_key -> {ring, i}
@@ -58,6 +63,7 @@ local function tries_meta(handle)
       m.retries = num(t["retries"]) or 0
       m.hedge = t["hedge"] == true
       m.latency_key = t["latency_key"] or ""
+      m.waits = t["waits"] == true
       local bu = t["budget"]
       if bu ~= nil then
         m.budget = {ratio = num(bu["ratio"]) or 0, floor = num(bu["floor"]) or 0,
@@ -75,6 +81,14 @@ local function tries_meta(handle)
   end
   if m.none then return nil end
   return m
+end
+
+-- What Envoy's own (fully jittered) backoff waits on average before retry n, in ms: on
+-- routes where Envoy waits (`waits` false), for the deadline rule.
+local function envoy_backoff_ms(b, n)
+  if b == nil then return 0 end
+  local top = b.kind == "exponential" and math.max(b.max, b.base) or b.base
+  return math.min(top, b.base * 2 ^ math.min(n - 1, 60)) / 2
 end
 
 -- policies/backoff.py: the wait before retry number n (1 = the first), in ms.
@@ -260,7 +274,7 @@ function envoy_on_request(handle)
   end
   if n > 1 and m.hedge and inflight > 0 then  -- a hedge copy: riprap.lua counts them
     dmd:set(NS, "hedges", (num(st["hedges"]) or 0) + 1)
-  elseif n > 1 then  -- a retry (a hedge copy goes at once)
+  elseif n > 1 and m.waits then  -- a retry (a hedge copy goes at once)
     local wait = num(st["wait_ms"]) or -1
     if wait < 0 then wait = backoff_ms(m.backoff, n - 1, num(st["prev_ms"])) end  -- no answer came
     if deadline ~= nil then wait = math.min(wait, deadline - handle:timestamp()) end
@@ -303,8 +317,9 @@ function envoy_on_response(handle)
     headers:replace(RETRY, "1")
     return
   end
-  local wait = backoff_ms(m.backoff, n, num(st["prev_ms"]))
+  local wait = m.waits and backoff_ms(m.backoff, n, num(st["prev_ms"])) or envoy_backoff_ms(m.backoff, n)
   local ra = retry_after_ms(headers:get("retry-after"), now)
+  if ra ~= nil and not m.waits then ra = math.ceil(ra / 1000) * 1000 end  -- Envoy waits whole seconds
   local call = dmd:get(CALL_NS) or {}
   local deadline = num(call["deadline"])
   if deadline ~= nil then
@@ -328,5 +343,8 @@ function envoy_on_response(handle)
     dmd:set(NS, "spent", n + 1)
   end
   dmd:set(NS, "wait_ms", wait)
+  if not m.waits and ra ~= nil and ra >= wait and ra > 0 then
+    headers:replace(RETRY_AFTER, tostring(math.floor(ra / 1000)))  -- Envoy's rate-limited backoff
+  end
   headers:replace(RETRY, "1")
 end
