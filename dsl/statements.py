@@ -393,6 +393,11 @@ _TABLE: tuple[Statement, ...] = (
                         ),
                     ),
                 ),
+                Envoy(
+                    "approximate",
+                    "a reload that changes any service's local limit starts every local bucket full again "
+                    "(Envoy's local rate limit filter is configured as one whole); other reloads keep them",
+                ),
             ),
         ),
         "replace",

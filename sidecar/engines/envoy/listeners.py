@@ -22,6 +22,7 @@ from sidecar.engines.envoy.routes import DELAY, FAULT, LOCAL_RATELIMIT, LOCAL_ST
 from sidecar.engines.envoy.units import all_units, duration, resends
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+LOCAL_RATELIMIT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 FILL_STEP = 0.05  # Envoy's smallest token-bucket fill interval (50 ms)
 
 
@@ -165,7 +166,7 @@ def _local_ratelimit(plan: Plan, shared_ok: bool, sink: NoteSink) -> dict[str, A
     return {
         "name": LOCAL_RATELIMIT,
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "@type": LOCAL_RATELIMIT_TYPE,
             "stat_prefix": "riprap_limit",
             "stage": LOCAL_STAGE,
             "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "0.05s"},
@@ -178,6 +179,15 @@ def _local_ratelimit(plan: Plan, shared_ok: bool, sink: NoteSink) -> dict[str, A
             **({"max_dynamic_descriptors": max_keys} if max_keys else {}),  # Envoy's default is 20
         },
     }
+
+
+def limit_filter_config(plan: Plan, shared_ok: bool, sink: NoteSink) -> dict[str, Any]:
+    """The local rate limit filter's configuration, as its own resource (`ecds.yaml`): the
+    plan's buckets, or a filter that does nothing when no service has a local limit."""
+    local = _local_ratelimit(plan, shared_ok, sink)
+    if local is not None:
+        return dict(local["typed_config"])
+    return {"@type": LOCAL_RATELIMIT_TYPE, "stat_prefix": "riprap_limit"}  # enabled for 0 % of calls
 
 
 def _global_ratelimit(plan: Plan) -> dict[str, Any]:
@@ -197,7 +207,13 @@ def _global_ratelimit(plan: Plan) -> dict[str, Any]:
     }
 
 
-def http_filters(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool) -> list[dict[str, Any]]:
+def http_filters(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool,
+                 limit_source: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The listener's HTTP filters. With `limit_source` (a ConfigSource), the local rate
+    limit filter is always there and takes its configuration from that source (extension
+    config discovery), so that a change of limits leaves the listener as it is: its
+    connections, and the Lua filter's state (breakers, stale copies), carry over, and calls
+    on kept-alive connections see the new limits at once."""
     filters: list[dict[str, Any]] = [{
         "name": LUA,
         "typed_config": {
@@ -205,9 +221,13 @@ def http_filters(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool) ->
             "default_source_code": {"inline_string": lua_source()},
         },
     }]
-    local = _local_ratelimit(plan, shared_ok, sink)
-    if local is not None:
-        filters.append(local)
+    if limit_source is not None:
+        filters.append({"name": LOCAL_RATELIMIT, "config_discovery": {
+            "config_source": limit_source, "type_urls": [LOCAL_RATELIMIT_TYPE]}})
+    else:
+        local = _local_ratelimit(plan, shared_ok, sink)
+        if local is not None:
+            filters.append(local)
     units = all_units(plan)
     if shared_ok and any(u.spec.limit is not None and u.spec.limit.shared for u in units):
         filters.append(_global_ratelimit(plan))
@@ -228,7 +248,8 @@ def http_filters(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool) ->
 
 
 def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: NoteSink,
-                   *, chaos: bool, shared_ok: bool) -> dict[str, Any]:
+                   *, chaos: bool, shared_ok: bool,
+                   limit_source: dict[str, Any] | None = None) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "@type": HCM,
         "stat_prefix": "riprap",
@@ -236,7 +257,8 @@ def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: 
         # routes come from their own watched file: a plan change that only touches routes
         # leaves the listener (its connections and the Lua filter's state) as it is
         "rds": rds,
-        "http_filters": http_filters(plan, sink, chaos=chaos, shared_ok=shared_ok),
+        "http_filters": http_filters(plan, sink, chaos=chaos, shared_ok=shared_ok,
+                                     limit_source=limit_source),
         "strip_any_host_port": True,  # Host routing ignores the port
         "max_request_headers_kb": 64,  # a bigger head gets 431
         "common_http_protocol_options": {"idle_timeout": "5s", "max_headers_count": 256},
@@ -266,4 +288,4 @@ def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: 
     }
 
 
-__all__ = ["build_listener", "local_reply_config", "lua_source", "token_bucket"]
+__all__ = ["build_listener", "limit_filter_config", "local_reply_config", "lua_source", "token_bucket"]

@@ -46,6 +46,7 @@ log = logging.getLogger("riprap.envoy.reload")
 T_CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 T_LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 T_ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+T_EXTENSION = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 APPLY_TIMEOUT = 5.0  # seconds for Envoy to report a swapped file in force
 
@@ -69,6 +70,8 @@ def kind_of(doc: dict[str, Any]) -> str:
         return "route"
     if types == {T_LISTENER}:
         return "listener"
+    if types == {T_EXTENSION}:
+        return "extension"
     return "other"
 
 
@@ -117,8 +120,14 @@ def validation_bootstrap(bootstrap: dict[str, Any],
                 listeners.append(copy.deepcopy(_strip_type(r)))
             elif t == T_ROUTE:
                 routes[r.get("name", "")] = _strip_type(r)
+    from sidecar.engines.envoy.config import inline_discovered_filters
+
+    extensions = {r.get("name", ""): r.get("typed_config", {})
+                  for doc in resources.values() for r in doc.get("resources", ())
+                  if r.get("@type") == T_EXTENSION}
     for listener in listeners:
         for hcm in _hcms(listener):
+            inline_discovered_filters(hcm, extensions)
             rds = hcm.pop("rds", None)
             if rds is not None:
                 name = rds.get("route_config_name", "")
@@ -207,7 +216,8 @@ class ConfigSwapper:
         old = dict(self.current)
         steps: list[tuple[str, dict[str, Any]]] = []
         kinds = {n: kind_of(new[n]) for n in changed}
-        # 1. clusters, keeping the ones about to go away; 2. routes; 3. listeners and the rest
+        # 1. clusters, keeping the ones about to go away; 2. filter configurations (limits);
+        # 3. routes; 4. listeners and the rest
         final_clusters: list[tuple[str, dict[str, Any]]] = []
         for n in changed:
             if kinds[n] != "cluster":
@@ -221,8 +231,10 @@ class ConfigSwapper:
                 final_clusters.append((n, new[n]))
             else:
                 steps.append((n, new[n]))
+        # the filters' own configuration (limits) before the routes that use it
+        steps += [(n, new[n]) for n in changed if kinds[n] == "extension"]
         steps += [(n, new[n]) for n in changed if kinds[n] == "route"]
-        steps += [(n, new[n]) for n in changed if kinds[n] not in ("cluster", "route")]
+        steps += [(n, new[n]) for n in changed if kinds[n] not in ("cluster", "route", "extension")]
         steps += final_clusters
         route_stats = _route_stat_names(new)
         done: list[str] = []
@@ -252,6 +264,8 @@ class ConfigSwapper:
             return ["cluster_manager.cds"]
         if kind == "listener":
             return ["listener_manager.lds"]
+        if kind == "extension":  # an HTTP filter's configuration (extension config discovery)
+            return [f"extension_config_discovery.http_filter.{r.get('name', '')}" for r in doc["resources"]]
         if kind == "route":
             out = []
             for r in doc["resources"]:
