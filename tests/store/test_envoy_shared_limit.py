@@ -8,7 +8,8 @@ Redis. So this is also the wire check of those messages against Envoy's own.
 The contract's section 4: the two share one bucket (their 200s within R x t + B), over the
 limit is 429 with `x-riprap-reason: rate-limited` and `Retry-After`; a store that is gone
 holds no call up, each sidecar enforces its share (R / 2, B / 2) and `/state` shows the
-store down; back on the shared bucket when Redis is back.
+store down (killed, or paused: it accepts and never answers); back on the shared bucket
+when Redis is back.
 """
 
 from __future__ import annotations
@@ -121,8 +122,27 @@ service api {{
             assert car.state()["store"]["up"] is True
             assert car.metric("riprap_store_up") == 1.0
 
-        # Redis gone: no call waits on it, each sidecar enforces its share (R/2, B/2).
         normal = asyncio.run(hammer(urls, 1.0, pause=0.05))
+
+        # Redis paused (accepts, never answers): no call waits on it either, and the limit
+        # holds (the service answers from the local share once the store missed its deadline;
+        # the first calls to find it late may be let through by Envoy's 50 ms deadline).
+        store.pause()
+        try:
+            t0 = time.monotonic()
+            paused = asyncio.run(hammer(urls, 2.0, pause=0.01))
+            elapsed = time.monotonic() - t0
+            for before, after in zip(normal, paused, strict=True):
+                assert set(after.statuses) <= {200, 429}, after.statuses
+                assert after.p99() <= before.p99() + 0.25, (before.p99(), after.p99())
+                assert after.count(429) > 0
+                assert after.count(200) <= RATE / 2 * elapsed + BURST + 5, after.count(200)
+            assert all(limiter(c)["store"] == "down" for c in cars)
+        finally:
+            store.resume()
+        wait(lambda: all(limiter(c)["store"] == "up" for c in cars), 15, "the store answering again")
+
+        # Redis gone: no call waits on it, each sidecar enforces its share (R/2, B/2).
         store.kill()
         wait(lambda: all(limiter(c)["store"] == "down" for c in cars), 10, "the store down")
         time.sleep(BURST / RATE + 0.2)  # the local shares full
