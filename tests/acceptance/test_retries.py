@@ -28,7 +28,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['pair', 'passthru', 'halfdead', 'dead', 'resetter', 'dflt', 'ra', 'pertry', 'methods', 'pairlr', 'resetretry', 'backoffx', 'backoffc', 'backoffeq', 'ptjitter', 'rapertry']
+SERVICES = ['pair', 'passthru', 'halfdead', 'dead', 'resetter', 'dflt', 'ra', 'pertry', 'methods', 'pairlr', 'resetretry', 'backoffx', 'backoffc', 'backoffeq', 'ptjitter', 'rapertry', 'backoffcap', 'backoffdec']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -111,6 +111,16 @@ service backoffc {{
 
 service backoffeq {{
     retry 3 on 503 backoff 240ms jitter equal
+    endpoint {A}
+}}
+
+service backoffcap {{
+    retry 3 on 503 backoff 100ms..150ms jitter none
+    endpoint {A}
+}}
+
+service backoffdec {{
+    retry 3 on 503 backoff 100ms..1s jitter decorrelated
     endpoint {A}
 }}
 
@@ -360,3 +370,26 @@ def test_backoff_with_per_try_time(env: dict[str, Any]) -> None:
         assert len(gaps) == 2 and gaps[0] < 0.35 and gaps[1] < 0.5, gaps
         return
     assert len(gaps) == 2 and all(0.14 <= g < 0.4 for g in gaps), gaps
+
+
+def test_exponential_backoff_stops_doubling_at_its_maximum(env: dict[str, Any]) -> None:
+    # contract §4 retry: "backoff A..B is exponential from A doubling up to B"
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/backoffcap/s/503/{i}")
+    assert r.status_code == 503 and attempts(r) == 4
+    g1, g2, g3 = _gaps(A.hits(i))
+    # 100ms, then 150ms twice (doubling without the cap would wait 200ms, then 400ms)
+    assert 0.09 <= g1 < 0.3 and 0.14 <= g2 < 0.3 and 0.14 <= g3 < 0.3, (g1, g2, g3)
+
+
+def test_decorrelated_jitter_never_waits_under_the_base(env: dict[str, Any]) -> None:
+    # contract §4 retry: "jitter ... decorrelated": each wait is between the base and three
+    # times the previous one (full jitter would wait under 100ms before the first retry)
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/backoffdec/s/503/{i}")
+    assert r.status_code == 503 and attempts(r) == 4
+    gaps = _gaps(A.hits(i))
+    assert len(gaps) == 3 and all(g >= 0.095 for g in gaps), gaps
+    assert gaps[0] < 0.3 + 0.15, gaps  # at most 3 x base, with room for a loaded machine
