@@ -47,6 +47,14 @@ service inventory {{
     fallback stale 10m
 }}
 
+service payments {{
+    timeout 1s
+    retry 4 on connect-failure, reset, 5xx backoff 5ms..40ms per-try 150ms
+    endpoint {pay_1}
+    endpoint {pay_2}
+    outlier failures 3 eject 3s max 50%
+}}
+
 service recommendations {{
     timeout 120ms
     retry 1 on connect-failure, reset, 503 per-try 50ms budget 10%
@@ -72,14 +80,16 @@ class Story:
     """The running sidecar, its upstreams, and helpers to read what it says."""
 
     def __init__(self, tmp: Path) -> None:
-        self.inv_a, self.inv_b, self.recs = (FaultServer(name=n).start()
-                                             for n in ("inventory-a", "inventory-b", "recs"))
+        self.inv_a, self.inv_b, self.recs, self.pay_1, self.pay_2 = (
+            FaultServer(name=n).start()
+            for n in ("inventory-a", "inventory-b", "recs", "payments-1", "payments-2"))
         self.listen, self.admin = free_port(), free_port()
         (tmp / "recommendations.json").write_text(FILE_BODY)
         self.policy = tmp / "story.riprap"
         self.policy.write_text(POLICY.format(listen=self.listen, admin=self.admin,
                                              inv_a=self.inv_a.url, inv_b=self.inv_b.url,
-                                             recs=self.recs.url))
+                                             recs=self.recs.url, pay_1=self.pay_1.url,
+                                             pay_2=self.pay_2.url))
         self.log = open(tmp / "riprap.log", "wb")
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         self.proc = subprocess.Popen(
@@ -124,7 +134,7 @@ class Story:
         self.log.close()
         self.client.close()
         self.adm.close()
-        for s in (self.inv_a, self.inv_b, self.recs):
+        for s in (self.inv_a, self.inv_b, self.recs, self.pay_1, self.pay_2):
             s.stop()
 
     def stock(self, sku: str) -> httpx.Response:
@@ -282,3 +292,24 @@ def test_slow_answers_trip_the_slow_call_breaker_and_stale_copies_answer(story: 
         assert "attempt to compare" not in story.logs()
     finally:
         story.recs.recover()
+
+
+def test_ejections_are_counted_per_endpoint(story: Story) -> None:
+    """Step 2: the replica answering 503 is ejected; /state and riprap_ejections_total say
+    which one (Envoy's own statistics count ejections per cluster only)."""
+    story.pay_2.set(error_rate=1.0)
+    try:
+        for i in range(30):
+            r = story.client.post("/charge", headers={"Host": "payments", "Idempotency-Key": f"k{i}"})
+            assert r.status_code == 200 and r.json()["server"] == "payments-1"  # retried there
+        bad = story.pay_2.url
+        assert until(lambda: story.metric("riprap_ejections_total", service="payments",
+                                          endpoint=bad) >= 1), story.metrics()
+        eps = {e["url"]: e for e in story.state()["services"]["payments"]["endpoints"]}
+        assert eps[bad]["ejections"] >= 1 and eps[story.pay_1.url]["ejections"] == 0
+        assert story.metric("riprap_ejections_total", service="payments",
+                            endpoint=story.pay_1.url) == 0.0
+        assert ("riprap_ejections_total", (("endpoint", ""), ("service", "payments"))) \
+            not in story.metrics()
+    finally:
+        story.pay_2.recover()

@@ -47,6 +47,8 @@ class EnvoyStats:
     # -> kind -> n), stale copies ("stale": service -> entries, bytes, hits, misses) and
     # hedges sent ("hedges": service -> n)
     counters: dict[str, dict[str, Any]] | None = None
+    # ejections so far by (cluster, "ADDRESS:PORT"), from Envoy's outlier event log
+    ejected: dict[tuple[str, str], int] | None = None
 
     def value(self, name: str, **labels: str) -> float:
         total = 0.0
@@ -118,6 +120,15 @@ def _host_stat(host: dict[str, Any], name: str) -> int:
     return 0
 
 
+def _ejections(stats: EnvoyStats, cluster: str, host: dict[str, Any] | None) -> int | None:
+    """How often the outlier detection ejected this host of `cluster` (None: not known)."""
+    if stats.ejected is None or host is None:
+        return None
+    address, port = _host_key(host)
+    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return stats.ejected.get((cluster, where), 0)
+
+
 def _endpoint_key(ep: EndpointSpec) -> tuple[str, int]:
     u = urlsplit(ep.url)
     port = u.port or (443 if u.scheme == "https" else 80)
@@ -179,7 +190,7 @@ class EnvoyState:
         for ep in spec.endpoints:
             matched: list[dict[str, Any] | None] = list(_match_host(ep, hosts))
             for h in matched or [None]:
-                endpoints.append(self._endpoint(ep, h))
+                endpoints.append(self._endpoint(ep, h, _ejections(stats, cluster, h)))
         buckets, count, total = _histogram(stats, "envoy_cluster_upstream_rq_time",
                                            envoy_cluster_name=cluster)
         key = svc.name if spec is svc else f"{svc.name}/{spec.name}"
@@ -208,7 +219,8 @@ class EnvoyState:
                 "hits": int(mine.get("hits", 0)), "misses": int(mine.get("misses", 0))}
 
     @staticmethod
-    def _endpoint(ep: EndpointSpec, host: dict[str, Any] | None) -> dict[str, Any]:
+    def _endpoint(ep: EndpointSpec, host: dict[str, Any] | None,
+                  ejections: int | None = None) -> dict[str, Any]:
         if host is None:  # not (yet) a host of the cluster: DNS pending, or a warming cluster
             return {"url": ep.url, "weight": ep.weight, "tier": ep.tier, "in_flight": 0,
                     "healthy": None, "ejected": False, "ejections": None, "ejected_for": None,
@@ -223,7 +235,7 @@ class EnvoyState:
             "in_flight": _host_stat(host, "rq_active"),
             "healthy": healthy,
             "ejected": bool(hs.get("failed_outlier_check")),
-            "ejections": None,  # Envoy counts ejections per cluster, not per host
+            "ejections": ejections,  # from the outlier event log (None: no outlier)
             "ejected_for": None,
             "consecutive_failures": None,
         }
@@ -364,9 +376,10 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
         overflow = sum(stats.cluster(n, "upstream_rq_retry_overflow") for n in names)
         if overflow or (sp.retry is not None and sp.retry.budget is not None):
             metrics.retries_refused.values[(svc_name, "budget")] = overflow
-        ejections = sum(stats.cluster(n, "outlier_detection_ejections_enforced") for n in names)
-        if ejections or sp.outlier is not None:
-            metrics.ejections.values[(svc_name, "")] = ejections
+        if stats.ejected is None:  # no event log: Envoy's count per cluster
+            ejections = sum(stats.cluster(n, "outlier_detection_ejections_enforced") for n in names)
+            if ejections or sp.outlier is not None:
+                metrics.ejections.values[(svc_name, "")] = ejections
         pending = sum(stats.cluster(n, "upstream_rq_pending_overflow") for n in names)
         if pending or sp.concurrency is not None:
             metrics.rejections.values[(svc_name, "concurrency")] = pending
@@ -419,6 +432,10 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
                     key = (svc_name, ep.url, outcome)
                     metrics.attempts.values[key] = metrics.attempts.values.get(key, 0.0) + \
                         _host_stat(h, stat)
+                ejected = _ejections(stats, cname, h)
+                if ejected:  # as the Python engine: a series from an endpoint's first ejection
+                    key2 = (svc_name, ep.url)
+                    metrics.ejections.values[key2] = metrics.ejections.values.get(key2, 0.0) + ejected
                 if spec.health is not None:
                     hs = h.get("health_status", {})
                     metrics.endpoint_healthy.values[(svc_name, ep.url)] = \

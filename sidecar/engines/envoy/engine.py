@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -47,6 +48,7 @@ log = logging.getLogger("riprap.envoy")
 STATS_USED = (r"(upstream_rq_(time|retry|retry_overflow|active|pending_active|pending_overflow"
               r"|completed|[1-5]xx)|ejections_enforced_total|downstream_rq_active"
               r"|rate_limited)$")
+OUTLIER_LOG = "outlier-events.log"
 STATE_HOST = "_riprap"  # the compiler's Host for riprap's own questions (not a service name)
 Builder = Callable[..., ConfigLike]  # build_config(plan, ports, *, dynamic_dir, chaos)
 ClusterNameFn = Callable[[str, "str | None"], str]
@@ -94,6 +96,11 @@ class EnvoyEngine:
         self.reload_lock = asyncio.Lock()
         self.ratelimit: Any = None  # riprap's gRPC rate limit service, for `shared` limits
         self.stats = EnvoyStats()  # the last read of Envoy's admin API
+        # Envoy's outlier event log: per-host ejections (its stats count them per cluster)
+        self.outlier_log = self.run_dir / OUTLIER_LOG
+        self._outlier_pos = 0
+        self._outlier_rest = b""
+        self._ejected: dict[tuple[str, str], int] = {}
 
     # -- shared limits ------------------------------------------------------------------
     async def _ensure_ratelimit(self, plan: Plan) -> None:
@@ -123,6 +130,8 @@ class EnvoyEngine:
         extra = {"environ": self.environ} if self.environ is not None else {}
         config = self.build_config(plan, self.ports, dynamic_dir=self.dynamic_dir,
                                    chaos=self.chaos, **extra)
+        config.bootstrap.setdefault("cluster_manager", {})["outlier_detection"] = {
+            "event_log_path": str(self.outlier_log)}
         return split_routes(config, self.dynamic_dir)
 
     async def prepare(self) -> ConfigLike:
@@ -189,7 +198,31 @@ class EnvoyEngine:
             stats.breakers = await self._breakers()
         if any(spec.fallbacks or spec.hedge is not None for spec in specs):
             stats.counters = await self._breakers("/counters")
+        if any(spec.outlier is not None for spec in specs):
+            stats.ejected = self._read_ejections()
         return stats
+
+    def _read_ejections(self) -> dict[tuple[str, str], int]:
+        """Ejections per (cluster, host address) so far: the outlier event log's new lines
+        (one JSON object each, `action` EJECT and `enforced` for an ejection)."""
+        try:
+            with open(self.outlier_log, "rb") as f:
+                f.seek(self._outlier_pos)
+                data = f.read(1 << 20)
+        except OSError:
+            return dict(self._ejected)
+        self._outlier_pos += len(data)
+        lines = (self._outlier_rest + data).split(b"\n")
+        self._outlier_rest = lines.pop()
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("action") == "EJECT" and event.get("enforced"):
+                key = (str(event.get("cluster_name", "")), str(event.get("upstream_url", "")))
+                self._ejected[key] = self._ejected.get(key, 0) + 1
+        return dict(self._ejected)
 
     async def _breakers(self, path: str = "/breakers") -> dict[str, dict[str, Any]] | None:
         """The Lua filter's breakers (`GET /breakers` with Host `_riprap` on the listener),
