@@ -30,7 +30,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['echo', 'limited', 'capped', 'perkey', 'queued', 'queuedlong', 'capfb', 'capdisc', 'limfb', 'budgeted', 'limdef']
+SERVICES = ['echo', 'limited', 'capped', 'perkey', 'queued', 'queuedlong', 'capfb', 'capdisc', 'limfb', 'budgeted', 'slowbucket', 'limdef']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -91,6 +91,11 @@ service budgeted {{
     endpoint {A}
 }}
 
+service slowbucket {{
+    limit 30/m burst 1
+    endpoint {A}
+}}
+
 service limdef {{
     limit 3/s
     endpoint {A}
@@ -114,6 +119,32 @@ def test_limit_burst_then_429_with_retry_after(env: dict[str, Any]) -> None:
     assert r.status_code == 429 and reason(r) == "rate-limited"
     attempts(r)
     assert float(r.headers["retry-after"]) > 0
+
+
+def test_limit_retry_after_says_when_a_token_is_back(env: dict[str, Any]) -> None:
+    """Section 4 limit: "Over the limit: 429 with Retry-After": the seconds until the bucket
+    has a token again (30/m: one every 2 s, not a generic 1 or 60), and a client that waits
+    that long is served."""
+    sc = env["sc"]
+    assert sc.get(f"/slowbucket/x/{uid()}").status_code == 200
+    r = sc.get(f"/slowbucket/x/{uid()}")
+    assert r.status_code == 429 and reason(r) == "rate-limited"
+    wait = float(r.headers["retry-after"])
+    assert 1 <= wait <= 2, wait
+    time.sleep(wait + 0.3)
+    assert sc.get(f"/slowbucket/x/{uid()}").status_code == 200
+
+
+def test_limit_per_header_long_values_keep_their_own_buckets(env: dict[str, Any]) -> None:
+    """Section 4 limit ... per header: one bucket per header value, a long value included
+    (kept as a fixed-size digest on the Python engine): two long values that differ only
+    at their end are two buckets."""
+    sc = env["sc"]
+    one, two = "u" * 4000 + "-one", "u" * 4000 + "-two"
+    assert sc.get(f"/perkey/x/{uid()}", headers={"X-User": one}).status_code == 200
+    r = sc.get(f"/perkey/x/{uid()}", headers={"X-User": one})
+    assert r.status_code == 429 and reason(r) == "rate-limited"
+    assert sc.get(f"/perkey/x/{uid()}", headers={"X-User": two}).status_code == 200
 
 
 def test_concurrency_cap_overloaded_503(env: dict[str, Any]) -> None:

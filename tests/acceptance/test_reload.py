@@ -465,3 +465,42 @@ def test_reload_vim_style_backup_then_write(rel: dict[str, Any]) -> None:
     assert wait_for(lambda: sc.get(f"/vim/x/{uid()}").status_code == 200, 3)
     assert time.monotonic() - t <= 1.2
     assert wait_for(lambda: sc.admin.get("/plan").json()["last_error"] is None, 2)
+
+
+def test_sigterm_drain_is_bounded(tmp_path: Path, ups: dict[str, Any],
+                                  run_sidecar: RunSidecar) -> None:
+    """Section 9 SIGTERM: "then calls in flight drain (bounded), then it exits 0": a call
+    still running when the drain bound (--drain-timeout) is over does not keep the
+    sidecar alive."""
+    A = ups["A"]
+    port, admin = free_port(), free_port()
+    policy = tmp_path / "drain.riprap"
+    policy.write_text(f"service up {{\n    timeout 30s\n    endpoint {A.url}\n}}\n", encoding="utf-8")
+    sc = run_sidecar(policy, "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                     "--grace", "0.3", "--drain-timeout", "1", port=port, admin=admin)
+    i = uid()
+    out: dict[str, Any] = {}
+
+    def long_call() -> None:
+        try:
+            out["r"] = httpx.get(f"{sc.url}/up/sleep/12/{i}", trust_env=False, timeout=20)
+        except httpx.HTTPError as exc:
+            out["error"] = exc
+
+    th = threading.Thread(target=long_call)
+    th.start()
+    try:
+        assert wait_for(lambda: A.hits(i), 3), "the long call never arrived"
+        t = time.monotonic()
+        sc.signal(signal.SIGTERM)
+        assert sc.proc is not None
+        rc = sc.proc.wait(10)
+        took = time.monotonic() - t
+        assert rc == 0
+        # grace 0.3 s + drain 1 s, and the time to stop (generous: the machine is loaded)
+        assert took < 6, f"exited after {took:.1f}s: the drain was not bounded"
+    finally:
+        th.join(15)
+        sc.stop()
+    # the call that outlived the drain was cut, not answered by the upstream
+    assert "error" in out or out["r"].status_code >= 500
