@@ -460,14 +460,17 @@ def _header(key: str, value: str) -> dict[str, Any]:
 
 
 def _stamp(route: dict[str, Any]) -> None:
-    """Give the route's Lua metadata an `id` (a hash of the rest): the Lua filter converts
-    a route's metadata once per id instead of on every call."""
+    """Give the route's Lua metadata an `id` (a hash of the rest), and the route that name:
+    the Lua filter converts a route's metadata once per id instead of on every call, and
+    finds it by the route's name (Envoy copies the metadata on every handle:metadata())."""
     meta = route.get("metadata", {}).get(LUA_META, {}).get(LUA)
     if meta is None:
         return
     meta.pop("id", None)
     text = json.dumps(meta, sort_keys=True, separators=(",", ":"))
-    route["metadata"] = {LUA_META: {LUA: {"id": hashlib.sha256(text.encode()).hexdigest()[:16], **meta}}}
+    rid = hashlib.sha256(text.encode()).hexdigest()[:16]
+    route["name"] = rid
+    route["metadata"] = {LUA_META: {LUA: {"id": rid, **meta}}}
 
 
 def _connect_refusal(plan: Plan, status: int) -> dict[str, Any]:

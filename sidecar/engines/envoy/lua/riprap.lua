@@ -437,7 +437,12 @@ end
 
 -- The matched route's riprap metadata as a Lua table, or nil. Envoy converts metadata on
 -- every get(); the routes' `id` (a hash of the rest) lets that happen once per route.
+-- handle:metadata() itself copies the route's whole metadata on every call, so the route's
+-- name (routes.py names a route by its `id`) finds the table first; a sharded route is read
+-- from its metadata (after clearRouteCache the name may still be the shard-pick route's).
 local function route_meta(handle)
+  local named = route_cache[handle:streamInfo():routeName()]
+  if named ~= nil and named.shard == nil then return named end
   local md = handle:metadata()
   local id = md:get("id")
   if id == nil then return nil end
@@ -564,6 +569,7 @@ end
 -- A path whose `..` segments climb above the endpoint's own prefix is refused (the path
 -- is forwarded byte for byte, so nothing else would stop it).
 local function climbs(path, strip)
+  if not string.find(path, "..", 1, true) then return false end  -- most calls: no copy made
   path = string.match(path, "^[^?]*")
   if not string.find(path, "..", 1, true) then return false end
   if strip ~= nil and string.sub(path, 1, #strip) == strip then path = string.sub(path, #strip + 1) end
@@ -675,8 +681,9 @@ function envoy_on_request(handle)
     headers:replace("x-envoy-upstream-rq-per-try-timeout-ms", tostring(math.max(1, math.floor(delay))))
   end
   if bspec ~= nil then
-    now = now or handle:timestamp()
-    if not b_allow(breaker_of(md.breaker_key, bspec), bspec, now) then
+    local b = breaker_of(md.breaker_key, bspec)
+    if b.state ~= "closed" or bspec["slow_ms"] ~= nil then now = now or handle:timestamp() end
+    if not b_allow(b, bspec, now) then
       refuse_open(handle, headers, md, service, fallbacks)
       return
     end
@@ -786,9 +793,13 @@ function envoy_on_response(handle)
     -- overloaded is decided before the breaker; a call cut by its caller's shorter
     -- deadline is not the upstream's failure
     if b ~= nil and not NOT_UPSTREAM[reason or ""] and not (reason == "timeout" and dm["capped"]) then
-      now = now or handle:timestamp()
-      local start = (dm ~= nil and dm["start"]) or now
-      b_record(b, bspec, now, status < 500, now - start)
+      if dm == nil and b.state == "closed" and bspec["kind"] ~= "rate" and status < 500 then
+        b.consecutive = 0  -- b_record's own answer here, without a clock read (the common call)
+      else
+        now = now or handle:timestamp()
+        local start = (dm ~= nil and dm["start"]) or now
+        b_record(b, bspec, now, status < 500, now - start)
+      end
     end
   end
   local call = nil
