@@ -439,9 +439,9 @@ end
 -- every get(); the routes' `id` (a hash of the rest) lets that happen once per route.
 -- handle:metadata() itself copies the route's whole metadata on every call, so the route's
 -- name (routes.py names a route by its `id`) finds the table first; a sharded route is read
--- from its metadata (after clearRouteCache the name may still be the shard-pick route's).
-local function route_meta(handle)
-  local named = route_cache[handle:streamInfo():routeName()]
+-- from its metadata, and so is the route chosen again (`exact`) after clearRouteCache.
+local function route_meta(handle, exact)
+  local named = not exact and route_cache[handle:streamInfo():routeName()] or nil
   if named ~= nil and named.shard == nil then return named end
   local md = handle:metadata()
   local id = md:get("id")
@@ -601,13 +601,15 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
+  local rerouted = false
   if headers:get(FORWARD_PROXY) ~= nil then
     -- the client's own header, not riprap's mark; routed again before the first look at the
     -- route (Lua is handed the metadata of the route it first looked at)
     headers:remove(FORWARD_PROXY)
     handle:clearRouteCache()
+    rerouted = true
   end
-  local md = route_meta(handle)
+  local md = route_meta(handle, rerouted)
   if md == nil then return end
   if md.riprap_state == "breakers" then
     handle:respond({[":status"] = "200", ["content-type"] = "application/json"}, breakers_json(handle:timestamp()))
