@@ -596,6 +596,11 @@ _TABLE: tuple[Statement, ...] = (
                     _o("eject", "eject D", default=plan_default(OutlierSpec, "eject")),
                     _o("max", "max P%", "max_pct", plan_default(OutlierSpec, "max_fraction")),
                 ),
+                envoy=Envoy(
+                    "approximate",
+                    "Envoy lowers an endpoint's ejection count by one for every sweep (D/5, at most 1 s) "
+                    "it stays in, so a later ejection can be shorter than D times the ejections so far",
+                ),
             ),
         ),
         "replace",

@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['headhc', 'sick', 'tiers', 'tiersok', 'sharded', 'shardnodef', 'ejecting', 'pathshard', 'qshard', 'cshard', 'shardpol', 'tiers2', 'expect', 'outmax', 'rise', 'wlr', 'rnd', 'weighted']
+SERVICES = ['headhc', 'sick', 'tiers', 'tiersok', 'sharded', 'shardnodef', 'ejecting', 'pathshard', 'qshard', 'cshard', 'shardpol', 'tiers2', 'expect', 'outmax', 'rise', 'wlr', 'rnd', 'weighted', 'fall3', 'hcslow', 'ejtwice']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -167,6 +167,25 @@ service weighted {{
 
 service headhc {{
     health HEAD /hchead every 100ms timeout 300ms
+    endpoint {A}
+}}
+
+service fall3 {{
+    health GET /hstate/fall3 every 100ms timeout 300ms fall 3 rise 1
+    fallback status 200 text "fall-fallback"
+    endpoint {A}
+}}
+
+service hcslow {{
+    health GET /sleep/0.6/hcslow every 100ms timeout 200ms fall 1 rise 1
+    fallback status 200 text "hcslow-fallback"
+    endpoint {A}
+}}
+
+service ejtwice {{
+    outlier failures 1 eject 600ms
+    balance round-robin
+    endpoint {DEAD}
     endpoint {A}
 }}
 
@@ -359,3 +378,44 @@ def test_balance_random_uses_every_endpoint(env: dict[str, Any]) -> None:
     sc = env["sc"]
     seen = {sc.get(f"/rnd/x/{uid()}").headers["x-upstream"] for _ in range(30)}
     assert seen == {"A", "B"}
+
+
+def test_health_fall_needs_consecutive_failures(env: dict[str, Any]) -> None:
+    # contract §5 health: "fall N" (N failed checks in a row make an endpoint unhealthy)
+    sc, A = env["sc"], env["A"]
+    assert wait_for(lambda: sc.get("/fall3/x").headers.get("x-upstream") == "A", 3)
+    A.unhealthy.add("fall3")
+    try:
+        t = time.monotonic()
+        assert wait_for(lambda: sc.get("/fall3/x").text == "fall-fallback", 3)
+        failed = [h for h in A.hits("/hstate/fall3") if h["t"] >= t]
+        assert len(failed) >= 3, len(failed)  # not after the first failed check
+        assert time.monotonic() - t >= 0.2
+    finally:
+        A.unhealthy.discard("fall3")
+
+
+def test_health_check_slower_than_its_timeout_fails(env: dict[str, Any]) -> None:
+    # contract §5 health: "timeout D" (a check without an answer within D failed)
+    sc, A = env["sc"], env["A"]
+    assert wait_for(lambda: len(A.hits("/sleep/0.6/hcslow")) >= 2, 3)
+    r = wait_for(lambda: (lambda r: r if r.text == "hcslow-fallback" else None)(
+        sc.get(f"/hcslow/x/{uid()}")), 3)
+    assert r is not None and reason(r) == "no-healthy-endpoint"
+    i = uid()
+    assert sc.get(f"/hcslow/x/{i}").text == "hcslow-fallback" and A.hits(i) == []
+
+
+def test_outlier_ejection_lasts_d_times_the_ejections(env: dict[str, Any]) -> None:
+    # contract §5 outlier: ejected "for D (default 30s) times the number of times it was ejected"
+    sc = env["sc"]
+    failures: list[float] = []
+    end = time.monotonic() + 6
+    while len(failures) < 3 and time.monotonic() < end:
+        if sc.get(f"/ejtwice/x/{uid()}").status_code == 502:  # the dead endpoint, tried again
+            failures.append(time.monotonic())
+        time.sleep(0.03)
+    assert len(failures) == 3, failures
+    first, second = failures[1] - failures[0], failures[2] - failures[1]
+    assert 0.5 <= first <= 1.1, (first, second)  # ejected 600ms
+    assert 1.1 <= second <= 2.0 and second > first + 0.3, (first, second)  # then 1.2s

@@ -57,6 +57,24 @@ def _status_ranges(expect: tuple[str, ...]) -> list[dict[str, int]]:
     return ranges
 
 
+def _other_statuses(expected: list[dict[str, int]]) -> list[dict[str, int]]:
+    """Every status in 100..599 outside `expected`, as ranges: Envoy's `retriable_statuses`,
+    without which one unexpected status marks an endpoint unhealthy at once, whatever `fall`."""
+    ok = [False] * 600
+    for r in expected:
+        for code in range(max(100, r["start"]), min(600, r["end"])):
+            ok[code] = True
+    out: list[dict[str, int]] = []
+    for code in range(100, 600):
+        if ok[code]:
+            continue
+        if out and out[-1]["end"] == code:
+            out[-1]["end"] = code + 1
+        else:
+            out.append({"start": code, "end": code + 1})
+    return out
+
+
 def _health_checks(unit: Unit) -> list[dict[str, Any]]:
     h = unit.spec.health
     if h is None:
@@ -72,6 +90,7 @@ def _health_checks(unit: Unit) -> list[dict[str, Any]]:
                 "path": h.path,
                 "method": h.method.upper(),
                 "expected_statuses": _status_ranges(h.expect),
+                "retriable_statuses": _other_statuses(_status_ranges(h.expect)),
                 "request_headers_to_add": [
                     {
                         "header": {"key": "user-agent", "value": "riprap-health"},
@@ -92,8 +111,12 @@ def _outlier(unit: Unit, sink: NoteSink) -> dict[str, Any] | None:
     if len(tiers) > 1 and o.max_fraction < 1.0:
         sink.add(unit.service.name, "outlier",
                  "the max % of ejected endpoints counts the whole cluster, not each tier")
+    sink.add(unit.service.name, "outlier",
+             "the ejection multiplier goes down again by one for every sweep an endpoint stays in")
     return {
-        "interval": "1s",
+        # Envoy returns ejected endpoints on these sweeps: often enough that an ejection
+        # lasts D times the count, give or take a fifth of D
+        "interval": duration(max(0.05, min(1.0, o.eject / 5))),
         "consecutive_5xx": o.failures,
         "enforcing_consecutive_5xx": 100,
         "consecutive_gateway_failure": HUGE,
