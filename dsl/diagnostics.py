@@ -14,10 +14,20 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping, Sequence
 
 Severity = Literal["error", "warning"]
+
+# `scheme://[user]:PASSWORD@host`: a source line shown under a diagnostic (in `check`'s output,
+# and in the sidecar's log when a reload fails) never shows a URL's password; it is masked
+# with as many `*`, so the caret below still points where it did.
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:@/]*:)([^\s@/]+)(@)", re.I)
+
+
+def mask_passwords(line: str) -> str:
+    return _URL_PASSWORD.sub(lambda m: m.group(1) + "*" * len(m.group(2)) + m.group(3), line)
 
 
 @dataclass(frozen=True, order=True)
@@ -81,7 +91,7 @@ def render_text(diag: Diagnostic, sources: Mapping[str, str] | None = None) -> s
     if span is not None and text is not None:
         lines = text.splitlines()
         if 1 <= span.line <= len(lines):
-            src = lines[span.line - 1].replace("\t", " ")
+            src = mask_passwords(lines[span.line - 1].replace("\t", " "))
             gutter = str(span.line)
             pad = " " * len(gutter)
             out.append(f" {pad} |")

@@ -1,6 +1,6 @@
 """The store's password never leaves the policy file: not in /plan, /state, /metrics, the
-dashboard's data or the logs, on either engine. /plan shows the URL as
-`redis://:***@HOST:PORT/DB` (the admin API has no authentication: contract section 9).
+dashboard's data or the logs (a failed reload's diagnostic included), on either engine. /plan
+shows the URL as `redis://:***@HOST:PORT/DB` (the admin API has no authentication).
 """
 
 from __future__ import annotations
@@ -87,6 +87,13 @@ service api {{
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not car.state()["store"]["up"]:
             time.sleep(0.1)
+        # a reload that fails on the store line: its diagnostic (logged, and at /plan) shows
+        # the line with the password masked
+        policy.write_text(text.replace(f"store {locked.url}", f"store {locked.url} oops"))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not car.admin.get("/plan").json()["last_error"]:
+            time.sleep(0.1)
+        assert car.admin.get("/plan").json()["last_error"], car.logs()
         for path in ("/plan", "/state", "/metrics", "/dashboard.json"):
             body = car.admin.get(path).text
             assert SECRET not in body, (path, body)
@@ -94,4 +101,5 @@ service api {{
         car.stop()
     logs = car.logs()
     assert "is down" in logs and redacted in logs, logs
+    assert f"store redis://:{'*' * len(SECRET)}@127.0.0.1:{locked.port}/0 oops" in logs, logs
     assert SECRET not in logs, logs
