@@ -30,7 +30,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['echo', 'limited', 'capped', 'perkey', 'queued', 'queuedlong', 'capfb', 'capdisc', 'limfb', 'budgeted', 'slowbucket', 'limdef']
+SERVICES = ['echo', 'limited', 'capped', 'perkey', 'queued', 'queuedlong', 'capfb', 'capdisc', 'limfb', 'budgeted', 'slowbucket', 'limstate', 'limdef']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -96,6 +96,11 @@ service slowbucket {{
     endpoint {A}
 }}
 
+service limstate {{
+    limit 1/m burst 2
+    endpoint {A}
+}}
+
 service limdef {{
     limit 3/s
     endpoint {A}
@@ -145,6 +150,32 @@ def test_limit_per_header_long_values_keep_their_own_buckets(env: dict[str, Any]
     r = sc.get(f"/perkey/x/{uid()}", headers={"X-User": one})
     assert r.status_code == 429 and reason(r) == "rate-limited"
     assert sc.get(f"/perkey/x/{uid()}", headers={"X-User": two}).status_code == 200
+
+
+def test_limited_calls_show_at_state_and_in_metrics(env: dict[str, Any]) -> None:
+    """Section 9 Admin: `/state` has the limiter state of every service, and `/metrics`
+    counts the calls a limit refused."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sc = env["sc"]
+
+    def refused() -> tuple[float, float]:
+        lim = sc.admin.get("/state").json()["services"]["limstate"]["limiter"]
+        total = 0.0
+        for fam in text_string_to_metric_families(sc.admin.get("/metrics").text):
+            for smp in fam.samples:
+                if smp.name == "riprap_rejections_total" and smp.labels.get("service") == "limstate" \
+                        and smp.labels.get("by") == "limit":
+                    total += smp.value
+        return float(lim["limited"]), total
+
+    before = refused()
+    codes = [sc.get(f"/limstate/x/{uid()}").status_code for _ in range(8)]
+    over = codes.count(429)
+    assert over >= 6, codes  # 1/m, burst 2
+    after = refused()
+    assert after[0] - before[0] >= over, (before, after)
+    assert after[1] - before[1] >= over, (before, after)
 
 
 def test_concurrency_cap_overloaded_503(env: dict[str, Any]) -> None:

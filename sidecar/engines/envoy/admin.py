@@ -45,7 +45,7 @@ class EnvoyStats:
     breakers: dict[str, dict[str, Any]] | None = None  # the Lua filter's, by SERVICE[/SHARD]
     # the Lua filter's counters (`GET /counters`): fallback answers ("answered": service
     # -> kind -> n), stale copies ("stale": service -> entries, bytes, hits, misses) and
-    # hedges sent ("hedges": service -> n)
+    # hedges sent ("hedges": service -> n) and calls over the limit ("limited": service -> n)
     counters: dict[str, dict[str, Any]] | None = None
     # ejections so far by (cluster, "ADDRESS:PORT"), from Envoy's outlier event log
     ejected: dict[tuple[str, str], int] | None = None
@@ -270,6 +270,9 @@ class EnvoyState:
         if lim is None:
             return None
         limited = 0.0
+        over = (stats.counters or {}).get("limited")
+        if isinstance(over, dict):  # the Lua filter's count per service (local limits)
+            limited = float(over.get(svc.name, 0))
         for lab, v in stats.samples.get("envoy_http_local_rate_limit_rate_limited", ()):
             prefix = lab.get("envoy_local_http_ratelimit_prefix", "")
             if prefix == svc.name or prefix.endswith(f"_{svc.name}") or \

@@ -290,6 +290,8 @@ class RouteBuilder:
                           "an answer head over 1 MiB or 4096 headers is retried like a reset "
                           "(riprap: a 502 never retried)")
         lim = unit.spec.limit
+        if lim is not None:
+            meta["limited"] = True  # the Lua filter counts the calls over the limit (/state)
         if lim is not None and lim.rate > 0 and math.ceil(1 / lim.rate - 1e-9) > 1:
             meta["retry_after"] = str(math.ceil(1 / lim.rate - 1e-9))
         if unit.spec.breaker is not None:

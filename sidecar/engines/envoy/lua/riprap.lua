@@ -36,6 +36,7 @@ local stale_bytes, stale_count = 0, 0
 local calls = {}          -- call id -> {method, path, headers, body, cacheable}
 local answered = {}       -- service -> {static = n, stale = n, service = n}: calls a fallback answered
 local hedges = {}         -- service -> hedged copies sent (Envoy counts them as retries)
+local limited = {}        -- service -> calls answered 429 `rate-limited` (its `limit`)
 local stale_of = {}       -- service -> {entries, bytes, hits, misses}: its part of `stale`
 local calls_count, next_call = 0, 0
 
@@ -249,7 +250,8 @@ local function count_fallback(service, kind)
 end
 
 -- GET /counters with Host `_riprap` (routes.py): this worker's fallback answers, stale
--- copies and hedges per service, as JSON (riprap's /metrics and /state read it).
+-- copies, hedges and calls over the limit per service, as JSON (riprap's /metrics and
+-- /state read it).
 local function counters_json()
   local parts = {}
   for service, a in pairs(answered) do
@@ -265,8 +267,10 @@ local function counters_json()
   end
   local sent = {}
   for service, n in pairs(hedges) do sent[#sent + 1] = string.format('"%s":%d', service, n) end
+  local over = {}
+  for service, n in pairs(limited) do over[#over + 1] = string.format('"%s":%d', service, n) end
   return '{"answered":{' .. table.concat(parts, ",") .. '},"stale":{' .. table.concat(caches, ",")
-         .. '},"hedges":{' .. table.concat(sent, ",") .. "}}"
+         .. '},"hedges":{' .. table.concat(sent, ",") .. '},"limited":{' .. table.concat(over, ",") .. "}}"
 end
 
 local function stale_evict()
@@ -417,7 +421,7 @@ end
 -- ---- route metadata, converted once per route version ----------------------------------
 
 local KEYS = {"service", "timeout_ms", "strip", "shard", "fallbacks", "breaker", "breaker_key", "hedge",
-              "latency_key", "body_limit", "riprap_state", "retry_after", "units", "unknown_host", "resend",
+              "latency_key", "body_limit", "riprap_state", "retry_after", "limited", "units", "unknown_host", "resend",
               "hedged", "head_bound"}
 local route_cache, route_cache_count = {}, 0
 
@@ -765,8 +769,11 @@ function envoy_on_response(handle)
     attempts = "0"
     headers:replace("x-riprap-attempts", attempts)
   end
-  if md.retry_after ~= nil and headers:get("x-riprap-reason") == "rate-limited" then
-    headers:replace("retry-after", md.retry_after)  -- a bucket slower than 1/s: whole seconds to a token
+  if md.limited and headers:get("x-riprap-reason") == "rate-limited" then
+    limited[service] = (limited[service] or 0) + 1
+    if md.retry_after ~= nil then
+      headers:replace("retry-after", md.retry_after)  -- a bucket slower than 1/s: whole seconds to a token
+    end
   end
   local fallbacks = md.fallbacks
   local bspec = md.breaker
