@@ -55,6 +55,11 @@ service payments {{
     outlier failures 3 eject 3s max 50%
 }}
 
+service catalog {{
+    endpoint {recs}
+    fallback stale 10m
+}}
+
 service recommendations {{
     timeout 120ms
     retry 1 on connect-failure, reset, 503 per-try 50ms budget 10%
@@ -313,3 +318,27 @@ def test_ejections_are_counted_per_endpoint(story: Story) -> None:
             not in story.metrics()
     finally:
         story.pay_2.recover()
+
+
+def test_stale_copies_are_bounded_per_service(story: Story) -> None:
+    """As riprap's StaleCache: at most 1024 copies per service, the oldest out first; one
+    service's many URLs never push out another service's copies."""
+    sku = _sku_on(story, story.inv_a)
+    assert story.stock(sku).status_code == 200
+    before = story.state()["services"]["inventory"]["stale_cache"]
+    assert before["entries"] >= 1 and before["max_entries"] == 1024
+    with httpx.Client(base_url=story.client.base_url, trust_env=False, timeout=10,
+                      headers={"Host": "catalog"}) as c:
+        for i in range(1100):
+            assert c.get(f"/item/{i}").status_code == 200
+        story.recs.set(mode="refuse")
+        try:
+            newest, oldest = c.get("/item/1099"), c.get("/item/3")
+            assert newest.status_code == 200 and newest.headers["x-riprap-fallback"] == "stale"
+            assert oldest.status_code == 502  # pushed out: no copy, no other fallback
+        finally:
+            story.recs.recover()
+    caches = until(lambda: (lambda s: s if s["catalog"]["stale_cache"]["entries"] == 1024 else None)(
+        story.state()["services"]))
+    assert caches, story.state()["services"]["catalog"]["stale_cache"]
+    assert caches["inventory"]["stale_cache"]["entries"] == before["entries"]

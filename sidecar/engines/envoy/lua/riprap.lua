@@ -19,7 +19,7 @@
 -- `blake2b` (lua/blake2b.lua) is prepended to this file by the compiler.
 --
 -- State is per Envoy worker (a Lua state each): the breakers, the stale copies (bounded
--- as riprap's StaleCache: 1024 entries, 16 MiB, 1 MiB each) and, while a call with a
+-- per service as riprap's StaleCache: 1024 entries, 16 MiB, 1 MiB each) and, while a call with a
 -- stale or service fallback is in flight, what its fallback needs from the request.
 
 local SELF = "_riprap_self"
@@ -28,16 +28,17 @@ local STALE_MAX_ENTRIES, STALE_MAX_BYTES, STALE_MAX_ENTRY = 1024, 16 * 1048576, 
 local HOP = {["connection"] = true, ["keep-alive"] = true, ["transfer-encoding"] = true, ["te"] = true,
              ["upgrade"] = true, ["proxy-connection"] = true, ["content-length"] = true, ["trailer"] = true}
 
-local stale = {}          -- key -> {status, headers, body, at, size, vary}
-local stale_order = {}    -- {key, seq}, oldest store first (an entry stored again is newer)
+local stale = {}          -- key -> {status, headers, body, at, size, seq, service}
 local stale_vary = {}      -- service .. " " .. path -> the names its answer's Vary lists
 local stale_vary_count = 0
-local stale_bytes, stale_count = 0, 0
 local calls = {}          -- call id -> {method, path, headers, body, cacheable}
 local answered = {}       -- service -> {static = n, stale = n, service = n}: calls a fallback answered
 local hedges = {}         -- service -> hedged copies sent (Envoy counts them as retries)
 local limited = {}        -- service -> calls answered 429 `rate-limited` (its `limit`)
-local stale_of = {}       -- service -> {entries, bytes, hits, misses}: its part of `stale`
+-- service -> {entries, bytes, hits, misses, order}: its part of `stale`, bounded per service
+-- as riprap's StaleCache; `order` is {key, seq}, oldest store first (an entry stored again
+-- is newer: its older item is skipped, and dropped when the list is compacted)
+local stale_of = {}
 local calls_count, next_call = 0, 0
 
 local function trim(s)
@@ -234,7 +235,7 @@ end
 local function stale_stats(service)
   local st = stale_of[service]
   if st == nil then
-    st = {entries = 0, bytes = 0, hits = 0, misses = 0}
+    st = {entries = 0, bytes = 0, hits = 0, misses = 0, order = {}}
     stale_of[service] = st
   end
   return st
@@ -273,18 +274,24 @@ local function counters_json()
          .. '},"hedges":{' .. table.concat(sent, ",") .. '},"limited":{' .. table.concat(over, ",") .. "}}"
 end
 
-local function stale_evict()
-  while #stale_order > 0 and (stale_count > STALE_MAX_ENTRIES or stale_bytes > STALE_MAX_BYTES) do
-    local item = table.remove(stale_order, 1)
+local function stale_evict(st)
+  local order = st.order
+  while #order > 0 and (st.entries > STALE_MAX_ENTRIES or st.bytes > STALE_MAX_BYTES) do
+    local item = table.remove(order, 1)
     local key = item[1]
     local e = stale[key]
     if e ~= nil and e.seq == item[2] then
       stale[key] = nil
-      stale_bytes = stale_bytes - e.size
-      stale_count = stale_count - 1
-      local st = stale_stats(e.service)
       st.entries, st.bytes = st.entries - 1, st.bytes - e.size
     end
+  end
+  if #order > 2 * st.entries + 64 then  -- the same keys stored again and again: compact
+    local live = {}
+    for _, item in ipairs(order) do
+      local e = stale[item[1]]
+      if e ~= nil and e.seq == item[2] then live[#live + 1] = item end
+    end
+    st.order = live
   end
 end
 
@@ -317,16 +324,12 @@ local function keep_stale(handle, service, call)
   local old = stale[key]
   local st = stale_stats(service)
   if old ~= nil then
-    stale_bytes = stale_bytes - old.size
-    stale_count = stale_count - 1
     st.entries, st.bytes = st.entries - 1, st.bytes - old.size
   end
   stale[key] = {status = status, headers = kept, body = table.concat(parts), at = handle:timestamp(),
                 size = size, seq = next_call, service = service}
-  stale_bytes = stale_bytes + size
-  stale_count = stale_count + 1
   st.entries, st.bytes = st.entries + 1, st.bytes + size
-  stale_order[#stale_order + 1] = {key, next_call}
+  st.order[#st.order + 1] = {key, next_call}
   -- the Vary names are needed to find the entry again
   local base = service .. " " .. call.path
   if stale_vary[base] == nil then
@@ -334,7 +337,7 @@ local function keep_stale(handle, service, call)
     stale_vary_count = stale_vary_count + 1
   end
   stale_vary[base] = vary
-  stale_evict()
+  stale_evict(st)
 end
 
 local function find_stale(handle, service, call, max_age_ms)
