@@ -504,3 +504,52 @@ def test_sigterm_drain_is_bounded(tmp_path: Path, ups: dict[str, Any],
         sc.stop()
     # the call that outlived the drain was cut, not answered by the upstream
     assert "error" in out or out["r"].status_code >= 500
+
+
+def test_reloads_under_load_fail_no_call(rel: dict[str, Any]) -> None:
+    """Sections 9 and 11: a reload changes the plan without failing calls, the calls in
+    flight included; on the Envoy engine, without restarting Envoy. Calls run all through
+    reloads that add a service, add a limit, change the called service itself, and remove
+    the others again."""
+    sc, A = rel["sc"], rel["A"]
+    steady = f"service steady {{\n    timeout 5s\n    endpoint {A.url}\n}}\n"
+    save_by_rename(rel["policy"], RELOAD_BASE.format(extra=steady, **rel["fmt"]))
+    assert wait_for(lambda: sc.get(f"/steady/x/{uid()}").status_code == 200, 3)
+    envoy_pid = (sc.admin.get("/state").json().get("envoy") or {}).get("pid")
+    assert (envoy_pid is not None) == (sc.engine == "envoy")
+    stop = threading.Event()
+    codes: list[int | str] = []
+
+    def load(path: str) -> None:
+        with httpx.Client(base_url=sc.url, trust_env=False, timeout=10) as cli:
+            while not stop.is_set():
+                try:
+                    codes.append(cli.get(f"{path}/{uid()}").status_code)
+                except httpx.HTTPError as exc:
+                    codes.append(type(exc).__name__)
+
+    workers = [threading.Thread(target=load, args=(p,)) for p in ("/steady/x", "/steady/sleep/0.3")]
+    for w in workers:
+        w.start()
+    try:
+        steps = [
+            steady + f"service extra {{\n    endpoint {A.url}\n}}\n",
+            steady + f"service extra {{\n    limit 100/s\n    endpoint {A.url}\n}}\n",
+            steady.replace("timeout 5s", "timeout 6s") +
+            f"service extra {{\n    limit 50/s\n    endpoint {A.url}\n}}\n",
+            steady.replace("timeout 5s", "timeout 6s"),
+        ]
+        for n, extra in enumerate(steps):
+            before = sc.admin.get("/plan").json()["hash"]
+            save_by_rename(rel["policy"], RELOAD_BASE.format(extra=extra, **rel["fmt"]))
+            assert wait_for(lambda b=before: sc.admin.get("/plan").json()["hash"] != b, 4), \
+                f"reload {n} never took effect: {sc.admin.get('/plan').json()['last_error']}"
+            time.sleep(0.4)  # calls keep running on the new plan
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(15)
+    assert codes and all(c == 200 for c in codes), [c for c in codes if c != 200][:10]
+    assert len(codes) >= 10
+    if sc.engine == "envoy":  # the same Envoy all along
+        assert (sc.admin.get("/state").json().get("envoy") or {}).get("pid") == envoy_pid
