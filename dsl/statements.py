@@ -188,8 +188,8 @@ _BREAKER_COMMON = (
 )
 _BREAKER_ENVOY = Envoy(
     "approximate",
-    "the Lua filter's breaker counts calls (after their retries and hedges), not attempts, "
-    "and each Envoy worker keeps its own",
+    "the Lua filter's breaker counts every attempt but is asked once per call: attempts after the "
+    "one that opens it still go out (the python engine refuses them); each Envoy worker keeps its own",
 )
 _ENDPOINT_RESOLVE = _o(
     "resolve",

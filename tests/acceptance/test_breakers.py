@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['brk', 'brkprobe', 'brk4xx', 'brkfb', 'frbrk', 'slowbrk', 'shbrk', 'brkreopen', 'brkk2', 'brkhalf', 'brkdead', 'brkto', 'brkcap']
+SERVICES = ['brk', 'brkprobe', 'brk4xx', 'brkfb', 'frbrk', 'slowbrk', 'shbrk', 'brkreopen', 'brkk2', 'brkhalf', 'brkdead', 'brkto', 'brkcap', 'brkretry', 'brkretrycf']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -104,6 +104,18 @@ service brkto {{
     timeout 200ms
     breaker failures 2 open 30s
     endpoint {A}
+}}
+
+service brkretry {{
+    retry 2 on 503 backoff 1ms
+    breaker failures 3 open 30s
+    endpoint {A}
+}}
+
+service brkretrycf {{
+    retry 2 on connect-failure backoff 1ms
+    breaker failures 3 open 30s
+    endpoint {DEAD}
 }}
 
 service brkcap {{
@@ -281,3 +293,18 @@ def test_reopen_doubling_stops_at_ten_times_open(env: dict[str, Any]) -> None:
     time.sleep(max(0.0, tripped + 0.78 - time.monotonic()))
     r = sc.get(f"/brkcap/x/{uid()}")  # 600ms are over (960ms would not be)
     assert r.status_code == 200, (r.status_code, reason(r))
+
+
+def test_each_failed_attempt_counts(env: dict[str, Any]) -> None:
+    """Section 4: the breaker opens after N consecutive failures; the retries of one call
+    are attempts that fail (order: the breaker is inside the retries, per attempt)."""
+    sc, A = env["sc"], env["A"]
+    r = sc.get(f"/brkretry/s/503/{uid()}")
+    assert r.status_code == 503 and attempts(r) == 3  # three failures in one call
+    i = uid()
+    r = sc.get(f"/brkretry/x/{i}")
+    assert r.status_code == 503 and reason(r) == "breaker-open" and A.hits(i) == []
+    r = sc.get(f"/brkretrycf/x/{uid()}")
+    assert r.status_code == 502 and reason(r) == "upstream-failed"  # three refused attempts
+    r = sc.get(f"/brkretrycf/x/{uid()}")
+    assert r.status_code == 503 and reason(r) == "breaker-open"

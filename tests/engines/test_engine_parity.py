@@ -26,8 +26,8 @@ ENGINES = ("python", "envoy")
 # The expected differences, in one place: (service, statement) -> what the test allows.
 # Each must appear among the warnings `run --engine envoy` prints (test below).
 ENVOY_DIFFERENCES: dict[tuple[str, str], str] = {
-    # the Lua filter's breaker counts calls, not attempts: with no retries, the same answers
-    ("brk", "breaker"): "counted per call, not per attempt",
+    # the Lua filter's breaker is asked once per call: with no retries, the same answers
+    ("brk", "breaker"): "asked once per call, not before each attempt",
     # Envoy's circuit breakers: the 503 comes once the upstream connection is open
     ("capped", "concurrency"): "the 503 overloaded comes a little later",
 }

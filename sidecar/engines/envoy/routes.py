@@ -298,8 +298,8 @@ class RouteBuilder:
             meta["breaker"] = breaker_meta(unit.spec.breaker)
             meta["breaker_key"] = unit.cluster
             self.sink.add(unit.service.name, "breaker",
-                          "counted per call (after its retries and hedges), not per attempt; "
-                          "each Envoy worker keeps its own breaker")
+                          "every attempt counts, but the breaker is asked once per call: the attempts after "
+                          "the one that opens it still go out; each Envoy worker keeps its own breaker")
         if shard_meta is not None:
             meta["shard"] = shard_meta
         if unit.spec.retry is not None or unit.spec.hedge is not None:

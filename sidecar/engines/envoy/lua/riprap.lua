@@ -804,8 +804,22 @@ function envoy_on_response(handle)
     local b = breakers[md.breaker_key]
     -- overloaded is decided before the breaker; a call cut by its caller's shorter
     -- deadline is not the upstream's failure
-    if b ~= nil and not NOT_UPSTREAM[reason or ""] and not (reason == "timeout" and dm["capped"]) then
-      if dm == nil and b.state == "closed" and bspec["kind"] ~= "rate" and status < 500 then
+    if b ~= nil and not NOT_UPSTREAM[reason or ""] then
+      -- the attempts before the last, as lua/riprap_upstream.lua saw them ("F" failed, "S"
+      -- answered below 500): the breaker counts attempts, as policies/breaker.py does
+      local tries = md.resend and handle:streamInfo():dynamicMetadata():get("riprap.tries") or nil
+      if tries ~= nil then
+        local outcomes = tries["outcomes"] or ""
+        local last_answered = reason == nil or tries["rewrote"] == true
+        local earlier = last_answered and #outcomes - 1 or #outcomes
+        if earlier > 0 then now = now or handle:timestamp() end
+        for k = 1, earlier do
+          b_record(b, bspec, now, string.sub(outcomes, k, k) == "S", 0)
+        end
+      end
+      if reason == "timeout" and dm["capped"] then
+        -- cut by its caller's shorter deadline: not the upstream's failure
+      elseif dm == nil and b.state == "closed" and bspec["kind"] ~= "rate" and status < 500 then
         b.consecutive = 0  -- b_record's own answer here, without a clock read (the common call)
       else
         now = now or handle:timestamp()

@@ -243,6 +243,7 @@ end
 
 -- The answer becomes riprap's 504 `timeout`: too little time is left for another attempt.
 local function answer_timeout(handle)
+  handle:streamInfo():dynamicMetadata():set(NS, "rewrote", true)  -- riprap.lua: this attempt answered
   local body = handle:body(true)
   local headers = handle:headers()  -- the headers seen before body() are out of scope now
   headers:replace(":status", "504")
@@ -271,6 +272,11 @@ function envoy_on_request(handle)
       -- a resend Envoy started by itself (connect failure, reset, a hedge copy): it counts
       budget_spend(b, m.budget, handle:timestamp(), true)
     end
+  end
+  if n > 1 and not m.hedge and (num(st["answers"]) or 0) < n - 1 then
+    -- the attempt before this one had no answer (connect failure, reset, per-try timeout)
+    dmd:set(NS, "outcomes", (st["outcomes"] or "") .. "F")
+    dmd:set(NS, "answers", n - 1)
   end
   if n > 1 and m.hedge and inflight > 0 then  -- a hedge copy: riprap.lua counts them
     dmd:set(NS, "hedges", (num(st["hedges"]) or 0) + 1)
@@ -306,6 +312,9 @@ function envoy_on_response(handle)
   dmd:set(NS, "inflight", inflight)
   local w = window_of(m.latency_key)
   record(w, now - (num(st["t_last"]) or now))
+  -- each answer, in order, for riprap.lua's breaker (which counts attempts)
+  dmd:set(NS, "outcomes", (st["outcomes"] or "") .. (status >= 500 and "F" or "S"))
+  dmd:set(NS, "answers", (num(st["answers"]) or 0) + 1)
   local hedged = m.hedge and inflight > 0
   if not m.codes[status] then
     if hedged and status >= 500 then headers:replace(RETRY, "1") end  -- wait for the copy in flight
