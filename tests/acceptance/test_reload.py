@@ -553,3 +553,47 @@ def test_reloads_under_load_fail_no_call(rel: dict[str, Any]) -> None:
     assert len(codes) >= 10
     if sc.engine == "envoy":  # the same Envoy all along
         assert (sc.admin.get("/state").json().get("envoy") or {}).get("pid") == envoy_pid
+
+
+STUBBORN_APP = """\
+import os, signal, sys, time
+log = sys.argv[1]
+def term(*_):
+    with open(log, "a") as f:
+        f.write(f"term {time.time()}\\n")
+signal.signal(signal.SIGTERM, term)  # and keeps running: only SIGKILL ends it
+with open(log, "a") as f:
+    f.write(f"start {os.getpid()}\\n")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_app_that_ignores_sigterm_is_killed_after_10s(tmp_path: Path, ups: dict[str, Any],
+                                                      run_sidecar: RunSidecar) -> None:
+    """Section 6: the sidecar stops the app when it stops: SIGTERM, then SIGKILL after 10 s."""
+    app, log = tmp_path / "stubborn.py", tmp_path / "stubborn.log"
+    app.write_text(STUBBORN_APP, encoding="utf-8")
+    port, admin = free_port(), free_port()
+    policy = tmp_path / "stubborn.riprap"
+    policy.write_text(f'app stubborn {{\n    run "{sys.executable} {app} {log}"\n}}\n'
+                      f"service up {{\n    endpoint {ups['A'].url}\n}}\n", encoding="utf-8")
+    sc = run_sidecar(policy, "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                     "--grace", "0", port=port, admin=admin)
+    pid = 0
+    try:
+        started = wait_for(lambda: [ln for ln in log.read_text().splitlines()
+                                    if ln.startswith("start")], 8)
+        assert started, "the app never started"
+        pid = int(started[0].split()[1])
+        t = time.time()
+        sc.signal(signal.SIGTERM)
+        assert wait_for(lambda: "term" in log.read_text(), 5), "the app got no SIGTERM"
+        assert wait_for(lambda: not _alive(pid), 16), "the app outlived SIGTERM + 10 s"
+        gone = time.time() - t
+        assert gone >= 9.0, f"killed after {gone:.1f}s: it had 10 s to stop by itself"
+        assert sc.proc is not None and sc.proc.wait(10) == 0
+    finally:
+        sc.stop()
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
