@@ -49,14 +49,23 @@ local function num(v)
   return tonumber(v)
 end
 
+-- The route's `tries`, converted once per route `id`. handle:metadata() copies the route's
+-- whole metadata on every call, so the route's name (routes.py names a route by its `id`)
+-- finds the table first; a sharded service's routes are read from their metadata (after
+-- riprap.lua's clearRouteCache the name may still be the shard-pick route's).
 local function tries_meta(handle)
+  local m = meta_cache[handle:streamInfo():routeName()]
+  if m ~= nil and not m.sharded then
+    if m.none then return nil end
+    return m
+  end
   local md = handle:metadata()
   local id = md:get("id")
   if id == nil then return nil end
-  local m = meta_cache[id]
+  m = meta_cache[id]
   if m == nil then
     local t = md:get("tries")
-    m = {none = t == nil}
+    m = {none = t == nil, sharded = md:get("shard") ~= nil}
     if t ~= nil then
       m.codes = {}
       for _, c in pairs(t["codes"] or {}) do m.codes[tonumber(c)] = true end
