@@ -105,6 +105,7 @@ class Upstream:
                 rec = {"method": self.command, "path": self.path,
                        "headers": {k.lower(): v for k, v in self.headers.items()},
                        "raw_headers": [(k.lower(), v) for k, v in self.headers.items()],
+                       "names": list(self.headers.keys()),  # as sent (case kept)
                        "body": body.decode("latin-1"), "t": time.monotonic(), "t0": t0}
                 with up.lock:
                     up.requests.append(rec)

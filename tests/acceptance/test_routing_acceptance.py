@@ -601,3 +601,17 @@ def test_slow_request_head_disconnected_after_10s(env: dict[str, Any]) -> None:
         took = time.monotonic() - t
     assert 9.0 <= took <= 14.0, took
     assert not data or _status(data) in (408, 400), data[:200]
+
+
+def test_header_names_and_values_forwarded_as_bytes(env: dict[str, Any]) -> None:
+    # contract §9 Faithful forwarding: "Header names and values are forwarded as bytes, never re-encoded"
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    out = _raw(sc.port, b"GET /echo/" + i.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+               b"X-MiXeD-Case: keep\r\nX-Utf8: caf\xc3\xa9\r\nX-Latin: \xe9t\xe9\r\n"
+               b"Connection: close\r\n\r\n")
+    assert _status(out) == 200, out[:200]
+    hit = A.hits(i)[0]
+    assert "X-MiXeD-Case" in hit["names"], hit["names"]
+    values = {k: v.encode("latin-1") for k, v in hit["raw_headers"]}
+    assert values["x-utf8"] == b"caf\xc3\xa9" and values["x-latin"] == b"\xe9t\xe9"

@@ -19,6 +19,7 @@ from dsl.plan import Plan, TlsSpec
 from sidecar.engines.envoy.names import RATELIMIT_CLUSTER, SELF_CLUSTER
 from sidecar.engines.envoy.notes import NoteSink
 from sidecar.engines.envoy.units import (
+    PRESERVE_CASE,
     Target,
     Unit,
     all_units,
@@ -302,7 +303,7 @@ def _protocol_options(auto_sni: dict[str, bool] | None, lua_bounds: bool) -> dic
     count, kb = (LUA_HEADERS, LUA_HEAD_KB) if lua_bounds else (256, 64)
     opts: dict[str, Any] = {
         "@type": f"type.googleapis.com/{PROTOCOL_OPTIONS}",
-        "explicit_http_config": {"http_protocol_options": {}},
+        "explicit_http_config": {"http_protocol_options": {"header_key_format": PRESERVE_CASE}},
         # an upstream answer with a head over riprap's bounds is a 502, as on the python engine
         "common_http_protocol_options": {"max_headers_count": count, "idle_timeout": "60s",
                                          "max_response_headers_kb": kb},

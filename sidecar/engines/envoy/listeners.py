@@ -19,7 +19,7 @@ from dsl.plan import LimitSpec, Plan
 from sidecar.engines.envoy.names import RATELIMIT_CLUSTER
 from sidecar.engines.envoy.notes import NoteSink
 from sidecar.engines.envoy.routes import DELAY, FAULT, LOCAL_RATELIMIT, LOCAL_STAGE, LUA, SHARED_STAGE
-from sidecar.engines.envoy.units import all_units, duration, resends
+from sidecar.engines.envoy.units import PRESERVE_CASE, all_units, duration, resends
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 LOCAL_RATELIMIT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
@@ -268,7 +268,7 @@ def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: 
         "request_headers_timeout": "10s",
         # HTTP/1.0 as on the python engine; one without Host is routed by its `/NAME/` prefix
         # (the listener's own address is no service's name)
-        "http_protocol_options": {"accept_http_10": True,
+        "http_protocol_options": {"header_key_format": PRESERVE_CASE, "accept_http_10": True,
                                   "default_host_for_http_10": (f"[{host}]" if ":" in host else host) + f":{port}"},
         "normalize_path": False,  # the path reaches the upstream as the client sent it
         "merge_slashes": False,

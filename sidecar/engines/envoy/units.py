@@ -31,6 +31,15 @@ class Unit:
         return self.service.name if self.shard is None else f"{self.service.name} shard {self.shard}"
 
 
+# Header names reach the upstream (and answers the app) in the case they were sent in, as
+# bytes (section 9, faithful forwarding): Envoy's HTTP/1 codec lower-cases them otherwise.
+PRESERVE_CASE = {"stateful_formatter": {
+    "name": "envoy.http.stateful_header_formatters.preserve_case",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.http.header_formatters."
+                              "preserve_case.v3.PreserveCaseFormatterConfig"},
+}}
+
+
 def retries_resets(unit: Unit) -> bool:
     """Does the unit's retry policy use Envoy's `reset` condition (riprap's `reset` or
     `timeout`)? Envoy retries an upstream protocol error, such as an answer head over the
@@ -99,5 +108,5 @@ def resends(plan: Plan) -> bool:
     return any(u.spec.retry is not None or u.spec.hedge is not None for u in all_units(plan))
 
 
-__all__ = ["Target", "Unit", "all_units", "duration", "is_ip", "resends", "retries_resets", "target", "units_of",
+__all__ = ["PRESERVE_CASE", "Target", "Unit", "all_units", "duration", "is_ip", "resends", "retries_resets", "target", "units_of",
            "uses_service_fallback"]
