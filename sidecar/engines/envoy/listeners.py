@@ -23,6 +23,9 @@ from sidecar.engines.envoy.units import PRESERVE_CASE, all_units, duration, rese
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 LOCAL_RATELIMIT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+LIMIT_RELOAD_DIFFERS = ("a reload that changes any service's local limit starts every local bucket "
+                        "full again (Envoy's local rate limit filter is configured as one whole); "
+                        "other reloads keep them")
 FILL_STEP = 0.05  # Envoy's smallest token-bucket fill interval (50 ms)
 
 
@@ -153,6 +156,7 @@ def _local_ratelimit(plan: Plan, shared_ok: bool, sink: NoteSink) -> dict[str, A
         if unit.shard is not None and lim != unit.service.limit:
             sink.add(unit.service.name, "limit", "one bucket for the whole service: a shard's own limit is not kept")
         seen.add(unit.service.name)
+        sink.add(unit.service.name, "limit", LIMIT_RELOAD_DIFFERS)
         entries: list[dict[str, Any]] = [{"key": "riprap_service", "value": unit.service.name}]
         if lim.per_header:
             entries.append({"key": "riprap_key", "value": ""})  # a bucket per header value
