@@ -34,7 +34,7 @@ from dsl.plan import SuperviseSpec
 
 log = logging.getLogger("riprap.supervisor")
 
-START_GRACE = 5.0  # seconds after a start in which "nothing listening yet" is not a failure
+START_GRACE = 2.0  # seconds after a start in which "nothing listening yet" is not a failure
 
 
 class Supervisor:
