@@ -537,6 +537,7 @@ def test_request_head_over_bounds_is_431(env: dict[str, Any]) -> None:
     out = _raw(sc.port, f"GET /echo/{i} HTTP/1.1\r\nHost: x\r\n{many}Connection: close\r\n\r\n"
                .encode())
     assert _status(out) == 431, out[:200]
+    assert b"x-riprap-reason: headers-too-large" in out.lower(), out[:300]  # riprap made it
     assert env["A"].hits(i) == []
     # within the bounds: forwarded
     r = sc.get(f"/echo/{i}", headers={f"X-H{k}": "v" for k in range(200)})
@@ -615,3 +616,14 @@ def test_header_names_and_values_forwarded_as_bytes(env: dict[str, Any]) -> None
     assert "X-MiXeD-Case" in hit["names"], hit["names"]
     values = {k: v.encode("latin-1") for k, v in hit["raw_headers"]}
     assert values["x-utf8"] == b"caf\xc3\xa9" and values["x-latin"] == b"\xe9t\xe9"
+
+
+def test_malformed_request_is_400_bad_request(env: dict[str, Any]) -> None:
+    # contract §9: "Every answer that riprap made itself carries x-riprap-reason"
+    i = uid()
+    for raw in (f"GET /echo/{i} HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+                f"GET /echo/{i} HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n"):
+        out = _raw(env["sc"].port, raw.encode())
+        assert _status(out) == 400, out[:200]
+        assert b"x-riprap-reason: bad-request" in out.lower(), out[:300]
+    assert env["A"].hits(i) == []

@@ -88,6 +88,19 @@ def _mapper(flags: list[str], status: int | None, reason: str, error: str,
     return m
 
 
+def _codec_error() -> dict[str, Any]:
+    """An answer of the HTTP codec itself (a request it could not parse), not of a route or
+    of the Lua filter, which set their own `x-riprap-reason`."""
+    return {"extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+            "expression": "response.code_details.startsWith('http1.') || "
+                          "response.code_details.startsWith('http2.')",
+        },
+    }}
+
+
 def _upgrade_refusal() -> dict[str, Any]:
     """An upgrade Envoy has no `upgrade_configs` entry for (anything but WebSocket and
     CONNECT) is refused before routing with a bare 403: riprap's 501 `upgrade-unsupported`."""
@@ -114,6 +127,16 @@ def local_reply_config() -> dict[str, Any]:
     return {
         "mappers": [
             _upgrade_refusal(),
+            # the codec's refusals of a request head: over the bounds (431), or malformed
+            {"filter": _status_is(431),
+             "headers_to_add": [_header("x-riprap-reason", "headers-too-large"),
+                                _header("x-riprap-attempts", "0")],
+             "body_format_override": {"json_format": {
+                 "error": "the request head is over 64 KiB or 256 headers", "reason": "headers-too-large"}}},
+            {"filter": {"and_filter": {"filters": [_status_is(400), _codec_error()]}},
+             "headers_to_add": [_header("x-riprap-reason", "bad-request"), _header("x-riprap-attempts", "0")],
+             "body_format_override": {"json_format": {
+                 "error": "the request could not be parsed", "reason": "bad-request"}}},
             _mapper(["RL"], 429, "rate-limited", "rate limited", [_header("retry-after", "1")], or_status=429),
             _mapper(["UO"], 503, "overloaded", "too many calls in flight"),
             _mapper(["UH"], 503, "no-healthy-endpoint", "no healthy endpoint"),
