@@ -198,8 +198,7 @@ class EnvoyEngine:
             stats.breakers = await self._breakers()
         if any(spec.fallbacks or spec.hedge is not None or spec.limit is not None for spec in specs):
             stats.counters = await self._breakers("/counters")
-        if any(spec.outlier is not None for spec in specs):
-            stats.ejected = self._read_ejections()
+        stats.ejected = self._read_ejections()  # every endpoint has a count, as on Python
         return stats
 
     def _read_ejections(self) -> dict[tuple[str, str], int]:
