@@ -311,6 +311,9 @@ def test_retry_budget_caps_retries(env: dict[str, Any]) -> None:
     # without a budget: 20 x 4 = 80 attempts; with it, max(10% of 20 calls, 1/s over the
     # 10 s window) = 10 retries: 30 attempts
     assert len(A.hits(i)) == 30, len(A.hits(i))
+    # section 9 /state: the budget's state says what it refused (the last 10 calls' retries)
+    budget = sc.admin.get("/state").json()["services"]["budgeted"]["budget"]
+    assert budget["refused"] >= 10, budget
     # the window is the budget's: a quiet second later, no retry is left either
     time.sleep(1.1)
     r = sc.get(f"/budgeted/s/503/{i}/late")

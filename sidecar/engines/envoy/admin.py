@@ -314,8 +314,17 @@ class EnvoyState:
             "calls": None,
             "retries": int(sum(stats.cluster(n, "upstream_rq_retry") for n in names)),
             "allowed": None,
-            "refused": int(sum(stats.cluster(n, "upstream_rq_retry_overflow") for n in names)),
+            "refused": int(sum(stats.cluster(n, "upstream_rq_retry_overflow") for n in names)
+                           + _lua_refused(stats, spec.name if isinstance(spec, ServicePlan) else None)),
         }
+
+
+def _lua_refused(stats: EnvoyStats, service: str | None) -> float:
+    """Retries the upstream Lua filter's budget window refused for `service` (counted per
+    service by the Lua filter's `/counters`); 0 for a shard, or without counters."""
+    if service is None or stats.counters is None:
+        return 0.0
+    return float((stats.counters.get("refused") or {}).get(service) or 0)
 
 
 def service_clusters(plan: Plan, cluster_name: ClusterName) -> dict[str, tuple[str, str | None]]:
@@ -376,7 +385,8 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
             metrics.hedges.values[(svc_name,)] = hedges
             retries = max(0.0, retries - hedges)
         metrics.retries.values[(svc_name,)] = retries
-        overflow = sum(stats.cluster(n, "upstream_rq_retry_overflow") for n in names)
+        overflow = sum(stats.cluster(n, "upstream_rq_retry_overflow") for n in names) + \
+            _lua_refused(stats, svc_name)
         if overflow or (sp.retry is not None and sp.retry.budget is not None):
             metrics.retries_refused.values[(svc_name, "budget")] = overflow
         if stats.ejected is None:  # no event log: Envoy's count per cluster

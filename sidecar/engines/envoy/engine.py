@@ -196,7 +196,8 @@ class EnvoyEngine:
         specs: list[Any] = [sp for svc in self.plan.services.values() for sp in (svc, *svc.shards)]
         if any(spec.breaker is not None for spec in specs):
             stats.breakers = await self._breakers()
-        if any(spec.fallbacks or spec.hedge is not None or spec.limit is not None for spec in specs):
+        if any(spec.fallbacks or spec.hedge is not None or spec.limit is not None
+               or (spec.retry is not None and spec.retry.budget is not None) for spec in specs):
             stats.counters = await self._breakers("/counters")
         stats.ejected = self._read_ejections()  # every endpoint has a count, as on Python
         return stats

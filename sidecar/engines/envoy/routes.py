@@ -313,6 +313,8 @@ class RouteBuilder:
             # Envoy counts a hedge copy as a retry: the answer counts the copies that
             # lua/riprap_upstream.lua saw leave while another attempt was in flight
             meta["hedged"] = True
+        if unit.spec.retry is not None and unit.spec.retry.budget is not None:
+            meta["budgeted"] = True  # the answer counts the retries the budget refused
         return meta
 
     def shard_unit_meta(self, unit: Unit, shard_meta: dict[str, Any], strip: str | None) -> dict[str, Any]:

@@ -35,6 +35,7 @@ local calls = {}          -- call id -> {method, path, headers, body, cacheable}
 local answered = {}       -- service -> {static = n, stale = n, service = n}: calls a fallback answered
 local hedges = {}         -- service -> hedged copies sent (Envoy counts them as retries)
 local limited = {}        -- service -> calls answered 429 `rate-limited` (its `limit`)
+local refused = {}        -- service -> retries its retry budget refused (lua/riprap_upstream.lua)
 -- service -> {entries, bytes, hits, misses, order}: its part of `stale`, bounded per service
 -- as riprap's StaleCache; `order` is {key, seq}, oldest store first (an entry stored again
 -- is newer: its older item is skipped, and dropped when the list is compacted)
@@ -270,8 +271,11 @@ local function counters_json()
   for service, n in pairs(hedges) do sent[#sent + 1] = string.format('"%s":%d', service, n) end
   local over = {}
   for service, n in pairs(limited) do over[#over + 1] = string.format('"%s":%d', service, n) end
+  local budget = {}
+  for service, n in pairs(refused) do budget[#budget + 1] = string.format('"%s":%d', service, n) end
   return '{"answered":{' .. table.concat(parts, ",") .. '},"stale":{' .. table.concat(caches, ",")
-         .. '},"hedges":{' .. table.concat(sent, ",") .. '},"limited":{' .. table.concat(over, ",") .. "}}"
+         .. '},"hedges":{' .. table.concat(sent, ",") .. '},"limited":{' .. table.concat(over, ",")
+         .. '},"refused":{' .. table.concat(budget, ",") .. "}}"
 end
 
 local function stale_evict(st)
@@ -425,7 +429,7 @@ end
 
 local KEYS = {"service", "timeout_ms", "strip", "shard", "fallbacks", "breaker", "breaker_key", "hedge",
               "latency_key", "body_limit", "riprap_state", "retry_after", "limited", "units", "unknown_host", "resend",
-              "hedged", "head_bound"}
+              "hedged", "head_bound", "budgeted"}
 local route_cache, route_cache_count = {}, 0
 
 -- Envoy hands a metadata number that is not a whole number (0.5, and 100.0 too) to Lua as
@@ -781,6 +785,10 @@ function envoy_on_response(handle)
   local fallbacks = md.fallbacks
   local bspec = md.breaker
   local hspec = md.hedge
+  if md.budgeted then
+    local tries = handle:streamInfo():dynamicMetadata():get("riprap.tries")
+    if tries ~= nil and tries["refused"] ~= nil then refused[service] = (refused[service] or 0) + 1 end
+  end
   if md.hedged then
     -- the hedge copies of this call (lua/riprap_upstream.lua counts them per call)
     local tries = handle:streamInfo():dynamicMetadata():get("riprap.tries")

@@ -356,6 +356,7 @@ function envoy_on_response(handle)
   end
   if m.budget ~= nil then
     if not budget_spend(budget_of(m.latency_key, m.budget, now), m.budget, now, false) then
+      dmd:set(NS, "refused", 1)  -- riprap.lua counts it for /state and /metrics
       return  -- the budget is spent: this answer is the call's
     end
     dmd:set(NS, "spent", n + 1)
