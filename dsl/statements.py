@@ -188,8 +188,9 @@ _BREAKER_COMMON = (
 )
 _BREAKER_ENVOY = Envoy(
     "approximate",
-    "the Lua filter's breaker counts every attempt but is asked once per call: attempts after the "
-    "one that opens it still go out (the python engine refuses them); each Envoy worker keeps its own",
+    "the Lua filter's breaker judges each attempt by the breaker as its call found it plus the call's "
+    "own attempts (other calls' outcomes meanwhile count from the next call); `slow` is judged on a "
+    "call's last attempt; each Envoy worker keeps its own",
 )
 _ENDPOINT_RESOLVE = _o(
     "resolve",

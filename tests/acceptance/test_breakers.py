@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['brk', 'brkprobe', 'brk4xx', 'brkfb', 'frbrk', 'slowbrk', 'shbrk', 'brkreopen', 'brkk2', 'brkhalf', 'brkdead', 'brkto', 'brkcap', 'brkretry', 'brkretrycf']
+SERVICES = ['brk', 'brkprobe', 'brk4xx', 'brkfb', 'frbrk', 'slowbrk', 'shbrk', 'brkreopen', 'brkk2', 'brkhalf', 'brkdead', 'brkto', 'brkcap', 'brkretry', 'brkretrycf', 'brkmid']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -116,6 +116,12 @@ service brkretrycf {{
     retry 2 on connect-failure backoff 1ms
     breaker failures 3 open 30s
     endpoint {DEAD}
+}}
+
+service brkmid {{
+    retry 3 on 503 backoff 1ms
+    breaker failures 2 open 30s
+    endpoint {A}
 }}
 
 service brkcap {{
@@ -308,3 +314,17 @@ def test_each_failed_attempt_counts(env: dict[str, Any]) -> None:
     assert r.status_code == 502 and reason(r) == "upstream-failed"  # three refused attempts
     r = sc.get(f"/brkretrycf/x/{uid()}")
     assert r.status_code == 503 and reason(r) == "breaker-open"
+
+
+def test_breaker_opened_by_a_call_refuses_its_next_attempt(env: dict[str, Any]) -> None:
+    """Section 4: the breaker opens after N consecutive failures, and an open breaker fails
+    fast: a call whose own retries open it sends no further attempt."""
+    sc, A = env["sc"], env["A"]
+    i = uid()
+    r = sc.get(f"/brkmid/s/503/{i}")
+    assert len(A.hits(i)) == 2, len(A.hits(i))  # two failures opened it: no third attempt
+    assert r.status_code == 503 and reason(r) == "breaker-open", (r.status_code, reason(r))
+    assert attempts(r) == 2  # exactly as many as the upstream was sent
+    i = uid()
+    r = sc.get(f"/brkmid/x/{i}")
+    assert r.status_code == 503 and reason(r) == "breaker-open" and A.hits(i) == []

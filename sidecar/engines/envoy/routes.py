@@ -298,8 +298,10 @@ class RouteBuilder:
             meta["breaker"] = breaker_meta(unit.spec.breaker)
             meta["breaker_key"] = unit.cluster
             self.sink.add(unit.service.name, "breaker",
-                          "every attempt counts, but the breaker is asked once per call: the attempts after "
-                          "the one that opens it still go out; each Envoy worker keeps its own breaker")
+                          "each attempt counts and is let through or refused by the breaker as its call found "
+                          "it plus the call's own attempts (other calls' outcomes meanwhile are seen by the "
+                          "next call); `slow` is judged on a call's last attempt; each Envoy worker keeps "
+                          "its own breaker")
         if shard_meta is not None:
             meta["shard"] = shard_meta
         if unit.spec.retry is not None or unit.spec.hedge is not None:

@@ -191,6 +191,20 @@ local function b_record(b, spec, now, ok, duration)
   end
 end
 
+-- The breaker as a call found it, for lua/riprap_upstream.lua, which asks it again before
+-- each further attempt of the call: "STATE|CONSECUTIVE|WINDOW" (the window oldest first,
+-- F a failure, S a success).
+local function b_snapshot(b, spec)
+  local ring = {}
+  if spec["kind"] == "rate" then
+    local window = spec["window"]
+    for k = 0, b.ring_n - 1 do
+      ring[#ring + 1] = b.ring[(b.ring_i - b.ring_n + k) % window] and "F" or "S"
+    end
+  end
+  return b.state .. "|" .. b.consecutive .. "|" .. table.concat(ring)
+end
+
 local function b_state(b, now)
   if b.state == "open" and now >= b.open_until then return "half-open" end
   return b.state
@@ -701,6 +715,7 @@ function envoy_on_request(handle)
       return
     end
     if capped then stash(handle, "capped", true) end
+    if md.resend then stash(handle, "breaker", b_snapshot(b, bspec)) end  -- for each attempt's check
     if bspec["slow_ms"] == nil and hspec == nil then now = nil end
   end
   if now ~= nil then stash(handle, "start", now) end  -- only what the answer needs: timing
@@ -812,10 +827,12 @@ function envoy_on_response(handle)
     local b = breakers[md.breaker_key]
     -- overloaded is decided before the breaker; a call cut by its caller's shorter
     -- deadline is not the upstream's failure
-    if b ~= nil and not NOT_UPSTREAM[reason or ""] then
+    local tries = md.resend and b ~= nil and handle:streamInfo():dynamicMetadata():get("riprap.tries") or nil
+    -- an attempt the breaker refused once earlier attempts of the call had opened it
+    local refused = tries ~= nil and reason == "breaker-open" and tries["refused"] == true
+    if b ~= nil and (refused or not NOT_UPSTREAM[reason or ""]) then
       -- the attempts before the last, as lua/riprap_upstream.lua saw them ("F" failed, "S"
       -- answered below 500): the breaker counts attempts, as policies/breaker.py does
-      local tries = md.resend and handle:streamInfo():dynamicMetadata():get("riprap.tries") or nil
       if tries ~= nil then
         local outcomes = tries["outcomes"] or ""
         local last_answered = reason == nil or tries["rewrote"] == true
@@ -825,7 +842,11 @@ function envoy_on_response(handle)
           b_record(b, bspec, now, string.sub(outcomes, k, k) == "S", 0)
         end
       end
-      if reason == "timeout" and dm["capped"] then
+      if refused then
+        -- the refused attempt never went out: it is not one of the call's attempts
+        attempts = tostring(math.max(0, (tonumber(attempts) or 1) - 1))
+        headers:replace("x-riprap-attempts", attempts)
+      elseif reason == "timeout" and dm["capped"] then
         -- cut by its caller's shorter deadline: not the upstream's failure
       elseif dm == nil and b.state == "closed" and bspec["kind"] ~= "rate" and status < 500 then
         b.consecutive = 0  -- b_record's own answer here, without a clock read (the common call)

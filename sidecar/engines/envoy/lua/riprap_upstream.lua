@@ -73,6 +73,12 @@ local function tries_meta(handle)
       m.hedge = t["hedge"] == true
       m.latency_key = t["latency_key"] or ""
       m.waits = t["waits"] == true
+      local bs = md:get("breaker")
+      if bs ~= nil then
+        m.breaker = {kind = bs["kind"], failures = num(bs["failures"]) or 1, rate = num(bs["rate"]) or 1,
+                     window = num(bs["window"]) or 1, min_calls = num(bs["min_calls"]) or 1,
+                     probes = num(bs["probes"]) or 1}
+      end
       local bu = t["budget"]
       if bu ~= nil then
         m.budget = {ratio = num(bu["ratio"]) or 0, floor = num(bu["floor"]) or 0,
@@ -264,6 +270,34 @@ local function answer_timeout(handle)
   if body ~= nil then body:setBytes(text) end
 end
 
+-- Would the breaker (riprap.lua's, as the call found it: `snapshot`) be open after this
+-- call's attempts so far (`outcomes`)? As policies/breaker.py records each attempt.
+local function breaker_opened(spec, snapshot, outcomes)
+  local state, consecutive, ring = string.match(snapshot or "", "^([%a-]+)|(%d+)|([FS]*)$")
+  if state == nil or state == "open" then return false end
+  consecutive = tonumber(consecutive)
+  local ok_probes = 0
+  for k = 1, #outcomes do
+    local ok = string.sub(outcomes, k, k) == "S"
+    if state == "half-open" then
+      if not ok then return true end  -- a failed probe opens it again
+      ok_probes = ok_probes + 1
+      if ok_probes >= spec.probes then state, consecutive, ring = "closed", 0, "" end
+    elseif spec.kind == "rate" then
+      ring = string.sub(ring .. (ok and "S" or "F"), -spec.window)
+      local _, failures = string.gsub(ring, "F", "")
+      local min_calls = math.max(1, math.min(spec.min_calls, spec.window))
+      if failures > 0 and #ring >= min_calls and failures >= spec.rate * #ring - 1e-9 then return true end
+    elseif ok then
+      consecutive = 0
+    else
+      consecutive = consecutive + 1
+      if consecutive >= spec.failures then return true end
+    end
+  end
+  return false
+end
+
 function envoy_on_request(handle)
   local m = tries_meta(handle)
   if m == nil then return end
@@ -286,6 +320,17 @@ function envoy_on_request(handle)
     -- the attempt before this one had no answer (connect failure, reset, per-try timeout)
     dmd:set(NS, "outcomes", (st["outcomes"] or "") .. "F")
     dmd:set(NS, "answers", n - 1)
+  end
+  if n > 1 and m.breaker ~= nil then
+    local outcomes = dmd:get(NS) or {}
+    if breaker_opened(m.breaker, call["breaker"], outcomes["outcomes"] or "") then
+      -- the call's own attempts opened the breaker: this one fails fast, as riprap's does
+      dmd:set(NS, "refused", true)
+      handle:respond({[":status"] = "503", ["content-type"] = "application/json",
+                      ["x-riprap-reason"] = "breaker-open"},
+                     '{"error": "breaker open", "reason": "breaker-open"}')
+      return
+    end
   end
   if n > 1 and m.hedge and inflight > 0 then  -- a hedge copy: riprap.lua counts them
     dmd:set(NS, "hedges", (num(st["hedges"]) or 0) + 1)
