@@ -52,6 +52,16 @@ FAST_PATHS: dict[str, bool] = {}
 # -- the response protocol ---------------------------------------------------------------
 
 
+def _through_final(messages: Any) -> list[Any]:
+    """The messages up to and including the first final (not 1xx) answer."""
+    kept = []
+    for item in messages:
+        kept.append(item)
+        if item[0].code >= 200:
+            break
+    return kept
+
+
 class _SalvagingParser:
     """Wraps aiohttp's response parser: notes when the final answer's head arrived (for
     `RipRapProtocol`'s idle check), and survives a body sent after a 204, a 304 or a HEAD
@@ -74,6 +84,7 @@ class _SalvagingParser:
 
     def feed_data(self, data: bytes) -> Any:
         seen = self._seen
+        answered = self._handler._riprap_final is not None  # this request's answer head came
         try:
             result = self._parser.feed_data(data)
         except Exception:
@@ -82,6 +93,15 @@ class _SalvagingParser:
                 raise
             return salvaged
         messages = result[0]
+        if messages and (answered or len(messages) > 1):
+            # riprap never pipelines: a message after the final answer (its body's last bytes
+            # and the next head in one read) is an answer to nothing. Dropped, and the
+            # connection is not reused.
+            kept = [] if answered else _through_final(messages)
+            if len(kept) < len(messages):
+                self._handler._should_close = True
+                messages = kept
+                result = (kept, *result[1:])
         if seen is not None:
             self._seen = None if messages else (seen + data)[-self._KEEP:]
         if messages:

@@ -24,6 +24,7 @@ tests can share one upstream and one sidecar:
     /drip/COUNT/SECS/...   a chunked answer of COUNT chunks, one every SECS
     /size/...              echo without the body (its size only)
     /bighead/N/...         200 with an answer head of about N bytes (one long header)
+    /extra/...             echo, then an unasked-for second answer on the same connection
     /manyheaders/N/...     200 with N extra headers
     anything else          200 echo: JSON {upstream, method, path, headers, body}
 """
@@ -169,6 +170,14 @@ class Upstream:
                     doc = {"upstream": up.name, "path": rec["path"], "headers": rec["headers"]}
                     self._send(200, json.dumps(doc).encode(), "application/json",
                                [(k, v) for k, v in extra])
+                    return
+                elif kind == "extra":  # an answer, then bytes nobody asked for
+                    self._send(200, f"{up.name} real".encode(), "text/plain")
+                    bogus = b"bogus answer"
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                                     b"X-Upstream: BOGUS\r\nContent-Length: %d\r\n\r\n%s"
+                                     % (len(bogus), bogus))
+                    self.wfile.flush()
                     return
                 elif kind in ("bighead", "manyheaders"):
                     n = int(parts[2])

@@ -627,3 +627,18 @@ def test_malformed_request_is_400_bad_request(env: dict[str, Any]) -> None:
         assert _status(out) == 400, out[:200]
         assert b"x-riprap-reason: bad-request" in out.lower(), out[:300]
     assert env["A"].hits(i) == []
+
+
+def test_unasked_bytes_from_a_pooled_upstream_connection_are_never_an_answer(env: dict[str, Any]) -> None:
+    # contract §9: "A pooled upstream connection that sends bytes nobody asked for is closed,
+    # never read as the next caller's answer"
+    sc, A = env["sc"], env["A"]
+    for _ in range(3):
+        i = uid()
+        r = sc.get(f"/resetter/extra/{i}")
+        assert r.status_code == 200 and r.text == "A real"
+        time.sleep(0.05)  # the unasked-for answer has arrived on the pooled connection
+        j = uid()
+        r = sc.get(f"/resetter/x/{j}")
+        assert r.status_code == 200 and r.headers.get("x-upstream") == "A", r.text
+        assert r.json()["path"] == f"/x/{j}" and len(A.hits(j)) == 1

@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['headhc', 'sick', 'tiers', 'tiersok', 'sharded', 'shardnodef', 'ejecting', 'pathshard', 'qshard', 'cshard', 'shardpol', 'tiers2', 'expect', 'outmax', 'rise', 'wlr', 'rnd', 'weighted', 'fall3', 'hcslow', 'ejtwice']
+SERVICES = ['headhc', 'sick', 'tiers', 'tiersok', 'sharded', 'shardnodef', 'ejecting', 'pathshard', 'qshard', 'cshard', 'shardpol', 'tiers2', 'expect', 'outmax', 'rise', 'wlr', 'rnd', 'weighted', 'fall3', 'hcslow', 'ejtwice', 'tierej']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -180,6 +180,12 @@ service hcslow {{
     health GET /sleep/0.6/hcslow every 100ms timeout 200ms fall 1 rise 1
     fallback status 200 text "hcslow-fallback"
     endpoint {A}
+}}
+
+service tierej {{
+    outlier failures 1 eject 30s
+    endpoint {DEAD}
+    failover {B}
 }}
 
 service ejtwice {{
@@ -419,3 +425,14 @@ def test_outlier_ejection_lasts_d_times_the_ejections(env: dict[str, Any]) -> No
     first, second = failures[1] - failures[0], failures[2] - failures[1]
     assert 0.5 <= first <= 1.1, (first, second)  # ejected 600ms
     assert 1.1 <= second <= 2.0 and second > first + 0.3, (first, second)  # then 1.2s
+
+
+def test_failover_tier_used_when_primaries_are_ejected(env: dict[str, Any]) -> None:
+    # contract §5 failover: "a tier is used only when every endpoint of the tiers before it
+    # is unhealthy, ejected or broken" (here: ejected by outlier detection, no health checks)
+    sc = env["sc"]
+    r = sc.get(f"/tierej/x/{uid()}")
+    assert r.status_code in (200, 502), r.status_code  # the dead primary: failed, then ejected
+    for _ in range(4):
+        r = sc.get(f"/tierej/x/{uid()}")
+        assert r.status_code == 200 and r.headers["x-upstream"] == "B", r.status_code
