@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 # the services of this file's policy (the admin listener names each one)
-SERVICES = ['echo', 'slow', 'roomy', 'rashort', 'tight', 'median', 'medianfb', 'hedgeto', 'dlbrk']
+SERVICES = ['echo', 'slow', 'roomy', 'rashort', 'tight', 'median', 'medianfb', 'hedgeto', 'dlbrk', 'medpt']
 
 
 def policy(A: str, B: str, C: str, DEAD: str, listen: int, admin: int) -> str:
@@ -72,6 +72,12 @@ service medianfb {{
     timeout 600ms
     retry 3 on 503 backoff 1ms
     fallback status 200 text "median-fallback"
+    endpoint {A}
+}}
+
+service medpt {{
+    timeout 1s
+    retry 3 on timeout per-try 400ms backoff 1ms
     endpoint {A}
 }}
 
@@ -226,3 +232,15 @@ def test_call_cut_by_callers_deadline_is_no_breaker_failure(env: dict[str, Any])
     assert sc.get(f"/dlbrk/s/500/{uid()}").status_code == 500  # a real failure does count
     r = sc.get(f"/dlbrk/x/{uid()}")
     assert r.status_code == 503 and reason(r) == "breaker-open"
+
+
+def test_retry_after_a_per_try_timeout_skipped_below_median(env: dict[str, Any]) -> None:
+    """Section 4: a retry is not started when the time left is shorter than the observed
+    median latency, whatever failed (here a per-try timeout): 504 at once."""
+    sc, A = env["sc"], env["A"]
+    assert sc.get(f"/medpt/sleep/0.3/{uid()}").status_code == 200  # the median: ~300ms
+    i = uid()
+    r = sc.get(f"/medpt/sleep/2/{i}")
+    # attempt 1 is cut at 400ms (600ms left: retry), attempt 2 at 800ms (200ms < 300ms)
+    assert r.status_code == 504 and reason(r) == "timeout"
+    assert len(A.hits(i)) == 2 and attempts(r) == 2, (len(A.hits(i)), attempts(r))

@@ -800,6 +800,14 @@ function envoy_on_response(handle)
   local fallbacks = md.fallbacks
   local bspec = md.breaker
   local hspec = md.hedge
+  local tries = md.resend and handle:streamInfo():dynamicMetadata():get("riprap.tries") or nil
+  -- an attempt lua/riprap_upstream.lua refused (breaker opened by the call's own attempts,
+  -- too little time left): it never went out, so it is not one of the call's attempts
+  local unsent = tries ~= nil and tries["unsent"] == true
+  if unsent then
+    attempts = tostring(math.max(0, (tonumber(attempts) or 1) - 1))
+    headers:replace("x-riprap-attempts", attempts)
+  end
   if md.budgeted then
     local tries = handle:streamInfo():dynamicMetadata():get("riprap.tries")
     if tries ~= nil and tries["refused"] ~= nil then refused[service] = (refused[service] or 0) + 1 end
@@ -827,10 +835,7 @@ function envoy_on_response(handle)
     local b = breakers[md.breaker_key]
     -- overloaded is decided before the breaker; a call cut by its caller's shorter
     -- deadline is not the upstream's failure
-    local tries = md.resend and b ~= nil and handle:streamInfo():dynamicMetadata():get("riprap.tries") or nil
-    -- an attempt the breaker refused once earlier attempts of the call had opened it
-    local refused = tries ~= nil and reason == "breaker-open" and tries["refused"] == true
-    if b ~= nil and (refused or not NOT_UPSTREAM[reason or ""]) then
+    if b ~= nil and (unsent or not NOT_UPSTREAM[reason or ""]) then
       -- the attempts before the last, as lua/riprap_upstream.lua saw them ("F" failed, "S"
       -- answered below 500): the breaker counts attempts, as policies/breaker.py does
       if tries ~= nil then
@@ -842,10 +847,8 @@ function envoy_on_response(handle)
           b_record(b, bspec, now, string.sub(outcomes, k, k) == "S", 0)
         end
       end
-      if refused then
-        -- the refused attempt never went out: it is not one of the call's attempts
-        attempts = tostring(math.max(0, (tonumber(attempts) or 1) - 1))
-        headers:replace("x-riprap-attempts", attempts)
+      if unsent then
+        -- the last attempt never went out: nothing more to count
       elseif reason == "timeout" and dm["capped"] then
         -- cut by its caller's shorter deadline: not the upstream's failure
       elseif dm == nil and b.state == "closed" and bspec["kind"] ~= "rate" and status < 500 then

@@ -325,7 +325,7 @@ function envoy_on_request(handle)
     local outcomes = dmd:get(NS) or {}
     if breaker_opened(m.breaker, call["breaker"], outcomes["outcomes"] or "") then
       -- the call's own attempts opened the breaker: this one fails fast, as riprap's does
-      dmd:set(NS, "refused", true)
+      dmd:set(NS, "unsent", true)  -- riprap.lua: not one of the call's attempts
       handle:respond({[":status"] = "503", ["content-type"] = "application/json",
                       ["x-riprap-reason"] = "breaker-open"},
                      '{"error": "breaker open", "reason": "breaker-open"}')
@@ -334,11 +334,20 @@ function envoy_on_request(handle)
   end
   if n > 1 and m.hedge and inflight > 0 then  -- a hedge copy: riprap.lua counts them
     dmd:set(NS, "hedges", (num(st["hedges"]) or 0) + 1)
-  elseif n > 1 and m.waits then  -- a retry (a hedge copy goes at once)
+  elseif n > 1 then  -- a retry (a hedge copy goes at once)
     local wait = num(st["wait_ms"]) or -1
-    if wait < 0 then wait = backoff_ms(m.backoff, n - 1, num(st["prev_ms"])) end  -- no answer came
+    if wait < 0 then  -- no answer came (its answer's wait and deadline were decided then)
+      wait = m.waits and backoff_ms(m.backoff, n - 1, num(st["prev_ms"])) or 0
+      if deadline ~= nil and not fits(deadline - handle:timestamp(), wait, median(window_of(m.latency_key))) then
+        -- too little time left for a typical attempt: 504 at once (policies/stages/retry.py)
+        dmd:set(NS, "unsent", true)
+        handle:respond({[":status"] = "504", ["content-type"] = "application/json", ["x-riprap-reason"] = "timeout"},
+                       '{"error": "too little time left for a retry", "reason": "timeout"}')
+        return
+      end
+    end
     if deadline ~= nil then wait = math.min(wait, deadline - handle:timestamp()) end
-    if wait >= 1 then
+    if m.waits and wait >= 1 then
       sleep(handle, wait)
       dmd = handle:streamInfo():dynamicMetadata()  -- what was read before the wait is out of scope
       dmd:set(NS, "prev_ms", wait)
