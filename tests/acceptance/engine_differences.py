@@ -32,6 +32,11 @@ ENVOY_DIFFERENCES: dict[str, Difference] = {
         "upstream filter would make)",
         "with a per-try time or a hedge, Envoy waits between attempts itself: a fully jittered "
         "backoff, and a Retry-After rounded up to whole seconds (plus up to half of it)"),
+    "limit-reload-refills": Difference(
+        "a reload that changes any service's local limit starts every local bucket full again "
+        "(Envoy's local rate limit filter is configured as one whole)",
+        "a reload that changes any service's local limit starts every local bucket full again "
+        "(Envoy's local rate limit filter is configured as one whole); other reloads keep them"),
 }
 
 

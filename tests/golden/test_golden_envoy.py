@@ -14,7 +14,15 @@ import httpx
 import pytest
 import yaml
 
-from sidecar.engines.envoy.config import CDS_FILE, ECDS_FILE, LDS_FILE, RDS_FILE, to_yaml, validation_bootstrap
+from sidecar.engines.envoy.config import (
+    CDS_FILE,
+    ECDS_FILE,
+    LDS_FILE,
+    RDS_FILE,
+    UPSTREAM_ECDS_FILE,
+    to_yaml,
+    validation_bootstrap,
+)
 from riprap_testing.faults import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar" / "engines"))
@@ -74,7 +82,7 @@ def _stats(admin: httpx.Client) -> dict[str, int]:
 def test_envoy_loads_golden_without_rejection(example: Path, tmp_path: Path) -> None:
     golden = regen.golden_dir(example)
     listen, admin_port = free_port(), free_port()
-    for name in ("envoy.yaml", LDS_FILE, RDS_FILE, CDS_FILE, ECDS_FILE):
+    for name in ("envoy.yaml", LDS_FILE, RDS_FILE, CDS_FILE, ECDS_FILE, UPSTREAM_ECDS_FILE):
         text = (golden / name).read_text()
         data = yaml.safe_load(text)
         if name == "envoy.yaml":

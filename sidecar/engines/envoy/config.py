@@ -35,6 +35,7 @@ LDS_FILE = "lds.yaml"
 RDS_FILE = "rds.yaml"
 CDS_FILE = "cds.yaml"
 ECDS_FILE = "ecds.yaml"  # the local rate limit filter's configuration (extension config discovery)
+UPSTREAM_ECDS_FILE = "ecds-upstream.yaml"  # the upstream Lua filter's (the same way)
 EXTENSION_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 BOOTSTRAP_FILE = "envoy.yaml"
@@ -72,8 +73,8 @@ def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: boo
     """
     from sidecar.engines.envoy import tracing as otel
     from sidecar.engines.envoy.clusters import build_clusters
-    from sidecar.engines.envoy.listeners import build_listener, limit_filter_config
-    from sidecar.engines.envoy.routes import LOCAL_RATELIMIT
+    from sidecar.engines.envoy.listeners import build_listener, limit_filter_config, upstream_filter_config
+    from sidecar.engines.envoy.routes import LOCAL_RATELIMIT, LUA
     from sidecar.engines.envoy.routes import build_route_config
 
     sink = NoteSink()
@@ -84,9 +85,11 @@ def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: boo
     rds = {"route_config_name": route_config["name"], "config_source": _source(dynamic_dir / RDS_FILE)}
     listener = build_listener(plan, ports.listen_host, ports.listen_port, rds, sink,
                               chaos=chaos, shared_ok=shared_ok,
-                              limit_source=_source(dynamic_dir / ECDS_FILE))
+                              limit_source=_source(dynamic_dir / ECDS_FILE),
+                              upstream_source=_source(dynamic_dir / UPSTREAM_ECDS_FILE))
     limits = [{"@type": EXTENSION_TYPE, "name": LOCAL_RATELIMIT,
                "typed_config": limit_filter_config(plan, shared_ok, sink)}]
+    upstream = [{"@type": EXTENSION_TYPE, "name": LUA, "typed_config": upstream_filter_config(plan)}]
     traced = otel.tracing_from_env(plan.app, environ, sink) if environ is not None else None
     if traced is not None:
         clusters.append(otel.collector_cluster(traced))
@@ -98,6 +101,7 @@ def build_config(plan: Plan, ports: EnvoyPorts, *, dynamic_dir: Path, chaos: boo
     routes = [{"@type": ROUTE_TYPE, **route_config}]
     resources[RDS_FILE] = {"version_info": _version(routes), "resources": routes}
     resources[ECDS_FILE] = {"version_info": _version(limits), "resources": limits}
+    resources[UPSTREAM_ECDS_FILE] = {"version_info": _version(upstream), "resources": upstream}
     resources[LDS_FILE] = {"version_info": _version([listener]), "resources": [listener]}
     boot = bootstrap(plan, ports, dynamic_dir)
     if traced is not None:
@@ -153,6 +157,10 @@ def inline_discovered_filters(hcm: dict[str, Any], extensions: Mapping[str, dict
         if "config_discovery" in f and f["name"] in extensions:
             del f["config_discovery"]
             f["typed_config"] = copy.deepcopy(extensions[f["name"]])
+        for u in f.get("typed_config", {}).get("upstream_http_filters", ()):  # the router's
+            if "config_discovery" in u and u["name"] in extensions:
+                del u["config_discovery"]
+                u["typed_config"] = copy.deepcopy(extensions[u["name"]])
 
 
 def validation_bootstrap(config: EnvoyConfig) -> dict[str, Any]:
@@ -164,8 +172,8 @@ def validation_bootstrap(config: EnvoyConfig) -> dict[str, Any]:
     """
     boot = {k: v for k, v in config.bootstrap.items() if k != "dynamic_resources"}
     routes = {r["name"]: _untyped(r) for r in config.resources[RDS_FILE]["resources"]}
-    extensions = {r["name"]: r["typed_config"]
-                  for r in config.resources.get(ECDS_FILE, {}).get("resources", ())}
+    extensions = {r["name"]: r["typed_config"] for name in (ECDS_FILE, UPSTREAM_ECDS_FILE)
+                  for r in config.resources.get(name, {}).get("resources", ())}
     listeners = []
     for resource in config.resources[LDS_FILE]["resources"]:
         listener = copy.deepcopy(_untyped(resource))
@@ -286,7 +294,7 @@ def write_config(config: EnvoyConfig, out_dir: Path, *, dynamic_dir: Path | None
     _atomic_write(boot, header_comment(_watched(config), _traced_to(config)) + to_yaml(config.bootstrap))
     written.append(boot)
     # secrets, clusters, limits, routes, then the listener: nothing names what Envoy lacks yet
-    rank = {CDS_FILE: 1, ECDS_FILE: 2, RDS_FILE: 3, LDS_FILE: 4}
+    rank = {CDS_FILE: 1, ECDS_FILE: 2, UPSTREAM_ECDS_FILE: 2, RDS_FILE: 3, LDS_FILE: 4}
     order = sorted(config.resources, key=lambda n: (rank.get(n, 0), n))
     for name in order:
         path = dyn / name
@@ -299,6 +307,7 @@ __all__ = [
     "BOOTSTRAP_FILE",
     "CDS_FILE",
     "ECDS_FILE",
+    "UPSTREAM_ECDS_FILE",
     "LDS_FILE",
     "RDS_FILE",
     "EngineNote",

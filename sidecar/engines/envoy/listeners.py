@@ -35,16 +35,32 @@ def upstream_lua_source() -> str:
     return (pkg / "riprap_upstream.lua").read_text(encoding="utf-8")
 
 
-def _router(plan: Plan) -> dict[str, Any]:
-    """The router; with retries or hedges, the upstream Lua filter on each attempt."""
+LUA_TYPE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+CODEC = {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}}
+
+
+def upstream_filter_config(plan: Plan) -> dict[str, Any]:
+    """The upstream Lua filter's configuration, as its own resource (`ecds-upstream.yaml`):
+    riprap_upstream.lua when a service resends calls, else a script that does nothing."""
+    source = upstream_lua_source() if resends(plan) else "-- riprap: no service of the plan resends a call\n"
+    return {"@type": LUA_TYPE, "default_source_code": {"inline_string": source}}
+
+
+def _router(plan: Plan, upstream_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The router; with retries or hedges, the upstream Lua filter on each attempt. With
+    `upstream_source` (a ConfigSource) that filter is always there, configured from it, so
+    that the first service that resends a call does not change the listener."""
     router: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-    if resends(plan):
+    if upstream_source is not None:
         router["upstream_http_filters"] = [
-            {"name": LUA, "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                "default_source_code": {"inline_string": upstream_lua_source()}}},
-            {"name": "envoy.filters.http.upstream_codec", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
+            {"name": LUA, "config_discovery": {"config_source": upstream_source, "type_urls": [LUA_TYPE]}},
+            CODEC,
+        ]
+    elif resends(plan):
+        router["upstream_http_filters"] = [
+            {"name": LUA, "typed_config": upstream_filter_config(plan)},
+            CODEC,
         ]
     return {"name": "envoy.filters.http.router", "typed_config": router}
 
@@ -235,7 +251,8 @@ def _global_ratelimit(plan: Plan) -> dict[str, Any]:
 
 
 def http_filters(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool,
-                 limit_source: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                 limit_source: dict[str, Any] | None = None,
+                 upstream_source: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The listener's HTTP filters. With `limit_source` (a ConfigSource), the local rate
     limit filter is always there and takes its configuration from that source (extension
     config discovery), so that a change of limits leaves the listener as it is: its
@@ -262,21 +279,23 @@ def http_filters(plan: Plan, sink: NoteSink, *, chaos: bool, shared_ok: bool,
             if u.spec.limit is not None and u.spec.limit.shared:
                 sink.add(u.service.name, "limit shared",
                          "if riprap's rate limit service does not answer in 50 ms the call is let through")
-    if chaos and any(u.spec.chaos for u in units):
+    stable = upstream_source is not None  # the same filters whatever the plan (run mode)
+    if chaos and (stable or any(u.spec.chaos for u in units)):
         filters.append({"name": FAULT, "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}})
-    if resends(plan):
+    if stable or resends(plan):
         # holds the upstream Lua filter's `/sleep` requests (routes.py SLEEP_ROUTE) for as
         # long as they ask: how it waits between attempts; no other route enables it
         filters.append({"name": DELAY, "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}})
-    filters.append(_router(plan))
+    filters.append(_router(plan, upstream_source))
     return filters
 
 
 def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: NoteSink,
                    *, chaos: bool, shared_ok: bool,
-                   limit_source: dict[str, Any] | None = None) -> dict[str, Any]:
+                   limit_source: dict[str, Any] | None = None,
+                   upstream_source: dict[str, Any] | None = None) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "@type": HCM,
         "stat_prefix": "riprap",
@@ -285,7 +304,7 @@ def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: 
         # leaves the listener (its connections and the Lua filter's state) as it is
         "rds": rds,
         "http_filters": http_filters(plan, sink, chaos=chaos, shared_ok=shared_ok,
-                                     limit_source=limit_source),
+                                     limit_source=limit_source, upstream_source=upstream_source),
         "strip_any_host_port": True,  # Host routing ignores the port
         "max_request_headers_kb": 64,  # a bigger head gets 431
         "common_http_protocol_options": {"idle_timeout": "5s", "max_headers_count": 256},
@@ -315,4 +334,4 @@ def build_listener(plan: Plan, host: str, port: int, rds: dict[str, Any], sink: 
     }
 
 
-__all__ = ["build_listener", "limit_filter_config", "local_reply_config", "lua_source", "token_bucket"]
+__all__ = ["build_listener", "limit_filter_config", "upstream_filter_config", "local_reply_config", "lua_source", "token_bucket"]

@@ -250,7 +250,7 @@ class ConfigSwapper:
     async def _put(self, name: str, doc: dict[str, Any],
                    route_stats: dict[str, list[str]]) -> None:
         proc = self.process
-        watch = self._watch_stats(doc, route_stats)
+        watch = self._watch_stats(doc, route_stats, name)
         before = await self._read(watch) if proc is not None and proc.ready and watch else None
         _write_atomic(self.dynamic_dir / name, doc)
         self.current[name] = doc
@@ -258,14 +258,16 @@ class ConfigSwapper:
             return  # Envoy is down (or restarting): it reads the files when it starts
         await self._await_version(name, doc["version_info"], watch, before)
 
-    def _watch_stats(self, doc: dict[str, Any], route_stats: dict[str, list[str]]) -> list[str]:
+    def _watch_stats(self, doc: dict[str, Any], route_stats: dict[str, list[str]],
+                     name: str = "") -> list[str]:
         kind = kind_of(doc)
         if kind == "cluster":
             return ["cluster_manager.cds"]
         if kind == "listener":
             return ["listener_manager.lds"]
         if kind == "extension":  # an HTTP filter's configuration (extension config discovery)
-            return [f"extension_config_discovery.http_filter.{r.get('name', '')}" for r in doc["resources"]]
+            where = "upstream_http_filter" if "upstream" in name else "http_filter"  # the router's
+            return [f"extension_config_discovery.{where}.{r.get('name', '')}" for r in doc["resources"]]
         if kind == "route":
             out = []
             for r in doc["resources"]:

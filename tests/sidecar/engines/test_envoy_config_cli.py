@@ -21,7 +21,7 @@ def test_compile_target_envoy_writes_a_runnable_folder(tmp_path: Path, capsys: o
     out = tmp_path / "envoy-config"
     assert main(["compile", str(EXAMPLE), "--target", "envoy", "-o", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["cds.yaml", "ecds.yaml", "envoy.yaml", "lds.yaml", "rds.yaml"]
+    assert names == ["cds.yaml", "ecds-upstream.yaml", "ecds.yaml", "envoy.yaml", "lds.yaml", "rds.yaml"]
     text = (out / "envoy.yaml").read_text()
     assert text.startswith("# Envoy configuration compiled by riprap")
     assert "envoy -c envoy.yaml" in text

@@ -134,13 +134,13 @@ def test_write_config_is_atomic_and_ordered(tmp_path: Path) -> None:
     svc = ServicePlan(name="pay", endpoints=(EndpointSpec("http://127.0.0.1:1/base"),))
     config = build_config(Plan(app="t", services={"pay": svc}), PORTS, dynamic_dir=tmp_path / "dyn", chaos=False)
     paths = write_config(config, tmp_path / "out", dynamic_dir=tmp_path / "dyn")
-    assert [p.name for p in paths] == ["envoy.yaml", "cds.yaml", "ecds.yaml", "rds.yaml", "lds.yaml"]
+    assert [p.name for p in paths] == ["envoy.yaml", "cds.yaml", "ecds-upstream.yaml", "ecds.yaml", "rds.yaml", "lds.yaml"]
     assert paths[0].parent == tmp_path / "out" and paths[1].parent == tmp_path / "dyn"
-    assert sorted(p.name for p in (tmp_path / "dyn").iterdir()) == ["cds.yaml", "ecds.yaml", "lds.yaml", "rds.yaml"]
+    assert sorted(p.name for p in (tmp_path / "dyn").iterdir()) == ["cds.yaml", "ecds-upstream.yaml", "ecds.yaml", "lds.yaml", "rds.yaml"]
     boot = yaml.safe_load(paths[0].read_text())
     assert boot["dynamic_resources"]["cds_config"]["path_config_source"]["watched_directory"] == {
         "path": str(tmp_path / "dyn")}
-    route = yaml.safe_load(paths[3].read_text())["resources"][0]["virtual_hosts"][0]["routes"][1]
+    route = yaml.safe_load(paths[4].read_text())["resources"][0]["virtual_hosts"][0]["routes"][1]
     assert route["route"]["prefix_rewrite"] == "/base/"  # the endpoint's own path prefix
     again = write_config(config, tmp_path / "out", dynamic_dir=tmp_path / "dyn")
     assert [p.read_text() for p in again] == [p.read_text() for p in paths]
