@@ -298,7 +298,9 @@ _TABLE: tuple[Statement, ...] = (
                     "approximate",
                     "Envoy's `reset` condition also covers a per-try timeout; with a `per-try` time or a "
                     "hedge, Envoy waits between attempts itself: a fully jittered backoff, and a Retry-After "
-                    "rounded up to whole seconds (plus up to half of it)",
+                    "rounded up to whole seconds (plus up to half of it); under `reset` or `timeout`, an "
+                    "answer head over 1 MiB or 4096 headers is retried like a reset (riprap: a 502, never "
+                    "retried)",
                 ),
             ),
         ),
