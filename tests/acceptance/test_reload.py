@@ -630,3 +630,28 @@ def test_state_carries_over_a_reload_that_adds_retries_and_limits(rel: dict[str,
         assert r.status_code == 200, ENVOY_DIFFERENCES["limit-reload-refills"].what
         r = sc.get(f"/lim/x/{uid()}")
     assert r.status_code == 429 and reason(r) == "rate-limited"
+
+
+def _reloads(sc: Sidecar) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(sc.admin.get("/metrics").text)
+               if "reload" in fam.name for s in fam.samples
+               if s.name.endswith("_total") and "result" in s.labels)
+
+
+def test_sighup_reloads_and_plan_shows_when(rel: dict[str, Any]) -> None:
+    """Section 9: "SIGHUP reloads too" (even with nothing changed: the file is read again and
+    the reload counted); `/plan`'s `loaded_at` is when the running plan was put in force."""
+    sc, A = rel["sc"], rel["A"]
+    before = _reloads(sc)
+    sc.signal(signal.SIGHUP)
+    assert wait_for(lambda: _reloads(sc) > before, 3), "SIGHUP did not reload"
+    assert sc.proc is not None and sc.proc.poll() is None
+    doc = sc.admin.get("/plan").json()
+    extra = f"service hup {{\n    endpoint {A.url}\n}}\n"
+    save_by_rename(rel["policy"], RELOAD_BASE.format(extra=extra, **rel["fmt"]))
+    assert wait_for(lambda: sc.admin.get("/plan").json()["hash"] != doc["hash"], 3)
+    after = sc.admin.get("/plan").json()
+    assert after["loaded_at"] > doc["loaded_at"]  # ISO 8601 in UTC: ordered as text
+    assert sc.get(f"/hup/x/{uid()}").status_code == 200
