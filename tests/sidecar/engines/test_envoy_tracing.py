@@ -67,11 +67,13 @@ def test_envoy_spans_link_the_caller_the_attempts_and_the_upstreams(
     slow1.set(delay=0.3)
     slow2.set(delay=0.3)
     policy = module_tmp / "envoy-traced.riprap"
+    # a real backoff: the upstream Lua filter's wait (a request to Envoy's own listener)
+    # must make no span of its own
     policy.write_text(f"""\
 app tracedshop
 service pay {{
     timeout 5s
-    retry 2 on 503 backoff 1ms
+    retry 2 on 503 backoff 200ms jitter none
     balance round-robin
     endpoint {bad.url}
     endpoint {good.url}

@@ -253,7 +253,8 @@ local function sleep(handle, ms)
   if ms < 1 then return end
   pcall(handle.httpCall, handle, SELF,
         {[":method"] = "GET", [":path"] = "/sleep", [":authority"] = "_riprap",
-         ["x-envoy-fault-delay-request"] = tostring(ms)}, "", ms + 1000)
+         ["x-envoy-fault-delay-request"] = tostring(ms)}, "",
+        {timeout_ms = ms + 1000, trace_sampled = false})  -- a wait, not a call: no span
 end
 
 -- The answer becomes riprap's 504 `timeout`: too little time is left for another attempt.
