@@ -13,7 +13,9 @@ original, and Kubernetes swaps a ConfigMap by re-pointing the `..data` symlink: 
 cases the watched file's inode changes and a file watch would go deaf. Any event in those
 directories leads to a cheap fingerprint (the bytes of every watched file, read through
 symlinks); only a changed fingerprint triggers a reload, so unrelated files in the same
-directory cost a few reads and nothing else. SIGHUP reloads unconditionally.
+directory cost a few reads and nothing else; with no event for 0.5 s the fingerprint is
+taken anyway (a change that lands while the watcher restarts has no event of its own).
+SIGHUP reloads unconditionally.
 """
 
 from __future__ import annotations
@@ -266,9 +268,11 @@ class PlanHolder:
             try:
                 if fingerprint(self.watch_paths()) != self._fingerprint:
                     await self.reload("file change")  # changed while the watcher restarted
+                # every 0.5 s without events, the fingerprint is taken too: a change made
+                # while the watcher was restarting (no event seen) takes effect all the same
                 async for _changes in watchfiles.awatch(
                     *dirs, stop_event=self._stop_watch, debounce=400, step=25,
-                    recursive=False, rust_timeout=60_000, yield_on_timeout=False,
+                    recursive=False, rust_timeout=500, yield_on_timeout=True,
                 ):
                     for _ in range(3):  # again while files changed during the reload
                         if fingerprint(self.watch_paths()) == self._fingerprint:
