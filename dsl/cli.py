@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from dsl.diagnostics import Diagnostic, render_json, render_text, sort_key
+from dsl.diagnostics import Diagnostic, Span, render_json, render_text, sort_key
 from dsl.statements import ENGINES
 from dsl.units import CompiledUnit
 
@@ -263,13 +263,21 @@ def _compile_envoy(unit: CompiledUnit, output: str | None) -> int:
     except OSError as exc:
         print(f"riprap: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    for note in notes:  # where Envoy does the closest thing (docs/engines.md)
-        span = unit.service_spans.get(note.service)
-        at = f"{unit.path}:{span.line}:{span.col}" if span else unit.path
-        print(f"{at}: warning[envoy]: service {note.service}: {note.statement}: {note.differs}",
-              file=sys.stderr)
+    # where Envoy does the closest thing (docs/engines.md): diagnostics like any other (section
+    # 8: the source line and a caret), at the statement's line when the file has one
+    _emit([_envoy_note(unit, note.service, note.statement, note.differs) for note in notes],
+          [unit], "text", sys.stderr)
     print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0
+
+
+def _envoy_note(unit: CompiledUnit, service: str, statement: str, differs: str) -> Diagnostic:
+    """A `compile --target envoy` note as a located warning[envoy]."""
+    spans = unit.statement_spans.get(service, {})
+    words = statement.split()
+    span = next((spans[k] for k in (" ".join(words[:2]), words[0] if words else "") if k in spans), None)
+    span = span or unit.service_spans.get(service) or Span(unit.path, 1, 1)
+    return Diagnostic("envoy", "warning", span, f"service {service}: {statement}: {differs}")
 
 
 # ---- fmt ------------------------------------------------------------------------------
