@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--target", choices=("plan", "envoy"), default="plan",
                    help="plan: the JSON plan (default); envoy: Envoy configuration written into the folder -o")
     k.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
-    f = sub.add_parser("fmt", help="rewrite files in canonical form")
+    f = sub.add_parser("fmt", help="rewrite files (or directories of *.riprap) in canonical form")
     f.add_argument("files", nargs="+", metavar="FILE")
     f.add_argument("--check", action="store_true", help="only report; exit 1 when a file is not canonical")
     e = sub.add_parser("explain", help="each service's resolved policy in plain words")
@@ -287,7 +287,17 @@ def _fmt(args: argparse.Namespace) -> int:
     from dsl.fmt import format_file
 
     worst = 0
-    for path in args.files:
+    files: list[str] = []
+    for raw in args.files:  # a directory is its *.riprap files, as for `check` (and ruff, black)
+        if os.path.isdir(raw):
+            found, problems = expand_paths([raw])
+            for d in problems:
+                print(render_text(d), file=sys.stderr)
+                worst = 2
+            files += found
+        else:
+            files.append(raw)
+    for path in files:
         result = format_file(path)
         if result.diagnostics:
             sources = {path: result.original or ""}

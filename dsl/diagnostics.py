@@ -58,6 +58,8 @@ class Diagnostic:
         return Diagnostic(self.code, "error", self.span, self.message, self.hint)
 
     def to_dict(self) -> dict[str, object]:
+        """The JSON form. `path` and `column` repeat `file` and `col` under the names of the
+        text form (`PATH:LINE:COL`) and of mypy's JSON output, so either spelling works."""
         span = self.span
         return {
             "code": self.code,
@@ -67,6 +69,8 @@ class Diagnostic:
             "col": span.col if span else None,
             "message": self.message,
             "hint": self.hint,
+            "path": span.file if span else None,
+            "column": span.col if span else None,
         }
 
 

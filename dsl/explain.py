@@ -169,7 +169,9 @@ def policy_lines(p: ServicePlan | ShardPlan, store: str | None = None) -> dict[s
     chain = []
     for i, f in enumerate(p.fallbacks, 1):
         if f.kind == "static":
-            body = f.body or ""
+            # one line per statement: a body's own line breaks (a file's last newline) are
+            # shown as `\n`, the way a JSON string would
+            body = (f.body or "").replace("\r", "\\r").replace("\n", "\\n")
             shown = body if len(body) <= 60 else body[:57] + "..."
             src = f" from {f.file}" if f.file else ""
             chain.append(f"{i}. answer {f.status} {f.content_type}{src}: {shown}")

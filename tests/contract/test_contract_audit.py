@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contract_helpers import parse_diags, riprap
+from contract_helpers import parse_diags, riprap, write
 
 
 def test_s8_s11_compile_target_envoy_warnings_read_like_diagnostics(checkout_copy: Path, tmp_path: Path) -> None:
@@ -26,3 +26,45 @@ def test_s8_s11_compile_target_envoy_warnings_read_like_diagnostics(checkout_cop
         assert d.body[2].index("^") - d.body[2].index("|") - 2 == d.col - 1, d
     breaker = next(d for d in notes if d.msg.startswith("service inventory: breaker:"))
     assert lines[breaker.line - 1].strip().startswith("breaker failure-rate"), breaker
+
+
+def test_s8_explain_prints_each_statement_on_its_own_line(checkout_copy: Path) -> None:
+    """s8: `explain` gives "the resolved policy of each service in plain words". The contract's
+    example answers from a file that ends in a newline; that newline must not split the
+    fallback line (a `; 2. ...` line of its own, under no heading)."""
+    (checkout_copy.parent / "fallbacks" / "recommendations.json").write_text('{"items": []}\n', encoding="utf-8")
+    res = riprap("explain", checkout_copy, "recommendations")
+    assert res.rc == 0, res.err
+    for line in res.out.splitlines():
+        assert not line or line.startswith(("#", "app ", "service ", " ")), res.out
+    fallback = next(line for line in res.out.splitlines() if line.strip().startswith("fallback:"))
+    assert '{"items": []}\\n' in fallback, fallback
+
+
+def test_s8_fmt_takes_a_directory_like_check(tmp_path: Path) -> None:
+    """s8: `riprap fmt FILE... [--check]` rewrites files in canonical form; like `check PATH...`
+    (and ruff or black) a directory means its `*.riprap` files (a choice where s8 is silent)."""
+    messy = "service a {\n  timeout   2s\n      endpoint http://127.0.0.1:9001\n}\n"
+    one = write(tmp_path / "policies", "one.riprap", messy)
+    two = write(tmp_path / "policies" / "nested", "two.riprap", messy)
+    other = write(tmp_path / "policies", "notes.txt", messy)
+    check = riprap("fmt", "--check", tmp_path / "policies")
+    assert check.rc == 1 and str(one) in check.err and str(two) in check.err, check.err
+    assert riprap("fmt", tmp_path / "policies").rc == 0
+    assert one.read_text(encoding="utf-8") == two.read_text(encoding="utf-8") != messy
+    assert other.read_text(encoding="utf-8") == messy
+    assert riprap("fmt", "--check", tmp_path / "policies").rc == 0
+    (tmp_path / "empty").mkdir()
+    assert riprap("fmt", tmp_path / "empty").rc == 2
+
+
+def test_s8_json_diagnostics_carry_path_line_and_column(tmp_path: Path) -> None:
+    """s8: `--format json` prints the diagnostics of `PATH:LINE:COL: error[CODE]: message`;
+    each object has them under the text form's names (`path`, `line`, `column`) as well as
+    `file` and `col`, so a mypy-style reader finds them too."""
+    bad = write(tmp_path, "bad.riprap", "service a {\n    timeout 2s\n    endpoint http://127.0.0.1:9001\n    use nope\n}\n")
+    res = riprap("check", "--format", "json", bad)
+    assert res.rc == 1
+    [d] = [d for d in res.json() if d["severity"] == "error"]
+    assert (d["path"], d["line"], d["column"]) == (d["file"], 4, d["col"]) == (str(bad), 4, 9)
+    assert d["code"].startswith("RP") and "nope" in d["message"]

@@ -65,7 +65,7 @@ def test_check_json_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert isinstance(out, list) and out
     first = out[0]
     assert first["code"] == "RP101" and first["line"] == 2 and first["col"] == 13
-    assert set(first) == {"code", "severity", "file", "line", "col", "message", "hint"}
+    assert set(first) == {"code", "severity", "file", "line", "col", "message", "hint", "path", "column"}
     assert "expected a duration such as 250ms" in first["message"]
 
 
