@@ -307,7 +307,8 @@ def _shard_row(name: str | None, shard: dict[str, Any]) -> dict[str, Any]:
             "weight": e.get("weight", 1),
             "healthy": bool(e.get("healthy", True)),
             "ejected": bool(e.get("ejected", False)),
-            "ejected_for": e.get("ejected_for") or 0.0,
+            # null: ejected, for how long not known (the page then says just "ejected")
+            "ejected_for": e.get("ejected_for") if e.get("ejected") else 0.0,
             "in_flight": e.get("in_flight", 0),
         })
     return {"name": name, "breaker": breaker_row, "endpoints": endpoints}

@@ -185,6 +185,10 @@ def test_limit_is_429_with_retry_after(sc: Sidecar) -> None:
     assert limited, [r.status_code for r in codes]
     assert limited[0].headers["x-riprap-reason"] == "rate-limited"
     assert int(limited[0].headers["retry-after"]) >= 1
+    # a refused call is a call (the dashboard's calls/s and success rate count it): on
+    # Envoy the local rate limit filter answers before the router, so riprap adds them
+    want = f'riprap_calls_total{{outcome="rate-limited",service="limited"}} {float(len(limited))}'
+    assert wait_for(lambda: want in sc.admin.get("/metrics").text, 5), want
 
 
 def test_concurrency_cap_is_503_overloaded(sc: Sidecar) -> None:

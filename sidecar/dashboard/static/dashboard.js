@@ -57,7 +57,8 @@
     if (!shard.endpoints.length) return "<tr><td colspan=5>no endpoints</td></tr>";
     return shard.endpoints.map((e) => {
       const health = e.ejected ? "ejected" : (e.healthy ? "healthy" : "unhealthy");
-      const extra = e.ejected ? " (" + fmt(e.ejected_for, 1) + " s left)" : "";
+      const extra = e.ejected && e.ejected_for !== null && e.ejected_for !== undefined ?
+        " (" + fmt(e.ejected_for, 1) + " s left)" : "";
       return '<tr data-endpoint="' + esc(e.url) + '"><td>' + esc(e.url) + "</td><td>" + esc(e.tier) + "</td><td>" +
         esc(e.weight) + '</td><td class="health" data-health="' + health + '">' + health + extra + "</td><td>" +
         esc(e.in_flight) + "</td></tr>";

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
@@ -49,6 +50,9 @@ class EnvoyStats:
     counters: dict[str, dict[str, Any]] | None = None
     # ejections so far by (cluster, "ADDRESS:PORT"), from Envoy's outlier event log
     ejected: dict[tuple[str, str], int] | None = None
+    # the hosts ejected now, by the same key: (wall-clock time of the ejection, Envoy's
+    # `num_ejections`), from the same log (an UNEJECT event removes the host)
+    ejected_since: dict[tuple[str, str], tuple[float, int]] | None = None
 
     def value(self, name: str, **labels: str) -> float:
         total = 0.0
@@ -120,13 +124,34 @@ def _host_stat(host: dict[str, Any], name: str) -> int:
     return 0
 
 
+def _host_where(host: dict[str, Any]) -> str:
+    """A host as the outlier event log names it (`upstream_url`)."""
+    address, port = _host_key(host)
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def _ejections(stats: EnvoyStats, cluster: str, host: dict[str, Any] | None) -> int | None:
     """How often the outlier detection ejected this host of `cluster` (None: not known)."""
     if stats.ejected is None or host is None:
         return None
-    address, port = _host_key(host)
-    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    return stats.ejected.get((cluster, where), 0)
+    return stats.ejected.get((cluster, _host_where(host)), 0)
+
+
+def _ejected_for(stats: EnvoyStats, spec: ServicePlan | ShardPlan, cluster: str,
+                 host: dict[str, Any] | None, now: float) -> float | None:
+    """Seconds until Envoy lets an ejected host back (None: not known), by Envoy's rule:
+    `eject` times the host's ejections so far, at most the cluster's `max_ejection_time`
+    (clusters.py: ten times `eject`, at least 300 s). Envoy readmits it at its next outlier
+    sweep after that (at most a fifth of `eject`, capped at one second, later)."""
+    if stats.ejected_since is None or host is None or spec.outlier is None:
+        return None
+    since = stats.ejected_since.get((cluster, _host_where(host)))
+    if since is None:
+        return None
+    at, times = since
+    eject = spec.outlier.eject
+    length = min(eject * max(1, times), max(eject, 300.0, eject * 10))
+    return round(max(0.0, at + length - now), 3)
 
 
 def _endpoint_key(ep: EndpointSpec) -> tuple[str, int]:
@@ -187,10 +212,16 @@ class EnvoyState:
                stats: EnvoyStats) -> dict[str, Any]:
         hosts = list(stats.clusters.get(cluster, {}).get("host_statuses", ()))
         endpoints = []
+        now = time.time()
         for ep in spec.endpoints:
             matched: list[dict[str, Any] | None] = list(_match_host(ep, hosts))
             for h in matched or [None]:
-                endpoints.append(self._endpoint(ep, h, _ejections(stats, cluster, h)))
+                endpoint = self._endpoint(ep, h, _ejections(stats, cluster, h))
+                if endpoint["ejected"]:
+                    endpoint["ejected_for"] = _ejected_for(stats, spec, cluster, h, now)
+                elif h is not None and stats.ejected_since is not None:
+                    endpoint["ejected_for"] = 0.0  # as the Python engine: not ejected
+                endpoints.append(endpoint)
         buckets, count, total = _histogram(stats, "envoy_cluster_upstream_rq_time",
                                            envoy_cluster_name=cluster)
         key = svc.name if spec is svc else f"{svc.name}/{spec.name}"
@@ -409,7 +440,10 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
     for svc_name, data in state.get("services", {}).items():
         lim = data.get("limiter")
         if lim is not None:
-            metrics.rejections.values[(svc_name, "limit")] = float(lim.get("limited") or 0)
+            limited = float(lim.get("limited") or 0)
+            metrics.rejections.values[(svc_name, "limit")] = limited
+            if limited:  # answered before the router: not in its per-route counts
+                metrics.calls.values[(svc_name, "rate-limited")] = limited
         shards = data.get("shards") or {None: data}
         for shard, sd in shards.items():
             br = sd.get("breaker")

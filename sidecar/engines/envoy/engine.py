@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import importlib
 import json
 import logging
@@ -61,6 +62,14 @@ def default_compiler() -> tuple[Builder, ClusterNameFn, Any]:
     return config.build_config, config.cluster_name, config.EnvoyPorts
 
 
+def _event_time(stamp: Any) -> float:
+    """An outlier event's `timestamp` (RFC 3339, UTC) as wall-clock seconds; now if unreadable."""
+    try:
+        return datetime.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
 def split_address(addr: str) -> tuple[str, int]:
     from sidecar.server import parse_address
 
@@ -101,6 +110,7 @@ class EnvoyEngine:
         self._outlier_pos = 0
         self._outlier_rest = b""
         self._ejected: dict[tuple[str, str], int] = {}
+        self._ejected_since: dict[tuple[str, str], tuple[float, int]] = {}
 
     # -- shared limits ------------------------------------------------------------------
     async def _ensure_ratelimit(self, plan: Plan) -> None:
@@ -200,6 +210,7 @@ class EnvoyEngine:
                or (spec.retry is not None and spec.retry.budget is not None) for spec in specs):
             stats.counters = await self._breakers("/counters")
         stats.ejected = self._read_ejections()  # every endpoint has a count, as on Python
+        stats.ejected_since = dict(self._ejected_since)
         return stats
 
     def _read_ejections(self) -> dict[tuple[str, str], int]:
@@ -219,9 +230,15 @@ class EnvoyEngine:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(event, dict) and event.get("action") == "EJECT" and event.get("enforced"):
-                key = (str(event.get("cluster_name", "")), str(event.get("upstream_url", "")))
+            if not isinstance(event, dict):
+                continue
+            key = (str(event.get("cluster_name", "")), str(event.get("upstream_url", "")))
+            if event.get("action") == "EJECT" and event.get("enforced"):
                 self._ejected[key] = self._ejected.get(key, 0) + 1
+                self._ejected_since[key] = (_event_time(event.get("timestamp")),
+                                            int(event.get("num_ejections") or 1))
+            elif event.get("action") == "UNEJECT":
+                self._ejected_since.pop(key, None)
         return dict(self._ejected)
 
     async def _breakers(self, path: str = "/breakers") -> dict[str, dict[str, Any]] | None:
