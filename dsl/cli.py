@@ -157,6 +157,19 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[Diagnostic]]:
     return files, problems
 
 
+def load_unit(path: str) -> CompiledUnit:
+    """A file named on the command line: a `.riprap` compiled, or a compiled plan `.json`
+    (schema-validated), which `run` accepts too (section 8), so `check`, `compile --target
+    envoy` and `explain` take it as well. Directories only ever contribute `*.riprap`."""
+    if path.endswith(".json"):
+        from dsl.loader import load_plan_source
+
+        return load_plan_source(path)
+    from dsl.compiler import compile_file
+
+    return compile_file(path)
+
+
 def _emit(diags: Sequence[Diagnostic], units: Sequence[CompiledUnit], fmt: str, out: TextIO) -> None:
     ordered = sorted(diags, key=sort_key)
     if fmt == "json":
@@ -185,12 +198,11 @@ def _exit_code(diags: Sequence[Diagnostic]) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from dsl.analysis import analyse
-    from dsl.compiler import compile_file
 
     if args.max_amplification <= 0:
         raise _Usage("--max-amplification must be greater than 0")
     files, diags = expand_paths(args.paths)
-    units = [compile_file(f) for f in files]
+    units = [load_unit(f) for f in files]
     for unit in units:
         diags += unit.diagnostics
     diags += analyse(units, max_amplification=args.max_amplification)
@@ -221,7 +233,6 @@ def plan_json(unit: CompiledUnit) -> str:
 
 def _compile(args: argparse.Namespace) -> int:
     from dsl.analysis import analyse
-    from dsl.compiler import compile_file
 
     files, diags = expand_paths([args.file])
     if diags:
@@ -229,7 +240,7 @@ def _compile(args: argparse.Namespace) -> int:
         return 2
     if os.path.isdir(args.file):
         raise _Usage(f"compile takes one file, not a directory: {args.file}")
-    unit = compile_file(args.file)
+    unit = load_unit(args.file)
     # the same one-file analysis as `check FILE` (fallback cycles are errors), so the exit
     # codes agree
     diags = list(unit.diagnostics) + analyse([unit])
@@ -326,7 +337,6 @@ def _fmt(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from dsl.compiler import compile_file
     from dsl.explain import explain_unit
 
     rest = list(args.rest)
@@ -337,7 +347,7 @@ def _explain(args: argparse.Namespace) -> int:
     if diags:
         _emit(diags, [], "text", sys.stderr)
         return 2
-    units = [compile_file(f) for f in files]
+    units = [load_unit(f) for f in files]
     failed = False
     for unit in units:
         errors = [d for d in unit.diagnostics if d.is_error]

@@ -252,10 +252,11 @@ def policy_files(paths: Sequence[str]) -> list[Path]:
 
 
 def compile_units(files: Sequence[Path]) -> list[CompiledUnit]:
-    """Compile each file with the language's compiler (imported here: graph is a CLI front door)."""
-    from dsl.compiler import compile_file
+    """Compile each file (a compiled plan `.json` is loaded), as `check` does (imported here:
+    graph is a CLI front door)."""
+    from dsl.cli import load_unit
 
-    return [compile_file(str(f)) for f in files]
+    return [load_unit(str(f)) for f in files]
 
 
 def main(argv: list[str]) -> int:

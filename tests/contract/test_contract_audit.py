@@ -68,3 +68,29 @@ def test_s8_json_diagnostics_carry_path_line_and_column(tmp_path: Path) -> None:
     [d] = [d for d in res.json() if d["severity"] == "error"]
     assert (d["path"], d["line"], d["column"]) == (d["file"], 4, d["col"]) == (str(bad), 4, 9)
     assert d["code"].startswith("RP") and "nope" in d["message"]
+
+
+def test_s8_a_compiled_plan_json_is_accepted_wherever_run_accepts_it(tmp_path: Path) -> None:
+    """s8: "FILE may also be a compiled plan `.json`" (run); s7: the plan "is validated against
+    [its schema] on every compile and every load". `check`, `compile` (both targets),
+    `explain` and `graph` load such a file as a plan, not as policy text, and report a plan
+    that breaks the schema as one located error (exit 1)."""
+    src = write(tmp_path, "shop.riprap", "service pay {\n    timeout 2s\n    endpoint http://127.0.0.1:9001\n"
+                "    retry 2 per-try 500ms budget 20%\n}\n")
+    plan = tmp_path / "shop.json"
+    assert riprap("compile", src, "-o", plan).rc == 0
+    check = riprap("check", plan)
+    assert check.rc == 0 and not parse_diags(check.out), check.out
+    assert riprap("compile", plan).json()["services"]["pay"]["timeout"] == 2
+    assert "pay" in riprap("explain", plan).out
+    assert "pay" in riprap("graph", plan).out
+    envoy = riprap("compile", plan, "--target", "envoy", "-o", tmp_path / "envoy")
+    assert envoy.rc == 0 and (tmp_path / "envoy" / "envoy.yaml").is_file(), envoy.err
+    engine = riprap("check", "--engine", "envoy", plan)
+    assert engine.rc == 0 and any(d.sev == "warning" for d in parse_diags(engine.out)), engine.out
+    broken = tmp_path / "broken.json"
+    broken.write_text(plan.read_text(encoding="utf-8").replace('"timeout": 2.0', '"timeout": "2s"', 1), encoding="utf-8")
+    bad = riprap("check", broken)
+    [d] = parse_diags(bad.out)
+    assert bad.rc == 1 and d.sev == "error" and "/services/pay/timeout" in d.msg, bad.out
+    assert riprap("compile", broken).rc == 1
