@@ -123,8 +123,10 @@ def _amplification_diag(res: m.PathResult, entry: str, target: str) -> Diagnosti
     budgeted = [e for e in res.edges if e.steady < e.attempts]
     if budgeted:
         factors = " × ".join(f"{e.steady:g}" for e in res.edges)
+        # one hop: its factor is the product (no `1.2 ≈ 1.2`)
+        product = f"{factors} ≈ {res.steady:.3g}" if len(res.edges) > 1 else f"{res.steady:.3g}"
         msg += (
-            f"; with the retry budgets on this path about {factors} ≈ {res.steady:.3g} "
+            f"; with the retry budgets on this path about {product} "
             "in steady state, but a budget's floor lets every retry through at low traffic"
         )
     hint = (

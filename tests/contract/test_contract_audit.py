@@ -94,3 +94,16 @@ def test_s8_a_compiled_plan_json_is_accepted_wherever_run_accepts_it(tmp_path: P
     [d] = parse_diags(bad.out)
     assert bad.rc == 1 and d.sev == "error" and "/services/pay/timeout" in d.msg, bad.out
     assert riprap("compile", broken).rc == 1
+
+
+def test_s10_amplification_of_one_hop_in_one_file(tmp_path: Path) -> None:
+    """s10: retry amplification is "the product of attempts along a call path (warning above 10
+    by default, `--max-amplification N`)". One file's app calling one service with `retry 20`
+    is a path of 21 attempts: a warning naming the path, and its steady-state figure said once."""
+    f = write(tmp_path, "amp.riprap", "service a {\n    timeout 10s\n    endpoint http://127.0.0.1:9001\n"
+              "    retry 20 per-try 100ms budget 20%\n}\n")
+    res = riprap("check", f)
+    [d] = [d for d in parse_diags(res.out) if "amplification" in d.msg]
+    assert res.rc == 0 and d.sev == "warning" and "amp → a" in d.msg and "21" in d.msg, res.out
+    assert "≈" not in d.msg, d.msg  # `about 1.2 ≈ 1.2` said nothing twice
+    assert not [d for d in parse_diags(riprap("check", "--max-amplification", "21", f).out) if "amplification" in d.msg]
