@@ -200,6 +200,10 @@ def test_concurrency_cap_is_503_overloaded(sc: Sidecar) -> None:
     t.join()
     assert out[0].status_code == 200
     assert r.status_code == 503 and r.headers["x-riprap-reason"] == "overloaded"
+    # counted as refused by the cap (the dashboard's rejected/s): on Envoy, a call over
+    # `max_requests` is `upstream_rq_active_overflow`, not the queue's pending overflow
+    want = 'riprap_rejections_total{by="concurrency",service="capped"} 1.0'
+    assert wait_for(lambda: want in sc.admin.get("/metrics").text, 5), want
 
 
 def test_static_fallback_headers_and_body(sc: Sidecar) -> None:

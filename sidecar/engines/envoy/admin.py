@@ -8,7 +8,7 @@ metric names. Envoy knows most of it under its own names:
 | riprap | Envoy |
 |---|---|
 | endpoint `healthy` / `ejected` / `in_flight` / `tier` / `weight` | `/clusters?format=json`: `failed_active_health_check`, `failed_outlier_check`, host `rq_active`, `priority`, `weight` |
-| bulkhead (`concurrency N queue Q`) | the cluster's circuit-breaker thresholds; `upstream_rq_active`, `upstream_rq_pending_active`, `upstream_rq_pending_overflow` |
+| bulkhead (`concurrency N queue Q`) | the cluster's circuit-breaker thresholds; `upstream_rq_active`, `upstream_rq_pending_active`, `upstream_rq_pending_overflow` + `upstream_rq_active_overflow` |
 | budget | `upstream_rq_retry`, `upstream_rq_retry_overflow` |
 | breaker | the Lua filter's breakers (`GET /breakers` with Host `_riprap` on the listener); without them, `open` while every endpoint of the cluster is ejected |
 | limiter | the local rate limit filter's `rate_limited` counter for the service |
@@ -328,7 +328,7 @@ class EnvoyState:
             "queued": int(sum(stats.cluster(n, "upstream_rq_pending_active") for n in names)),
             "queue": c.queue,
             "queue_timeout": c.queue_timeout,
-            "rejected": int(sum(stats.cluster(n, "upstream_rq_pending_overflow") for n in names)),
+            "rejected": int(sum(_overflow(stats, n) for n in names)),
             "timed_out": None,
         }
 
@@ -356,6 +356,13 @@ def _lua_refused(stats: EnvoyStats, service: str | None) -> float:
     if service is None or stats.counters is None:
         return 0.0
     return float((stats.counters.get("refused") or {}).get(service) or 0)
+
+
+def _overflow(stats: EnvoyStats, cluster: str) -> float:
+    """Calls the bulkhead refused: over the queue (`upstream_rq_pending_overflow`) or, with
+    no queue, over `max_requests` (`upstream_rq_active_overflow`: Envoy counts it apart)."""
+    return stats.cluster(cluster, "upstream_rq_pending_overflow") + \
+        stats.cluster(cluster, "upstream_rq_active_overflow")
 
 
 def service_clusters(plan: Plan, cluster_name: ClusterName) -> dict[str, tuple[str, str | None]]:
@@ -424,7 +431,7 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
             ejections = sum(stats.cluster(n, "outlier_detection_ejections_enforced") for n in names)
             if ejections or sp.outlier is not None:
                 metrics.ejections.values[(svc_name, "")] = ejections
-        pending = sum(stats.cluster(n, "upstream_rq_pending_overflow") for n in names)
+        pending = sum(_overflow(stats, n) for n in names)
         if pending or sp.concurrency is not None:
             metrics.rejections.values[(svc_name, "concurrency")] = pending
         rows: list[float] | None = None

@@ -46,7 +46,7 @@ from sidecar.metrics import SidecarMetrics
 log = logging.getLogger("riprap.envoy")
 
 # The Envoy statistics admin.py reads (Envoy's dotted names): the rest are not fetched.
-STATS_USED = (r"(upstream_rq_(time|retry|retry_overflow|active|pending_active|pending_overflow"
+STATS_USED = (r"(upstream_rq_(time|retry|retry_overflow|active|pending_active|pending_overflow|active_overflow"
               r"|completed|[1-5]xx)|ejections_enforced_total|downstream_rq_active"
               r"|rate_limited)$")
 OUTLIER_LOG = "outlier-events.log"
