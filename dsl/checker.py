@@ -555,7 +555,9 @@ class _Checker:
                 lines = [s for s in app.body if s.kind == kind]
                 for dup in lines[1:]:
                     self.error("RP221", dup.span, f"'{kind}' is given twice in the app block")
-        if not any(s.kind == "service" for s in top):
+        # a line that did not parse (reported already) may be the service the file meant:
+        # saying it declares none would be a second, wrong finding
+        if not any(s.kind in ("service", "recovered") for s in top):
             span = top[0].span if top else Span(self.file.path, 1, 1)
             self.warn("RP305", span, "this file declares no services", "the sidecar would forward nothing")
 

@@ -107,3 +107,13 @@ def test_s10_amplification_of_one_hop_in_one_file(tmp_path: Path) -> None:
     assert res.rc == 0 and d.sev == "warning" and "amp → a" in d.msg and "21" in d.msg, res.out
     assert "≈" not in d.msg, d.msg  # `about 1.2 ≈ 1.2` said nothing twice
     assert not [d for d in parse_diags(riprap("check", "--max-amplification", "21", f).out) if "amplification" in d.msg]
+
+
+def test_s8_a_service_line_that_does_not_parse_is_one_error_not_also_no_services(tmp_path: Path) -> None:
+    """s8: "Every problem in a file is reported" — and only real ones. `service a+b {` is a bad
+    name (s2: names are `[A-Za-z][A-Za-z0-9_.-]*`): one error at the `+`, not also a warning
+    that the file declares no services."""
+    f = write(tmp_path, "bad.riprap", "service a+b {\n    timeout 1s\n    endpoint http://127.0.0.1:9001\n}\n")
+    res = riprap("check", f)
+    diags = parse_diags(res.out)
+    assert res.rc == 1 and [(d.sev, d.line, d.col) for d in diags] == [("error", 1, 10)], res.out
