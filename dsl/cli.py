@@ -36,11 +36,22 @@ class _Usage(Exception):
     """A usage error: message to stderr, exit 2."""
 
 
+def _version() -> str:
+    """The installed distribution's version (`riprap --version`, as ruff and mypy answer)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("riprap")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="riprap",
         description="Fault tolerance written down once: check, compile and run riprap policy files.",
     )
+    p.add_argument("--version", action="version", version=f"riprap {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("check", help="compile files or directories of *.riprap and report problems")
     c.add_argument("paths", nargs="+", metavar="PATH")

@@ -117,3 +117,12 @@ def test_s8_a_service_line_that_does_not_parse_is_one_error_not_also_no_services
     res = riprap("check", f)
     diags = parse_diags(res.out)
     assert res.rc == 1 and [(d.sev, d.line, d.col) for d in diags] == [("error", 1, 10)], res.out
+
+
+def test_s8_version_is_printed_with_exit_0() -> None:
+    """s8 lists the commands; like ruff, mypy and terraform, `riprap --version` names the
+    installed version on stdout and exits 0 (a choice where s8 is silent)."""
+    from importlib.metadata import version
+
+    res = riprap("--version")
+    assert res.rc == 0 and res.out.strip() == f"riprap {version('riprap')}", (res.out, res.err)
