@@ -95,7 +95,9 @@ def render_text(diag: Diagnostic, sources: Mapping[str, str] | None = None) -> s
     if span is not None and text is not None:
         lines = text.splitlines()
         if 1 <= span.line <= len(lines):
-            src = mask_passwords(lines[span.line - 1].replace("\t", " "))
+            # the line as written (tabs kept); the caret's indent repeats its tabs, so the caret
+            # sits under the column in any terminal and is still the COL-th character
+            src = mask_passwords(lines[span.line - 1])
             gutter = str(span.line)
             pad = " " * len(gutter)
             out.append(f" {pad} |")
@@ -103,7 +105,9 @@ def render_text(diag: Diagnostic, sources: Mapping[str, str] | None = None) -> s
             width = 1
             if span.end_line == span.line and span.end_col and span.end_col > span.col:
                 width = span.end_col - span.col
-            out.append(f" {pad} | {' ' * (span.col - 1)}{'^' * width}")
+            indent = "".join("\t" if c == "\t" else " " for c in src[: span.col - 1])
+            indent += " " * (span.col - 1 - len(indent))
+            out.append(f" {pad} | {indent}{'^' * width}")
     if diag.hint:
         out.append(f"  = hint: {diag.hint}")
     return "\n".join(out)

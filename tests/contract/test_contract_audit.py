@@ -22,7 +22,7 @@ def test_s8_s11_compile_target_envoy_warnings_read_like_diagnostics(checkout_cop
     lines = checkout_copy.read_text(encoding="utf-8").splitlines()
     for d in notes:
         assert d.sev == "warning"
-        assert d.body[1].endswith(lines[d.line - 1].replace("\t", " ")), d
+        assert d.body[1].endswith(lines[d.line - 1]), d
         assert d.body[2].index("^") - d.body[2].index("|") - 2 == d.col - 1, d
     breaker = next(d for d in notes if d.msg.startswith("service inventory: breaker:"))
     assert lines[breaker.line - 1].strip().startswith("breaker failure-rate"), breaker
@@ -126,3 +126,18 @@ def test_s8_version_is_printed_with_exit_0() -> None:
 
     res = riprap("--version")
     assert res.rc == 0 and res.out.strip() == f"riprap {version('riprap')}", (res.out, res.err)
+
+
+def test_s8_source_line_as_written_and_caret_under_the_column_with_tabs(tmp_path: Path) -> None:
+    """s8: "then the source line and a caret under the column ... Line and column are 1-based".
+    A line indented with tabs is shown as written, and the caret's indent repeats those tabs:
+    it is the COL-th character, and under the column however a terminal expands tabs."""
+    f = write(tmp_path, "tabs.riprap", "service a {\n\ttimeout 1s\n\tendpoint http://127.0.0.1:9001\n\t\tuse critcal\n}\n")
+    res = riprap("check", f)
+    [d] = [d for d in parse_diags(res.out) if d.sev == "error"]
+    assert (d.line, d.col) == (4, 7), res.out
+    source, caret = d.body[1], d.body[2]
+    assert source.endswith("| \t\tuse critcal"), repr(source)
+    bar = caret.index("|") + 2
+    assert caret[bar:].index("^") == d.col - 1 and caret[bar:bar + 2] == "\t\t", repr(caret)
+    assert caret.expandtabs().index("^") == source.expandtabs().index("critcal"), (source, caret)
