@@ -141,3 +141,18 @@ def test_s8_source_line_as_written_and_caret_under_the_column_with_tabs(tmp_path
     bar = caret.index("|") + 2
     assert caret[bar:].index("^") == d.col - 1 and caret[bar:bar + 2] == "\t\t", repr(caret)
     assert caret.expandtabs().index("^") == source.expandtabs().index("critcal"), (source, caret)
+
+
+def test_s7_schema_shipped_in_the_package_is_the_one_published_in_the_docs() -> None:
+    """s7: the plan "has a JSON Schema shipped in the package and published in the docs": the
+    installed `dsl` package holds it and docs/ publishes the same file, a valid draft 2020-12
+    schema (plans validating against it: test_language_contract.py)."""
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+
+    shipped = json.loads(files("dsl").joinpath("plan.schema.json").read_text(encoding="utf-8"))
+    docs = Path(__file__).resolve().parents[2] / "docs" / "plan.schema.json"
+    assert json.loads(docs.read_text(encoding="utf-8")) == shipped
+    jsonschema.Draft202012Validator.check_schema(shipped)
