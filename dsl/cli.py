@@ -255,12 +255,13 @@ def _compile(args: argparse.Namespace) -> int:
     # the same one-file analysis as `check FILE` (fallback cycles are errors), so the exit
     # codes agree
     diags = list(unit.diagnostics) + analyse([unit])
-    _emit(diags, [unit], args.format, sys.stderr)
     code = _exit_code(diags)
     if unit.plan is None or code:
+        _emit(diags, [unit], args.format, sys.stderr)
         return code or 1
     if args.target == "envoy":
-        return _compile_envoy(unit, args.output)
+        return _compile_envoy(unit, args.output, diags, args.format)
+    _emit(diags, [unit], args.format, sys.stderr)
     text = plan_json(unit)
     if args.output:
         try:
@@ -273,7 +274,7 @@ def _compile(args: argparse.Namespace) -> int:
     return code
 
 
-def _compile_envoy(unit: CompiledUnit, output: str | None) -> int:
+def _compile_envoy(unit: CompiledUnit, output: str | None, diags: list[Diagnostic], fmt: str) -> int:
     """`--target envoy`: Envoy configuration into the folder `output` (sidecar, imported lazily)."""
     if not output:
         raise _Usage("compile --target envoy needs -o DIR (the folder for envoy.yaml and the files it names)")
@@ -283,13 +284,16 @@ def _compile_envoy(unit: CompiledUnit, output: str | None) -> int:
     try:
         paths, notes = compile_to_dir(unit.plan, Path(output))
     except OSError as exc:
+        _emit(diags, [unit], fmt, sys.stderr)
         print(f"riprap: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     # where Envoy does the closest thing (docs/engines.md): diagnostics like any other (section
-    # 8: the source line and a caret), at the statement's line when the file has one
-    _emit([_envoy_note(unit, note.service, note.statement, note.differs) for note in notes],
-          [unit], "text", sys.stderr)
-    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    # 8: the source line and a caret; with --format json, in the one list), at the statement's
+    # line when the file has one
+    notes_diags = [_envoy_note(unit, note.service, note.statement, note.differs) for note in notes]
+    _emit(diags + notes_diags, [unit], fmt, sys.stderr)
+    if fmt == "text":  # with --format json, stderr is the JSON list alone
+        print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0
 
 

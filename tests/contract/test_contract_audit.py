@@ -156,3 +156,18 @@ def test_s7_schema_shipped_in_the_package_is_the_one_published_in_the_docs() -> 
     docs = Path(__file__).resolve().parents[2] / "docs" / "plan.schema.json"
     assert json.loads(docs.read_text(encoding="utf-8")) == shipped
     jsonschema.Draft202012Validator.check_schema(shipped)
+
+
+def test_s8_s11_compile_target_envoy_format_json_is_one_list(checkout_copy: Path, tmp_path: Path) -> None:
+    """s8: `compile` has "exit codes as `check`", and `--format json` prints diagnostics "as a
+    JSON list": with `--target envoy` the file's own warnings and the engine's `warning[envoy]`
+    notes are that one list, on stderr, and the folder is still written."""
+    import json
+
+    res = riprap("compile", checkout_copy, "--target", "envoy", "-o", tmp_path / "out", "--format", "json")
+    assert res.rc == 0 and res.out == "", res.err
+    diags = json.loads(res.err)
+    codes = {d["code"] for d in diags}
+    assert "envoy" in codes and "RP301" in codes, codes
+    assert all(d["severity"] == "warning" and d["line"] >= 1 for d in diags)
+    assert (tmp_path / "out" / "envoy.yaml").is_file()
