@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 from fleet_kit import Answers, Sidecar, hammer
-from redis_kit import REDIS_SERVER, RedisServer
+from redis_kit import RedisServer
 
 from riprap_testing.faults import FaultServer
 from sidecar.engines.envoy.process import EnvoyNotFound, find_envoy
@@ -40,20 +39,9 @@ def _envoy() -> str:
 
 
 @pytest.fixture
-def upstream() -> Iterator[FaultServer]:
-    server = FaultServer(name="up").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; "
-                    ".ci/run installs it)")
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.kill()
+def store(fresh_redis: RedisServer) -> RedisServer:
+    """The test's own redis-server: this test pauses, kills and restarts it."""
+    return fresh_redis
 
 
 def wait(predicate: object, timeout: float, what: str) -> None:

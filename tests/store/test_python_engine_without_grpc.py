@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from fleet_kit import Sidecar, hammer
@@ -19,13 +18,6 @@ from redis_kit import RedisServer
 from riprap_testing.faults import FaultServer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def upstream() -> Iterator[FaultServer]:
-    server = FaultServer(name="up").start()
-    yield server
-    server.stop()
 
 
 def test_shared_limit_on_the_python_engine_without_grpc(

@@ -7,36 +7,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 from fleet_kit import Sidecar
-from redis_kit import REDIS_SERVER, RedisServer
+from redis_kit import RedisServer
 
 from riprap_testing.faults import FaultServer
 from sidecar.engines.envoy.process import EnvoyNotFound, find_envoy
 
 pytestmark = pytest.mark.slow
 
-SECRET = "s3cret-Pa55word"
+SECRET = "s3cret-Pa55word"  # conftest.LOCKED_PASSWORD
 
 
 @pytest.fixture
-def upstream() -> Iterator[FaultServer]:
-    server = FaultServer(name="up").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def locked(tmp_path: Path) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; "
-                    ".ci/run installs it)")
-    server = RedisServer(tmp_path, password=SECRET).start()
-    yield server
-    server.kill()
+def locked(locked_redis: RedisServer) -> RedisServer:
+    """A redis-server that asks for SECRET."""
+    assert locked_redis.password == SECRET
+    return locked_redis
 
 
 @pytest.mark.parametrize("engine", ["python", "envoy"])
