@@ -204,9 +204,17 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
+# YAML 1.1's one-letter booleans: PyYAML writes them bare, but Envoy's YAML reader takes
+# them as true/false, so a service or shard named `y` or `n` would not be a name any more
+_BARE_BOOLEANS = frozenset({"y", "Y", "n", "N"})
+
+
 def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
-    """Multi-line strings (the Lua source) as literal blocks, readable in the file."""
-    style = "|" if "\n" in data and not any(c in data for c in "\t\r") else None
+    """Multi-line strings (the Lua source) as literal blocks, readable in the file; the
+    strings Envoy would read as booleans quoted."""
+    style: str | None = "|" if "\n" in data and not any(c in data for c in "\t\r") else None
+    if data in _BARE_BOOLEANS:
+        style = '"'
     return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
 

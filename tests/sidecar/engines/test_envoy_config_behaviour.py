@@ -422,3 +422,33 @@ service pay {{
                 head = sock.recv(65536).decode("latin-1").lower()
             assert head.startswith(f"http/1.1 {status}") and f"x-riprap-reason: {reason}" in head
         assert upstreams[0].hits == 0
+
+
+def test_services_and_shards_named_like_yaml_booleans_stay_names(
+        tmp_path: Path, upstreams: list[FaultServer]) -> None:
+    # `y` and `n` are names to riprap; Envoy's YAML reader would take them bare as true/false
+    # and reject the clusters and routes (while `envoy --mode validate` says OK)
+    a, b, c = upstreams[0], upstreams[1], upstreams[2]
+    plan = compile_text(tmp_path, f"""
+service n {{
+    endpoint {a.url}
+}}
+service Y {{
+    shard by header X-Key
+    shard y {{
+        endpoint {b.url}
+    }}
+    shard N {{
+        endpoint {c.url}
+    }}
+}}
+""")
+    with RunningEnvoy(tmp_path, plan) as env:
+        r = env.client.get("/n/x", headers={"Host": "127.0.0.1"})
+        assert r.status_code == 200 and r.json()["server"] == "u0", r.text
+        for key in ("k1", "k2", "k3", "k4", "k5", "k6"):
+            want = {"y": "u1", "N": "u2"}[shard_for(key, ["y", "N"])]
+            r = env.client.get("/x", headers={"Host": "Y", "X-Key": key})
+            assert r.status_code == 200 and r.json()["server"] == want, (key, r.text)
+        stats = env.stats()
+        assert stats.get("cluster_manager.cds.update_rejected", 0) == 0, stats
