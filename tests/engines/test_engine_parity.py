@@ -204,6 +204,10 @@ def test_concurrency_cap_is_503_overloaded(sc: Sidecar) -> None:
     # `max_requests` is `upstream_rq_active_overflow`, not the queue's pending overflow
     want = 'riprap_rejections_total{by="concurrency",service="capped"} 1.0'
     assert wait_for(lambda: want in sc.admin.get("/metrics").text, 5), want
+    # and as a call, by its reason (not as an upstream's 5xx: nothing was sent upstream)
+    text = sc.admin.get("/metrics").text
+    assert 'riprap_calls_total{outcome="overloaded",service="capped"} 1.0' in text, text
+    assert 'riprap_calls_total{outcome="upstream-5xx",service="capped"}' not in text
 
 
 def test_static_fallback_headers_and_body(sc: Sidecar) -> None:

@@ -434,6 +434,7 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
         pending = sum(_overflow(stats, n) for n in names)
         if pending or sp.concurrency is not None:
             metrics.rejections.values[(svc_name, "concurrency")] = pending
+        _overloaded_calls(metrics, svc_name, pending)
         rows: list[float] | None = None
         for n in names:
             buckets, _count, total = _histogram(stats, "envoy_cluster_upstream_rq_time",
@@ -494,6 +495,21 @@ def fill_metrics(metrics: Any, plan: Plan, stats: EnvoyStats, state: dict[str, A
                     hs = h.get("health_status", {})
                     metrics.endpoint_healthy.values[(svc_name, ep.url)] = \
                         0.0 if hs.get("failed_active_health_check") else 1.0
+
+
+def _overloaded_calls(metrics: Any, service: str, refused: float) -> None:
+    """The bulkhead's refusals as calls with outcome `overloaded`, as the Python engine
+    counts them: Envoy's per-route counters saw the router's own 503 as a 5xx, so they
+    move from `upstream-5xx` (never more than were counted there)."""
+    five = metrics.calls.values.get((service, "upstream-5xx"), 0.0)
+    moved = min(refused, five)
+    if moved <= 0:
+        return
+    if five - moved > 0:
+        metrics.calls.values[(service, "upstream-5xx")] = five - moved
+    else:
+        del metrics.calls.values[(service, "upstream-5xx")]
+    metrics.calls.values[(service, "overloaded")] = moved
 
 
 _CLASS_OUTCOME = {"1": "ok", "2": "ok", "3": "ok", "4": "upstream-4xx", "5": "upstream-5xx"}
