@@ -30,6 +30,8 @@ ENVOY_DIFFERENCES: dict[tuple[str, str], str] = {
     ("brk", "breaker"): "asked once per call, not before each attempt",
     # Envoy's circuit breakers: the 503 comes once the upstream connection is open
     ("capped", "concurrency"): "the 503 overloaded comes a little later",
+    # Envoy's in-flight retry budget as well as riprap's window of calls
+    ("budgeted", "retry budget"): "also capped by Envoy's retries in flight",
 }
 
 
@@ -83,6 +85,11 @@ service sharded {{
     shard b {{
         endpoint {B}
     }}
+}}
+
+service budgeted {{
+    endpoint {A}
+    retry 2 on 503 backoff 1ms budget 20% min 1/s
 }}
 
 service slow {{
@@ -258,3 +265,24 @@ def test_readyz_plan_and_sighup_reload(sc: Sidecar) -> None:
     assert sc.admin.get("/readyz").status_code == 200
     doc = sc.admin.get("/plan").json()
     assert doc["last_error"] is None and set(doc["plan"]["services"]) >= {"echo", "sharded"}
+
+
+def test_state_budget_window_and_limiter_have_one_shape(sc: Sidecar) -> None:
+    for _ in range(3):
+        assert sc.get(f"/budgeted/{uid()}").status_code == 200
+
+    def budget() -> dict[str, Any]:
+        return dict(sc.admin.get("/state").json()["services"]["budgeted"]["budget"])
+
+    # the window's calls and the retries it allows now, as policies/budget.py counts them:
+    # max(20% of 3 calls, 1/s over the 10 s window)
+    assert wait_for(lambda: budget()["calls"] == 3, 5), budget()
+    b = budget()
+    assert b["retries"] == 0 and b["allowed"] == 10.0 and b["refused"] == 0, b
+    lim = sc.admin.get("/state").json()["services"]["limited"]["limiter"]
+    assert "tokens" in lim and lim["rate"] == 1.0, lim
+    if getattr(sc, "engine", "") == "envoy":
+        # Envoy's local rate limit filter keeps its buckets to itself (docs/engines.md)
+        assert lim["tokens"] is None
+    else:
+        assert 0.0 <= lim["tokens"] <= 2.0

@@ -9,7 +9,7 @@ metric names. Envoy knows most of it under its own names:
 |---|---|
 | endpoint `healthy` / `ejected` / `in_flight` / `tier` / `weight` | `/clusters?format=json`: `failed_active_health_check`, `failed_outlier_check`, host `rq_active`, `priority`, `weight` |
 | bulkhead (`concurrency N queue Q`) | the cluster's circuit-breaker thresholds; `upstream_rq_active`, `upstream_rq_pending_active`, `upstream_rq_pending_overflow` + `upstream_rq_active_overflow` |
-| budget | `upstream_rq_retry`, `upstream_rq_retry_overflow` |
+| budget | `upstream_rq_retry_overflow`; calls, retries and allowed in the window from the upstream Lua filter's window (`/counters`' `window`) |
 | breaker | the Lua filter's breakers (`GET /breakers` with Host `_riprap` on the listener); without them, `open` while every endpoint of the cluster is ejected |
 | limiter | the local rate limit filter's `rate_limited` counter for the service |
 | latency | the cluster's `upstream_rq_time` histogram (p50/p95/p99) |
@@ -338,16 +338,39 @@ class EnvoyState:
         if r is None or r.budget is None:
             return None
         names = list(clusters)
+        window = _budget_window(stats, names)
+        calls: int | None = None
+        allowed: float | None = None
+        retries = int(sum(stats.cluster(n, "upstream_rq_retry") for n in names))
+        if window is not None:  # the upstream Lua filter's window, as policies/budget.py's
+            calls, retries = window
+            allowed = max(r.budget.ratio * calls, r.budget.min_per_second * r.budget.window)
         return {
             "ratio": r.budget.ratio,
             "min_per_second": r.budget.min_per_second,
             "window": r.budget.window,
-            "calls": None,
-            "retries": int(sum(stats.cluster(n, "upstream_rq_retry") for n in names)),
-            "allowed": None,
+            "calls": calls,
+            "retries": retries,
+            "allowed": allowed,
             "refused": int(sum(stats.cluster(n, "upstream_rq_retry_overflow") for n in names)
                            + _lua_refused(stats, spec.name if isinstance(spec, ServicePlan) else None)),
         }
+
+
+def _budget_window(stats: EnvoyStats, clusters: list[str]) -> tuple[int, int] | None:
+    """(calls, retries) in the retry budget's window now, from the Lua filter's `/counters`
+    ("window": cluster -> [calls, retries]); a sharded service's shards summed. None
+    without counters; zeros before the first budgeted call."""
+    if stats.counters is None:
+        return None
+    seen = stats.counters.get("window")
+    if not isinstance(seen, dict):
+        return None
+    calls = retries = 0
+    for key, pair in seen.items():
+        if key in clusters and isinstance(pair, list) and len(pair) == 2:
+            calls, retries = calls + int(pair[0]), retries + int(pair[1])
+    return calls, retries
 
 
 def _lua_refused(stats: EnvoyStats, service: str | None) -> float:

@@ -36,6 +36,7 @@ local answered = {}       -- service -> {static = n, stale = n, service = n}: ca
 local hedges = {}         -- service -> hedged copies sent (Envoy counts them as retries)
 local limited = {}        -- service -> calls answered 429 `rate-limited` (its `limit`)
 local refused = {}        -- service -> retries its retry budget refused (lua/riprap_upstream.lua)
+local windows_seen = {}   -- cluster -> its retry budget's window, as the call that last touched it saw it
 -- service -> {entries, bytes, hits, misses, order}: its part of `stale`, bounded per service
 -- as riprap's StaleCache; `order` is {key, seq}, oldest store first (an entry stored again
 -- is newer: its older item is skipped, and dropped when the list is compacted)
@@ -268,7 +269,23 @@ end
 -- GET /counters with Host `_riprap` (routes.py): this worker's fallback answers, stale
 -- copies, hedges and calls over the limit per service, as JSON (riprap's /metrics and
 -- /state read it).
-local function counters_json()
+-- A budget window (lua/riprap_upstream.lua's budget_note) rolled to `now`: "calls,retries".
+local function window_now(note, now)
+  local v = {}
+  for x in string.gmatch(note, "%S+") do v[#v + 1] = tonumber(x) or 0 end
+  if #v < 22 then return "0,0" end
+  local slot, width = v[1], v[2]
+  local cur = math.floor(now / width)
+  local calls, retries = 0, 0
+  for i = 0, 9 do
+    -- bucket i holds the latest slot s <= `slot` with s % 10 == i; kept while s > cur - 10
+    local s = slot - ((slot - i) % 10)
+    if s > cur - 10 then calls, retries = calls + v[3 + i], retries + v[13 + i] end
+  end
+  return calls .. "," .. retries
+end
+
+local function counters_json(now)
   local parts = {}
   for service, a in pairs(answered) do
     local kinds = {}
@@ -287,9 +304,13 @@ local function counters_json()
   for service, n in pairs(limited) do over[#over + 1] = string.format('"%s":%d', service, n) end
   local budget = {}
   for service, n in pairs(refused) do budget[#budget + 1] = string.format('"%s":%d', service, n) end
+  local seen = {}
+  for key, note in pairs(windows_seen) do
+    seen[#seen + 1] = string.format('"%s":[%s]', key, window_now(note, now))
+  end
   return '{"answered":{' .. table.concat(parts, ",") .. '},"stale":{' .. table.concat(caches, ",")
          .. '},"hedges":{' .. table.concat(sent, ",") .. '},"limited":{' .. table.concat(over, ",")
-         .. '},"refused":{' .. table.concat(budget, ",") .. "}}"
+         .. '},"refused":{' .. table.concat(budget, ",") .. '},"window":{' .. table.concat(seen, ",") .. "}}"
 end
 
 local function stale_evict(st)
@@ -640,7 +661,7 @@ function envoy_on_request(handle)
     handle:respond({[":status"] = "200", ["content-type"] = "application/json"}, breakers_json(handle:timestamp()))
     return
   elseif md.riprap_state == "counters" then
-    handle:respond({[":status"] = "200", ["content-type"] = "application/json"}, counters_json())
+    handle:respond({[":status"] = "200", ["content-type"] = "application/json"}, counters_json(handle:timestamp()))
     return
   end
   if md.unknown_host and absolute_form(handle, headers) then
@@ -811,6 +832,7 @@ function envoy_on_response(handle)
   if md.budgeted then
     local tries = handle:streamInfo():dynamicMetadata():get("riprap.tries")
     if tries ~= nil and tries["refused"] ~= nil then refused[service] = (refused[service] or 0) + 1 end
+    if tries ~= nil and tries["budget"] ~= nil then windows_seen[tries["budget_key"] or service] = tries["budget"] end
   end
   if md.hedged then
     -- the hedge copies of this call (lua/riprap_upstream.lua counts them per call)

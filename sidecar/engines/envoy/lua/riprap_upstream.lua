@@ -217,6 +217,14 @@ local function budget_spend(b, spec, now, force)
   return true
 end
 
+-- The budget's window (of cluster `key`) as riprap.lua's /counters reports it (`/state`'s calls and retries in
+-- the window): "SLOT WIDTH_MS c0..c9 r0..r9", rolled to the time of reading over there.
+local function budget_note(dmd, key, b)
+  dmd:set(NS, "budget_key", key)
+  dmd:set(NS, "budget", b.slot .. " " .. b.width .. " " .. table.concat(b.calls, " ", 0, 9) .. " "
+          .. table.concat(b.retries, " ", 0, 9))
+end
+
 local function window_of(key)
   local w = windows[key]
   if w == nil then
@@ -316,6 +324,7 @@ function envoy_on_request(handle)
       -- a resend Envoy started by itself (connect failure, reset, a hedge copy): it counts
       budget_spend(b, m.budget, handle:timestamp(), true)
     end
+    budget_note(dmd, m.latency_key, b)
   end
   if n > 1 and not m.hedge and (num(st["answers"]) or 0) < n - 1 then
     -- the attempt before this one had no answer (connect failure, reset, per-try timeout)
@@ -410,7 +419,10 @@ function envoy_on_response(handle)
     wait = ra
   end
   if m.budget ~= nil then
-    if not budget_spend(budget_of(m.latency_key, m.budget, now), m.budget, now, false) then
+    local b = budget_of(m.latency_key, m.budget, now)
+    local spent = budget_spend(b, m.budget, now, false)
+    budget_note(dmd, m.latency_key, b)
+    if not spent then
       dmd:set(NS, "refused", 1)  -- riprap.lua counts it for /state and /metrics
       return  -- the budget is spent: this answer is the call's
     end
