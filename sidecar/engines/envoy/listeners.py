@@ -40,6 +40,20 @@ CODEC = {"name": "envoy.filters.http.upstream_codec", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}}
 
 
+# Headers the router adds that the client did not send (section 9, faithful forwarding: the
+# Python engine sends the headers as sent): the expected timeout, and the original path of
+# a stripped prefix, dropped from each attempt after the route's headers were added (so
+# `x-riprap-deadline-ms` is still read from the expected timeout). What stays (docs/engines.md):
+# `x-forwarded-proto` (the HCM adds it only when absent: nothing later can tell Envoy's from
+# a client's) and `x-envoy-original-host` (auto_host_rewrite adds it after the upstream
+# filters; only the router's suppress_envoy_headers drops it, and that drops the expected
+# timeout too).
+ENVOY_ADDED = ("x-envoy-expected-rq-timeout-ms", "x-envoy-original-path")
+HEADER_MUTATION = {"name": "riprap.envoy_added", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+    "mutations": {"request_mutations": [{"remove": name} for name in ENVOY_ADDED]}}}
+
+
 def upstream_filter_config(plan: Plan) -> dict[str, Any]:
     """The upstream Lua filter's configuration, as its own resource (`ecds-upstream.yaml`):
     riprap_upstream.lua when a service resends calls, else a script that does nothing."""
@@ -55,13 +69,15 @@ def _router(plan: Plan, upstream_source: dict[str, Any] | None = None) -> dict[s
     if upstream_source is not None:
         router["upstream_http_filters"] = [
             {"name": LUA, "config_discovery": {"config_source": upstream_source, "type_urls": [LUA_TYPE]}},
-            CODEC,
+            HEADER_MUTATION, CODEC,
         ]
     elif resends(plan):
         router["upstream_http_filters"] = [
             {"name": LUA, "typed_config": upstream_filter_config(plan)},
-            CODEC,
+            HEADER_MUTATION, CODEC,
         ]
+    else:
+        router["upstream_http_filters"] = [HEADER_MUTATION, CODEC]
     return {"name": "envoy.filters.http.router", "typed_config": router}
 
 

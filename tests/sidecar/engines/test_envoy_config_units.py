@@ -94,7 +94,7 @@ def test_retry_policy_and_method_routes(tmp_path: Path) -> None:
     router = resources["lds.yaml"]["resources"][0]["filter_chains"][0]["filters"][0]["typed_config"][
         "http_filters"][-1]["typed_config"]
     assert [f["name"] for f in router["upstream_http_filters"]] == [
-        "envoy.filters.http.lua", "envoy.filters.http.upstream_codec"]
+        "envoy.filters.http.lua", "riprap.envoy_added", "envoy.filters.http.upstream_codec"]
     assert policy["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
     assert policy["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
     # other methods: only connect failures (nothing was sent)
