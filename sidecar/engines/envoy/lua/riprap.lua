@@ -393,15 +393,22 @@ local function find_stale(handle, service, call, max_age_ms)
   return e
 end
 
--- Replace the failed answer: status, headers (all of them) and body.
-local function answer_with(handle, ans, reason, head)
-  handle:body(true)
+-- The answer's headers with every one removed but :status and x-riprap-attempts (the
+-- start of an answer riprap writes in place of the upstream's).
+local function cleared_answer_headers(handle)
   local headers = handle:headers()
   local names = {}
   for k, _ in pairs(headers) do
     if k ~= ":status" and k ~= "x-riprap-attempts" then names[#names + 1] = k end
   end
   for _, k in ipairs(names) do headers:remove(k) end
+  return headers
+end
+
+-- Replace the failed answer: status, headers (all of them) and body.
+local function answer_with(handle, ans, reason, head)
+  handle:body(true)
+  local headers = cleared_answer_headers(handle)
   headers:replace(":status", tostring(ans.status))
   for _, kv in ipairs(ans.headers) do headers:add(kv[1], kv[2]) end
   headers:replace("x-riprap-fallback", ans.kind)
@@ -784,12 +791,7 @@ end
 
 local function fail_upstream(handle, service)
   handle:body(true)  -- the answer's body, dropped (the headers are fetched again after it)
-  local headers = handle:headers()
-  local names = {}
-  for k, _ in pairs(headers) do
-    if k ~= ":status" and k ~= "x-riprap-attempts" then names[#names + 1] = k end
-  end
-  for _, k in ipairs(names) do headers:remove(k) end
+  local headers = cleared_answer_headers(handle)
   headers:replace(":status", "502")
   headers:replace("content-type", "application/json")
   headers:replace("x-riprap-reason", "upstream-failed")
